@@ -1,0 +1,479 @@
+package tokenizer
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// API names the request shape a path carries.
+type API string
+
+// The request shapes tokenlb understands. Other is any other path: its JSON
+// body, if any, is counted by its string values.
+const (
+	Chat        API = "chat_completions"
+	Completions API = "completions"
+	Embeddings  API = "embeddings"
+	Responses   API = "responses"
+	Messages    API = "messages" // Anthropic
+	Other       API = "other"
+)
+
+// Overheads added to the text of chat-style requests. They follow the
+// accounting OpenAI publishes for its chat models: every message is wrapped in
+// a few template tokens, a name costs one more, and the reply is primed with
+// three. ImageTokens is the cost of a low-detail image.
+const (
+	MessageOverhead = 3
+	NameOverhead    = 1
+	ReplyPriming    = 3
+	ImageTokens     = 85
+)
+
+// MaxDepth bounds how deeply a request body may nest JSON arrays and objects.
+const MaxDepth = 128
+
+// Errors returned by CountRequest; wrap-checked with errors.Is.
+var (
+	ErrInvalidJSON = errors.New("request body is not valid JSON")
+	ErrTooDeep     = fmt.Errorf("request body nests JSON deeper than %d levels", MaxDepth)
+	ErrNoPrompt    = errors.New("request body has nothing to count")
+)
+
+// Prompt is what tokenlb learns from a request body.
+type Prompt struct {
+	API    API
+	Model  string
+	Stream bool
+	// MaxOutputTokens is max_tokens, max_completion_tokens or
+	// max_output_tokens, whichever the request set; 0 when none.
+	MaxOutputTokens int
+	// Tokens is the prompt's token count, template overheads included.
+	Tokens int
+}
+
+// APIFor returns the request shape served at path (query string ignored).
+// Matching is on the path's end so that gateway prefixes such as
+// /openai/v1/chat/completions work too.
+func APIFor(path string) API {
+	if i := strings.IndexAny(path, "?#"); i >= 0 {
+		path = path[:i]
+	}
+	path = strings.TrimRight(path, "/")
+	switch {
+	case strings.HasSuffix(path, "/chat/completions"):
+		return Chat
+	case strings.HasSuffix(path, "/completions"):
+		return Completions
+	case strings.HasSuffix(path, "/embeddings"):
+		return Embeddings
+	case strings.HasSuffix(path, "/responses"):
+		return Responses
+	case strings.HasSuffix(path, "/messages"):
+		return Messages
+	}
+	return Other
+}
+
+// request holds the fields of every supported shape; each API reads its own.
+type request struct {
+	Model               string          `json:"model"`
+	Stream              bool            `json:"stream"`
+	MaxTokens           int             `json:"max_tokens"`
+	MaxCompletionTokens int             `json:"max_completion_tokens"`
+	MaxOutputTokens     int             `json:"max_output_tokens"`
+	Messages            []message       `json:"messages"`
+	Tools               json.RawMessage `json:"tools"`
+	Functions           json.RawMessage `json:"functions"`
+	Prompt              json.RawMessage `json:"prompt"`
+	Input               json.RawMessage `json:"input"`
+	Instructions        string          `json:"instructions"`
+	System              json.RawMessage `json:"system"`
+}
+
+type message struct {
+	Role       string          `json:"role"`
+	Name       string          `json:"name"`
+	Content    json.RawMessage `json:"content"`
+	ToolCalls  []toolCall      `json:"tool_calls"`
+	ToolCallID string          `json:"tool_call_id"`
+	Refusal    string          `json:"refusal"`
+	Reasoning  string          `json:"reasoning_content"`
+}
+
+type toolCall struct {
+	Function struct {
+		Name      string `json:"name"`
+		Arguments string `json:"arguments"`
+	} `json:"function"`
+}
+
+// CountRequest parses body as the request shape for path and counts its
+// prompt tokens. On API paths an empty body is ErrNoPrompt, a body that is not
+// JSON is ErrInvalidJSON and one nesting deeper than MaxDepth is ErrTooDeep.
+// On Other paths the string values of a JSON body are counted and any other
+// body costs zero: the backend judges requests tokenlb does not model.
+func (t *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
+	p := Prompt{API: APIFor(path)}
+	if len(bytes.TrimSpace(body)) == 0 {
+		if p.API == Other {
+			return p, nil
+		}
+		return p, ErrNoPrompt
+	}
+	if err := checkDepth(body); err != nil {
+		if p.API == Other {
+			return p, nil
+		}
+		return p, err
+	}
+	if !json.Valid(body) {
+		if p.API == Other {
+			// Not ours to judge: the backend answers for paths tokenlb does
+			// not model. The request is routed at zero cost.
+			return p, nil
+		}
+		return p, ErrInvalidJSON
+	}
+	if p.API == Other {
+		n, err := t.countJSON(body, nil)
+		p.Tokens = n
+		return p, err
+	}
+	var r request
+	if err := json.Unmarshal(body, &r); err != nil {
+		return p, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
+	}
+	p.Model, p.Stream = r.Model, r.Stream
+	p.MaxOutputTokens = firstPositive(r.MaxCompletionTokens, r.MaxTokens, r.MaxOutputTokens)
+
+	var err error
+	switch p.API {
+	case Chat:
+		p.Tokens, err = t.countChat(&r)
+	case Completions:
+		p.Tokens, err = t.countInput(r.Prompt)
+	case Embeddings:
+		p.Tokens, err = t.countInput(r.Input)
+	case Responses:
+		p.Tokens, err = t.countResponses(&r)
+	case Messages:
+		p.Tokens, err = t.countAnthropic(&r)
+	}
+	return p, err
+}
+
+func firstPositive(vs ...int) int {
+	for _, v := range vs {
+		if v > 0 {
+			return v
+		}
+	}
+	return 0
+}
+
+func (t *Tokenizer) countChat(r *request) (int, error) {
+	if len(r.Messages) == 0 {
+		return 0, fmt.Errorf("%w: \"messages\" is missing or empty", ErrNoPrompt)
+	}
+	n := ReplyPriming
+	for _, m := range r.Messages {
+		n += MessageOverhead + t.Count(m.Role) + t.Count(m.ToolCallID) + t.Count(m.Refusal) + t.Count(m.Reasoning)
+		if m.Name != "" {
+			n += NameOverhead + t.Count(m.Name)
+		}
+		c, err := t.countContent(m.Content)
+		if err != nil {
+			return 0, err
+		}
+		n += c
+		for _, tc := range m.ToolCalls {
+			n += t.Count(tc.Function.Name) + t.Count(tc.Function.Arguments)
+		}
+	}
+	tools, err := t.countCompact(r.Tools, r.Functions)
+	return n + tools, err
+}
+
+func (t *Tokenizer) countResponses(r *request) (int, error) {
+	if isNull(r.Input) && r.Instructions == "" {
+		return 0, fmt.Errorf("%w: \"input\" is missing", ErrNoPrompt)
+	}
+	n := ReplyPriming
+	if r.Instructions != "" {
+		n += MessageOverhead + t.Count(r.Instructions)
+	}
+	switch kind(r.Input) {
+	case 0:
+	case '"':
+		var s string
+		if err := json.Unmarshal(r.Input, &s); err != nil {
+			return 0, fmt.Errorf("%w: input: %v", ErrInvalidJSON, err)
+		}
+		n += MessageOverhead + t.Count(s)
+	case '[':
+		var items []json.RawMessage
+		if err := json.Unmarshal(r.Input, &items); err != nil {
+			return 0, fmt.Errorf("%w: input: %v", ErrInvalidJSON, err)
+		}
+		for _, it := range items {
+			var m message
+			if kind(it) == '{' {
+				if err := json.Unmarshal(it, &m); err != nil {
+					return 0, fmt.Errorf("%w: input item: %v", ErrInvalidJSON, err)
+				}
+			}
+			if m.Role != "" {
+				c, err := t.countContent(m.Content)
+				if err != nil {
+					return 0, err
+				}
+				n += MessageOverhead + t.Count(m.Role) + c
+				continue
+			}
+			// function_call, function_call_output, reasoning and other items.
+			c, err := t.countJSON(it, skipStructural)
+			if err != nil {
+				return 0, err
+			}
+			n += MessageOverhead + c
+		}
+	default:
+		return 0, fmt.Errorf("%w: \"input\" must be a string or an array", ErrNoPrompt)
+	}
+	tools, err := t.countCompact(r.Tools)
+	return n + tools, err
+}
+
+func (t *Tokenizer) countAnthropic(r *request) (int, error) {
+	if len(r.Messages) == 0 {
+		return 0, fmt.Errorf("%w: \"messages\" is missing or empty", ErrNoPrompt)
+	}
+	n := ReplyPriming
+	if !isNull(r.System) {
+		c, err := t.countContent(r.System)
+		if err != nil {
+			return 0, err
+		}
+		n += MessageOverhead + c
+	}
+	for _, m := range r.Messages {
+		c, err := t.countContent(m.Content)
+		if err != nil {
+			return 0, err
+		}
+		n += MessageOverhead + t.Count(m.Role) + c
+	}
+	tools, err := t.countCompact(r.Tools)
+	return n + tools, err
+}
+
+// part is one element of a content array, in OpenAI's or Anthropic's form.
+type part struct {
+	Type    string          `json:"type"`
+	Text    *string         `json:"text"`
+	Name    string          `json:"name"`    // Anthropic tool_use
+	Input   json.RawMessage `json:"input"`   // Anthropic tool_use
+	Content json.RawMessage `json:"content"` // Anthropic tool_result
+}
+
+// countContent counts a message's content: a string, null, or an array of
+// parts (text, images, tool use and tool results).
+func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
+	switch kind(raw) {
+	case 0:
+		return 0, nil
+	case '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return 0, fmt.Errorf("%w: content: %v", ErrInvalidJSON, err)
+		}
+		return t.Count(s), nil
+	case '[':
+	default:
+		return 0, fmt.Errorf("%w: content must be a string or an array of parts", ErrNoPrompt)
+	}
+	var parts []json.RawMessage
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return 0, fmt.Errorf("%w: content: %v", ErrInvalidJSON, err)
+	}
+	n := 0
+	for _, pr := range parts {
+		var p part
+		if kind(pr) == '{' {
+			if err := json.Unmarshal(pr, &p); err != nil {
+				return 0, fmt.Errorf("%w: content part: %v", ErrInvalidJSON, err)
+			}
+		}
+		switch {
+		case p.Text != nil:
+			n += t.Count(*p.Text)
+		case p.Type == "image_url" || p.Type == "image" || p.Type == "input_image":
+			n += ImageTokens
+		case p.Type == "tool_use":
+			c, err := t.countCompact(p.Input)
+			if err != nil {
+				return 0, err
+			}
+			n += t.Count(p.Name) + c
+		case p.Type == "tool_result":
+			c, err := t.countContent(p.Content)
+			if err != nil {
+				return 0, err
+			}
+			n += c
+		default:
+			c, err := t.countJSON(pr, skipStructural)
+			if err != nil {
+				return 0, err
+			}
+			n += c
+		}
+	}
+	return n, nil
+}
+
+// countInput counts a completions prompt or an embeddings input: a string, an
+// array of strings, an array of token ids, or an array of token-id arrays.
+// Token ids are counted as they are: one id, one token.
+func (t *Tokenizer) countInput(raw json.RawMessage) (int, error) {
+	switch kind(raw) {
+	case 0:
+		return 0, fmt.Errorf("%w: the prompt or input is missing", ErrNoPrompt)
+	case '"', '[':
+	default:
+		return 0, fmt.Errorf("%w: the prompt or input must be a string or an array", ErrNoPrompt)
+	}
+	return t.countJSON(raw, nil)
+}
+
+// countCompact counts JSON values (tool definitions, tool inputs) as the
+// compact JSON text a chat template renders them into.
+func (t *Tokenizer) countCompact(raws ...json.RawMessage) (int, error) {
+	n := 0
+	var buf bytes.Buffer
+	for _, raw := range raws {
+		if isNull(raw) {
+			continue
+		}
+		buf.Reset()
+		if err := json.Compact(&buf, raw); err != nil {
+			return 0, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
+		}
+		n += t.Count(buf.String())
+	}
+	return n, nil
+}
+
+// skipStructural reports the keys whose string values are identifiers and
+// markers, not text a model reads.
+func skipStructural(key string) bool {
+	switch key {
+	case "type", "id", "call_id", "status", "role":
+		return true
+	}
+	return false
+}
+
+// countJSON walks a JSON value without building it in memory and counts its
+// string values (object keys excluded, and values under keys for which skip
+// reports true) plus one token per number, so that token-id arrays count as
+// their length. The value must already be valid JSON.
+func (t *Tokenizer) countJSON(raw []byte, skip func(string) bool) (int, error) {
+	type frame struct{ object, wantKey bool }
+	var stack []frame
+	valueDone := func() {
+		if top := len(stack) - 1; top >= 0 && stack[top].object {
+			stack[top].wantKey = true
+		}
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	skipNext := false
+	n := 0
+	for {
+		tok, err := dec.Token()
+		if errors.Is(err, io.EOF) {
+			return n, nil
+		}
+		if err != nil {
+			return 0, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
+		}
+		if top := len(stack) - 1; top >= 0 && stack[top].wantKey {
+			if key, ok := tok.(string); ok {
+				skipNext = skip != nil && skip(key)
+				stack[top].wantKey = false
+				continue
+			}
+			// The only other token possible here is the closing '}'.
+		}
+		switch v := tok.(type) {
+		case json.Delim:
+			switch v {
+			case '{':
+				stack = append(stack, frame{object: true, wantKey: true})
+			case '[':
+				stack = append(stack, frame{})
+			default:
+				stack = stack[:len(stack)-1]
+				valueDone()
+			}
+		case string:
+			if !skipNext {
+				n += t.Count(v)
+			}
+			valueDone()
+		case json.Number:
+			n++
+			valueDone()
+		default: // bool, null
+			valueDone()
+		}
+		skipNext = false
+	}
+}
+
+// kind returns the first byte of a JSON value ('"', '[', '{', a digit, 't',
+// 'f'), or 0 when the value is absent or null.
+func kind(raw json.RawMessage) byte {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || raw[0] == 'n' {
+		return 0
+	}
+	return raw[0]
+}
+
+func isNull(raw json.RawMessage) bool { return kind(raw) == 0 }
+
+// checkDepth rejects bodies nesting deeper than MaxDepth before any decoder
+// sees them, so that a hostile body costs one linear scan and no memory.
+func checkDepth(body []byte) error {
+	depth, inString, escaped := 0, false, false
+	for _, c := range body {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+			if depth > MaxDepth {
+				return ErrTooDeep
+			}
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return nil
+}
