@@ -299,7 +299,7 @@ func TestHostileBodies(t *testing.T) {
 		"deep objects on an other path": strings.Repeat(`{"a":`, n/5),
 		// One pre-tokenizer piece of 256 KiB: quadratic merging without chunking.
 		"brackets inside a string": `{"prompt":"` + strings.Repeat("[", n/16) + `"}`,
-		"huge token-id array":           `{"prompt":[` + strings.Repeat("1,", n/2) + `1]}`,
+		"huge token-id array":      `{"prompt":[` + strings.Repeat("1,", n/2) + `1]}`,
 	}
 	for name, body := range bodies {
 		t.Run(name, func(t *testing.T) {

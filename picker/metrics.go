@@ -1,0 +1,44 @@
+package picker
+
+import "github.com/prometheus/client_golang/prometheus"
+
+var (
+	descTokens = prometheus.NewDesc("tokenlb_host_in_flight_tokens",
+		"Prompt tokens charged to a host and not yet released.", []string{"host"}, nil)
+	descRequests = prometheus.NewDesc("tokenlb_host_in_flight_requests",
+		"Requests routed to a host and not yet released.", []string{"host"}, nil)
+	descPicks = prometheus.NewDesc("tokenlb_host_picks_total",
+		"Requests routed to a host.", []string{"host"}, nil)
+	descReleases = prometheus.NewDesc("tokenlb_releases_total",
+		"Leases released, by what released them.", []string{"cause"}, nil)
+	descSwept = prometheus.NewDesc("tokenlb_sweeper_reclaimed_tokens_total",
+		"Tokens reclaimed by the sweeper from leases nobody released; anything but 0 is a bug.", nil, nil)
+	descNoCapacity = prometheus.NewDesc("tokenlb_picks_rejected_total",
+		"Picks refused because every host was at its in-flight token limit.", nil, nil)
+)
+
+// Collector returns a Prometheus collector that reads the ledger at scrape
+// time, so gauges never disagree with /debug/hosts.
+func (p *Picker) Collector() prometheus.Collector { return collector{p} }
+
+type collector struct{ p *Picker }
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descTokens, descRequests, descPicks, descReleases, descSwept, descNoCapacity} {
+		ch <- d
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	for _, h := range c.p.Hosts() {
+		ch <- prometheus.MustNewConstMetric(descTokens, prometheus.GaugeValue, float64(h.InFlightTokens), h.Address)
+		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.GaugeValue, float64(h.InFlightRequests), h.Address)
+		ch <- prometheus.MustNewConstMetric(descPicks, prometheus.CounterValue, float64(h.Picks), h.Address)
+	}
+	s := c.p.Stats()
+	for _, cause := range []Cause{ResponseHeaders, StreamEnd, ImmediateResponse, Swept} {
+		ch <- prometheus.MustNewConstMetric(descReleases, prometheus.CounterValue, float64(s.Releases[cause]), string(cause))
+	}
+	ch <- prometheus.MustNewConstMetric(descSwept, prometheus.CounterValue, float64(s.SweptTokens))
+	ch <- prometheus.MustNewConstMetric(descNoCapacity, prometheus.CounterValue, float64(s.RejectedPicks))
+}

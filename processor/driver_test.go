@@ -1,0 +1,292 @@
+package processor
+
+// A scripted stand-in for Envoy's side of the ext_proc stream, for unit tests
+// of protocol edge cases. It follows the message order Envoy 1.40 uses (see
+// proto-notes.md); the e2e suite checks the same behaviour with a real Envoy.
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/tokenizer"
+)
+
+// testEnv is a tokenlb Server on a loopback port with a client connected.
+type testEnv struct {
+	picker *picker.Picker
+	client extprocv3.ExternalProcessorClient
+	// ended receives one value each time a Process call returns.
+	ended chan struct{}
+}
+
+type trackedServer struct {
+	*Server
+	ended chan struct{}
+}
+
+func (s trackedServer) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
+	defer func() { s.ended <- struct{}{} }()
+	return s.Server.Process(stream)
+}
+
+var sharedTokenizer *tokenizer.Tokenizer
+
+func testTokenizer(t testing.TB) *tokenizer.Tokenizer {
+	t.Helper()
+	if sharedTokenizer == nil {
+		tk, err := tokenizer.New("cl100k_base")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sharedTokenizer = tk
+	}
+	return sharedTokenizer
+}
+
+func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *testEnv {
+	t.Helper()
+	p, err := picker.New(hosts, popts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := New(p, testTokenizer(t), cfg)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer(GRPCServerOptions(srv.cfg.MaxBodyBytes)...)
+	ended := make(chan struct{}, 1<<14)
+	extprocv3.RegisterExternalProcessorServer(gs, trackedServer{srv, ended})
+	go gs.Serve(lis)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		gs.Stop()
+	})
+	return &testEnv{picker: p, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
+}
+
+// waitEnded waits until n Process calls have returned.
+func (e *testEnv) waitEnded(t testing.TB, n int) {
+	t.Helper()
+	for range n {
+		<-e.ended
+	}
+}
+
+func (e *testEnv) inFlight() (tokens, requests int64) {
+	for _, h := range e.picker.Hosts() {
+		tokens += h.InFlightTokens
+		requests += h.InFlightRequests
+	}
+	return
+}
+
+// httpRequest is what the downstream client sent.
+type httpRequest struct {
+	method, path string
+	headers      map[string]string
+	body         []byte
+	// chunk splits the body into messages of this size in full-duplex mode;
+	// 0 sends it in one message.
+	chunk int
+}
+
+// outcome is what Envoy would do after the request phase.
+type outcome struct {
+	headers   map[string]string // request headers after tokenlb's mutations
+	metadata  map[string]string // dynamic metadata under envoy.lb
+	immediate *extprocv3.ImmediateResponse
+	body      []byte // the body forwarded upstream (echoed in full-duplex mode)
+	chunks    int    // body messages tokenlb streamed back
+}
+
+// fakeEnvoy plays Envoy's side of one stream.
+type fakeEnvoy struct {
+	t      testing.TB
+	mode   filterv3.ProcessingMode_BodySendMode
+	stream extprocv3.ExternalProcessor_ProcessClient
+	cancel context.CancelFunc
+}
+
+func (e *testEnv) open(t testing.TB, mode filterv3.ProcessingMode_BodySendMode) *fakeEnvoy {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := e.client.Process(ctx)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	return &fakeEnvoy{t: t, mode: mode, stream: stream, cancel: cancel}
+}
+
+func (f *fakeEnvoy) send(r *extprocv3.ProcessingRequest) error { return f.stream.Send(r) }
+
+func (f *fakeEnvoy) sendHeaders(req httpRequest) error {
+	hs := []*corev3.HeaderValue{
+		{Key: ":method", RawValue: []byte(req.method)},
+		{Key: ":path", RawValue: []byte(req.path)},
+		{Key: ":authority", RawValue: []byte("llm.example")},
+	}
+	for k, v := range req.headers {
+		hs = append(hs, &corev3.HeaderValue{Key: k, RawValue: []byte(v)})
+	}
+	return f.send(&extprocv3.ProcessingRequest{
+		ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: f.mode, ResponseBodyMode: filterv3.ProcessingMode_NONE},
+		Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+			Headers: &corev3.HeaderMap{Headers: hs}, EndOfStream: len(req.body) == 0}},
+	})
+}
+
+func (f *fakeEnvoy) sendBody(b []byte, eos bool) error {
+	return f.send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
+		RequestBody: &extprocv3.HttpBody{Body: b, EndOfStream: eos}}})
+}
+
+// do runs the request phase as Envoy does and returns what Envoy would
+// forward upstream, or the immediate response.
+func (f *fakeEnvoy) do(req httpRequest) (*outcome, error) {
+	out := &outcome{headers: map[string]string{}, metadata: map[string]string{}}
+	for k, v := range req.headers {
+		out.headers[k] = v
+	}
+	if err := f.sendHeaders(req); err != nil {
+		return nil, err
+	}
+	hasBody := len(req.body) > 0
+	if f.mode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED && hasBody {
+		// Envoy streams the body without waiting for the headers reply.
+		chunk := req.chunk
+		if chunk <= 0 {
+			chunk = len(req.body)
+		}
+		for b := req.body; len(b) > 0; {
+			n := min(chunk, len(b))
+			if err := f.sendBody(b[:n], n == len(b)); err != nil {
+				return nil, err
+			}
+			b = b[n:]
+		}
+	}
+	resp, err := f.stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	if ir := resp.GetImmediateResponse(); ir != nil {
+		out.immediate = ir
+		return out, nil
+	}
+	hr := resp.GetRequestHeaders()
+	if hr == nil {
+		return nil, fmt.Errorf("first reply is %T, want request_headers", resp.Response)
+	}
+	apply(out, hr.GetResponse(), resp)
+	if !hasBody {
+		return out, nil
+	}
+	if f.mode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED {
+		for {
+			resp, err := f.stream.Recv()
+			if err != nil {
+				return nil, err
+			}
+			sr := resp.GetRequestBody().GetResponse().GetBodyMutation().GetStreamedResponse()
+			if sr == nil {
+				return nil, fmt.Errorf("full-duplex body reply %v has no streamed_response", resp)
+			}
+			if len(sr.GetBody()) > ChunkBytes {
+				return nil, fmt.Errorf("streamed chunk of %d bytes exceeds %d", len(sr.GetBody()), ChunkBytes)
+			}
+			out.body = append(out.body, sr.GetBody()...)
+			out.chunks++
+			if sr.GetEndOfStream() {
+				return out, nil
+			}
+		}
+	}
+	// BUFFERED: Envoy sends the whole body once the headers reply arrived.
+	if err := f.sendBody(req.body, true); err != nil {
+		return nil, err
+	}
+	resp, err = f.stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	if ir := resp.GetImmediateResponse(); ir != nil {
+		out.immediate = ir
+		return out, nil
+	}
+	br := resp.GetRequestBody()
+	if br == nil {
+		return nil, fmt.Errorf("body reply is %T, want request_body", resp.Response)
+	}
+	apply(out, br.GetResponse(), resp)
+	out.body = req.body
+	return out, nil
+}
+
+// apply performs a header mutation the way Envoy's default mutation rules
+// do: pseudo-headers, host and x-envoy-* are not settable, values overwrite.
+func apply(out *outcome, c *extprocv3.CommonResponse, resp *extprocv3.ProcessingResponse) {
+	for _, o := range c.GetHeaderMutation().GetSetHeaders() {
+		k := strings.ToLower(o.GetHeader().GetKey())
+		if strings.HasPrefix(k, ":") || k == "host" || strings.HasPrefix(k, "x-envoy-") {
+			continue
+		}
+		out.headers[k] = headerValue(o.GetHeader())
+	}
+	for _, k := range c.GetHeaderMutation().GetRemoveHeaders() {
+		delete(out.headers, strings.ToLower(k))
+	}
+	for ns, v := range resp.GetDynamicMetadata().GetFields() {
+		if ns != DefaultMetadataNamespace {
+			continue
+		}
+		for k, s := range v.GetStructValue().GetFields() {
+			out.metadata[k] = s.GetStringValue()
+		}
+	}
+}
+
+// respond delivers the upstream's response headers, as Envoy does once the
+// backend answers, and checks tokenlb's reply.
+func (f *fakeEnvoy) respond(status string) error {
+	err := f.send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+			{Key: ":status", RawValue: []byte(status)}}}, EndOfStream: true}}})
+	if err != nil {
+		return err
+	}
+	resp, err := f.stream.Recv()
+	if err != nil {
+		return err
+	}
+	if resp.GetResponseHeaders() == nil {
+		return fmt.Errorf("response_headers reply is %T", resp.Response)
+	}
+	return nil
+}
+
+// close ends the stream as Envoy does after the last phase: END_STREAM and
+// an immediate reset.
+func (f *fakeEnvoy) close() {
+	f.stream.CloseSend()
+	f.cancel()
+}
+
+// abort resets the stream without END_STREAM, as when the client goes away.
+func (f *fakeEnvoy) abort() { f.cancel() }

@@ -1,0 +1,504 @@
+package processor
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"testing"
+
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"go.uber.org/goleak"
+
+	"github.com/tokenlb/tokenlb/picker"
+)
+
+const (
+	buffered = filterv3.ProcessingMode_BUFFERED
+	duplex   = filterv3.ProcessingMode_FULL_DUPLEX_STREAMED
+)
+
+var threeHosts = []string{"127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"}
+
+func chat(words int) []byte {
+	b, _ := json.Marshal(map[string]any{
+		"model":    "m",
+		"messages": []map[string]string{{"role": "user", "content": strings.Repeat("hello ", words)}},
+	})
+	return b
+}
+
+func post(body []byte) httpRequest {
+	return httpRequest{method: "POST", path: "/v1/chat/completions",
+		headers: map[string]string{"content-type": "application/json"}, body: body}
+}
+
+// routed runs the request phase and fails unless the request was routed to a
+// configured host, in the header and the metadata alike.
+func routed(t *testing.T, f *fakeEnvoy, req httpRequest) *outcome {
+	t.Helper()
+	out, err := f.do(req)
+	if err != nil {
+		t.Fatalf("request phase: %v", err)
+	}
+	if out.immediate != nil {
+		t.Fatalf("rejected with %d: %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
+	}
+	h := out.headers[DefaultDestinationHeader]
+	if h == "" || h != out.metadata[DefaultDestinationHeader] {
+		t.Fatalf("destination header %q, metadata %q", h, out.metadata[DefaultDestinationHeader])
+	}
+	return out
+}
+
+func TestRoutingFollowsLoad(t *testing.T) {
+	for _, mode := range []filterv3.ProcessingMode_BodySendMode{buffered, duplex} {
+		t.Run(mode.String(), func(t *testing.T) {
+			env := startEnv(t, threeHosts, picker.Options{}, Config{})
+			// Two long requests held in flight take two hosts.
+			a, b := env.open(t, mode), env.open(t, mode)
+			ha := routed(t, a, post(chat(3000))).headers[DefaultDestinationHeader]
+			hb := routed(t, b, post(chat(2000))).headers[DefaultDestinationHeader]
+			if ha == hb {
+				t.Fatalf("two heavy requests on one host %s", ha)
+			}
+			// Every short request now goes to the third host.
+			for range 5 {
+				c := env.open(t, mode)
+				hc := routed(t, c, post(chat(10))).headers[DefaultDestinationHeader]
+				if hc == ha || hc == hb {
+					t.Fatalf("short request went to busy host %s (busy: %s, %s)", hc, ha, hb)
+				}
+				if err := c.respond("200"); err != nil {
+					t.Fatal(err)
+				}
+				c.close()
+			}
+			// The backend answers the first heavy request: its host is free again.
+			if err := a.respond("200"); err != nil {
+				t.Fatal(err)
+			}
+			d := env.open(t, mode)
+			if hd := routed(t, d, post(chat(500))).headers[DefaultDestinationHeader]; hd == hb {
+				t.Fatalf("request went to the still-busy host %s", hd)
+			}
+			for _, f := range []*fakeEnvoy{a, b, d} {
+				f.close()
+			}
+			env.waitEnded(t, 8)
+			if tok, req := env.inFlight(); tok != 0 || req != 0 {
+				t.Fatalf("in flight after all closed: %d tokens, %d requests", tok, req)
+			}
+		})
+	}
+}
+
+// TestReleasedAtResponseHeaders checks that the charge ends when the backend
+// answers, not when Envoy gets round to closing the stream.
+func TestReleasedAtResponseHeaders(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	f := env.open(t, buffered)
+	routed(t, f, post(chat(100)))
+	if tok, _ := env.inFlight(); tok == 0 {
+		t.Fatal("nothing charged while the request is in flight")
+	}
+	if err := f.respond("200"); err != nil {
+		t.Fatal(err)
+	}
+	if tok, req := env.inFlight(); tok != 0 || req != 0 {
+		t.Fatalf("after response headers: %d tokens, %d requests in flight", tok, req)
+	}
+	if got := env.picker.Stats().Releases[picker.ResponseHeaders]; got != 1 {
+		t.Fatalf("releases by response_headers = %d, want 1", got)
+	}
+	f.close()
+	env.waitEnded(t, 1)
+	if s := env.picker.Stats(); s.Releases[picker.StreamEnd] != 0 {
+		t.Fatalf("released twice: %+v", s.Releases)
+	}
+}
+
+func TestSpoofedDestinationOverwritten(t *testing.T) {
+	cases := []struct {
+		name string
+		mode filterv3.ProcessingMode_BodySendMode
+		req  httpRequest
+	}{
+		{"buffered body", buffered, post(chat(5))},
+		{"full duplex body", duplex, post(chat(5))},
+		{"no body", buffered, httpRequest{method: "GET", path: "/v1/models"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			env := startEnv(t, threeHosts, picker.Options{}, Config{})
+			for _, spoof := range []string{"6.6.6.6:6666", "127.0.0.1:9", threeHosts[0] + ",6.6.6.6:1"} {
+				c.req.headers = map[string]string{"content-type": "application/json", DefaultDestinationHeader: spoof}
+				f := env.open(t, c.mode)
+				out := routed(t, f, c.req)
+				got := out.headers[DefaultDestinationHeader]
+				if !contains(threeHosts, got) {
+					t.Fatalf("spoofed %q: destination %q is not a configured host", spoof, got)
+				}
+				f.close()
+			}
+		})
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+func TestCustomDestinationHeader(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{DestinationHeader: "X-LLM-Target"})
+	f := env.open(t, buffered)
+	out, err := f.do(post(chat(5)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := out.headers["x-llm-target"]; !contains(threeHosts, got) || out.metadata["x-llm-target"] != got {
+		t.Fatalf("x-llm-target = %q, metadata %v", got, out.metadata)
+	}
+	f.close()
+}
+
+func TestNoBodyIsRoutedAtZeroCost(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	f := env.open(t, duplex)
+	routed(t, f, httpRequest{method: "GET", path: "/v1/models"})
+	if tok, req := env.inFlight(); tok != 0 || req != 1 {
+		t.Fatalf("GET in flight: %d tokens, %d requests; want 0, 1", tok, req)
+	}
+	f.close()
+	env.waitEnded(t, 1)
+}
+
+func TestFullDuplexEchoesBody(t *testing.T) {
+	// A 300 KB prompt of multi-byte text, sent in odd-sized chunks.
+	content := strings.Repeat("naïve 日本語 😀 text ", 12000)
+	body, _ := json.Marshal(map[string]any{"messages": []map[string]string{{"role": "user", "content": content}}})
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	f := env.open(t, duplex)
+	req := post(body)
+	req.chunk = 16381
+	out := routed(t, f, req)
+	if !bytes.Equal(out.body, body) {
+		t.Fatalf("echoed body differs: got %d bytes, want %d", len(out.body), len(body))
+	}
+	if want := (len(body) + ChunkBytes - 1) / ChunkBytes; out.chunks != want {
+		t.Fatalf("streamed %d chunks, want %d", out.chunks, want)
+	}
+	// A duplicate end of stream must not route (or charge) again.
+	if err := f.sendBody([]byte("{}"), true); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.respond("200"); err != nil {
+		t.Fatal(err)
+	}
+	f.close()
+	env.waitEnded(t, 1)
+	var picks uint64
+	for _, h := range env.picker.Hosts() {
+		picks += h.Picks
+	}
+	if picks != 1 {
+		t.Fatalf("%d picks for one request", picks)
+	}
+}
+
+func TestFullDuplexTrailersEndBody(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	f := env.open(t, duplex)
+	body := chat(20)
+	req := post(body)
+	if err := f.sendHeaders(req); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.sendBody(body, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestTrailers{
+		RequestTrailers: &extprocv3.HttpTrailers{}}}); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	for phase := 0; phase < 3; phase++ {
+		resp, err := f.stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch phase {
+		case 0:
+			if resp.GetRequestHeaders() == nil {
+				t.Fatalf("reply 1 is %T", resp.Response)
+			}
+		case 1:
+			sr := resp.GetRequestBody().GetResponse().GetBodyMutation().GetStreamedResponse()
+			got = sr.GetBody()
+		case 2:
+			if resp.GetRequestTrailers() == nil {
+				t.Fatalf("reply 3 is %T", resp.Response)
+			}
+		}
+	}
+	if !bytes.Equal(got, body) {
+		t.Fatalf("echoed %q, want %q", got, body)
+	}
+	f.close()
+}
+
+// errorBody checks an immediate response's OpenAI-shaped JSON and returns its
+// error code.
+func errorBody(t *testing.T, ir *extprocv3.ImmediateResponse) string {
+	t.Helper()
+	var v struct {
+		Error struct {
+			Message, Type, Code string
+		}
+	}
+	if err := json.Unmarshal(ir.GetBody(), &v); err != nil {
+		t.Fatalf("error body %q is not JSON: %v", ir.GetBody(), err)
+	}
+	if v.Error.Message == "" || v.Error.Type == "" || v.Error.Code == "" {
+		t.Fatalf("error body %s lacks message, type or code", ir.GetBody())
+	}
+	ct := ""
+	for _, h := range ir.GetHeaders().GetSetHeaders() {
+		if h.GetHeader().GetKey() == "content-type" {
+			ct = headerValue(h.GetHeader())
+		}
+	}
+	if ct != "application/json" {
+		t.Fatalf("content-type %q", ct)
+	}
+	return v.Error.Code
+}
+
+func TestRejections(t *testing.T) {
+	deep := `{"messages":` + strings.Repeat("[", 5000) + strings.Repeat("]", 5000) + `}`
+	cases := []struct {
+		name       string
+		mode       filterv3.ProcessingMode_BodySendMode
+		req        httpRequest
+		maxBody    int64
+		status     int32
+		code       string
+		retryAfter bool
+	}{
+		{name: "invalid JSON", req: post([]byte(`{"messages": [`)), status: 400, code: "invalid_json"},
+		{name: "invalid JSON full duplex", mode: duplex, req: post([]byte(`not json`)), status: 400, code: "invalid_json"},
+		{name: "nothing to count", req: post([]byte(`{"model":"m","messages":[]}`)), status: 400, code: "missing_prompt"},
+		{name: "POST without body", req: httpRequest{method: "POST", path: "/v1/completions"}, status: 400, code: "missing_prompt"},
+		{name: "deeply nested", req: post([]byte(deep)), status: 400, code: "json_too_deep"},
+		{name: "content-length over limit", maxBody: 1000,
+			req:    httpRequest{method: "POST", path: "/v1/chat/completions", headers: map[string]string{"content-length": "5000"}, body: chat(900)},
+			status: 413, code: "request_too_large"},
+		{name: "buffered body over limit", maxBody: 1000, req: post(chat(900)), status: 413, code: "request_too_large"},
+		{name: "full-duplex body over limit", mode: duplex, maxBody: 1000,
+			req:    httpRequest{method: "POST", path: "/v1/chat/completions", body: chat(900), chunk: 300},
+			status: 413, code: "request_too_large"},
+		{name: "not JSON content type",
+			req:    httpRequest{method: "POST", path: "/v1/chat/completions", headers: map[string]string{"content-type": "text/plain"}, body: []byte("hi")},
+			status: 415, code: "unsupported_media_type"},
+		{name: "streamed body mode is a proxy misconfiguration", mode: filterv3.ProcessingMode_STREAMED, req: post(chat(5)),
+			status: 500, code: "proxy_misconfigured"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			env := startEnv(t, threeHosts, picker.Options{}, Config{MaxBodyBytes: c.maxBody})
+			mode := c.mode
+			if mode == filterv3.ProcessingMode_NONE {
+				mode = buffered
+			}
+			f := env.open(t, mode)
+			out, err := f.do(c.req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out.immediate == nil {
+				t.Fatalf("routed to %s, want %d", out.headers[DefaultDestinationHeader], c.status)
+			}
+			if got := int32(out.immediate.GetStatus().GetCode()); got != c.status {
+				t.Fatalf("status %d, want %d (%s)", got, c.status, out.immediate.GetBody())
+			}
+			if got := errorBody(t, out.immediate); got != c.code {
+				t.Fatalf("code %q, want %q", got, c.code)
+			}
+			f.close()
+			env.waitEnded(t, 1)
+			if tok, req := env.inFlight(); tok != 0 || req != 0 {
+				t.Fatalf("in flight after rejection: %d tokens, %d requests", tok, req)
+			}
+		})
+	}
+}
+
+func TestNoCapacity(t *testing.T) {
+	env := startEnv(t, threeHosts[:1], picker.Options{MaxInFlightTokens: 500}, Config{})
+	held := env.open(t, buffered)
+	routed(t, held, post(chat(300)))
+	f := env.open(t, buffered)
+	out, err := f.do(post(chat(300)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out.immediate == nil || out.immediate.GetStatus().GetCode() != 503 {
+		t.Fatalf("want 503, got %+v", out)
+	}
+	if got := errorBody(t, out.immediate); got != "no_capacity" {
+		t.Fatalf("code %q", got)
+	}
+	retry := ""
+	for _, h := range out.immediate.GetHeaders().GetSetHeaders() {
+		if h.GetHeader().GetKey() == "retry-after" {
+			retry = headerValue(h.GetHeader())
+		}
+	}
+	if retry != "1" {
+		t.Fatalf("retry-after = %q, want 1", retry)
+	}
+	held.close()
+	f.close()
+}
+
+// TestLargeBufferedBody sends a body above grpc-go's default 4 MiB message
+// limit, as Envoy does with an 8 MiB buffer limit.
+func TestLargeBufferedBody(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	body := []byte(`{"prompt":[` + strings.Repeat("1,", 3<<20) + `1]}`)
+	f := env.open(t, buffered)
+	req := httpRequest{method: "POST", path: "/v1/completions", headers: map[string]string{"content-type": "application/json"}, body: body}
+	routed(t, f, req)
+	if tok, _ := env.inFlight(); tok != 3<<20+1 {
+		t.Fatalf("charged %d tokens, want %d", tok, 3<<20+1)
+	}
+	f.close()
+}
+
+func TestAborts(t *testing.T) {
+	cases := []struct {
+		name string
+		mode filterv3.ProcessingMode_BodySendMode
+		run  func(t *testing.T, f *fakeEnvoy)
+	}{
+		{"before body", buffered, func(t *testing.T, f *fakeEnvoy) {
+			if err := f.sendHeaders(post(chat(50))); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.stream.Recv(); err != nil {
+				t.Fatal(err)
+			}
+			f.abort()
+		}},
+		{"full duplex mid-body", duplex, func(t *testing.T, f *fakeEnvoy) {
+			if err := f.sendHeaders(post(chat(50))); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.sendBody([]byte(`{"messages":`), false); err != nil {
+				t.Fatal(err)
+			}
+			f.abort()
+		}},
+		{"after body, before response headers", buffered, func(t *testing.T, f *fakeEnvoy) {
+			routed(t, f, post(chat(50)))
+			f.abort()
+		}},
+		{"graceful close before response headers", duplex, func(t *testing.T, f *fakeEnvoy) {
+			routed(t, f, post(chat(50)))
+			f.close()
+		}},
+		{"after response headers", buffered, func(t *testing.T, f *fakeEnvoy) {
+			routed(t, f, post(chat(50)))
+			if err := f.respond("503"); err != nil {
+				t.Fatal(err)
+			}
+			f.abort()
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			env := startEnv(t, threeHosts, picker.Options{}, Config{})
+			c.run(t, env.open(t, c.mode))
+			env.waitEnded(t, 1)
+			if tok, req := env.inFlight(); tok != 0 || req != 0 {
+				t.Fatalf("in flight after abort: %d tokens, %d requests", tok, req)
+			}
+			s := env.picker.Stats()
+			var n uint64
+			for _, v := range s.Releases {
+				n += v
+			}
+			if s.OpenLeases != 0 || n > 1 {
+				t.Fatalf("leases open %d, releases %v", s.OpenLeases, s.Releases)
+			}
+		})
+	}
+}
+
+// TestConcurrentStreamsWithAborts runs 2,000 streams at once, a third of them
+// aborted at a random point, and checks that every host ends at exactly zero
+// and no goroutine is left behind.
+func TestConcurrentStreamsWithAborts(t *testing.T) {
+	// Registered first, so it runs after startEnv's cleanup stopped the server.
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
+	const n = 2000
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		rng := rand.New(rand.NewPCG(uint64(i), 7))
+		mode := buffered
+		if i%2 == 1 {
+			mode = duplex
+		}
+		wg.Go(func() {
+			f := env.open(t, mode)
+			req := post(chat(1 + rng.IntN(400)))
+			switch rng.IntN(6) {
+			case 0: // abort before the body
+				if err := f.sendHeaders(req); err != nil {
+					errs <- err
+				}
+				f.abort()
+			case 1: // abort while the request is at the backend
+				if _, err := f.do(req); err != nil {
+					errs <- err
+				}
+				f.abort()
+			default: // complete
+				out, err := f.do(req)
+				if err == nil && out.immediate != nil {
+					err = fmt.Errorf("rejected: %s", out.immediate.GetBody())
+				}
+				if err == nil {
+					err = f.respond("200")
+				}
+				if err != nil {
+					errs <- err
+				}
+				f.close()
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	env.waitEnded(t, n)
+	if tok, req := env.inFlight(); tok != 0 || req != 0 {
+		t.Fatalf("after %d streams: %d tokens, %d requests in flight", n, tok, req)
+	}
+	if s := env.picker.Stats(); s.OpenLeases != 0 || s.SweptTokens != 0 {
+		t.Fatalf("stats after run: %+v", s)
+	}
+}
