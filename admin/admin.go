@@ -1,0 +1,42 @@
+// Package admin serves tokenlb's operations endpoints over HTTP.
+package admin
+
+import (
+	"encoding/json"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tokenlb/tokenlb/picker"
+)
+
+// Handler returns the admin mux:
+//
+//	/metrics      Prometheus metrics from reg
+//	/healthz      200 while the process is up
+//	/readyz       200 while ready() is true, else 503 (shutting down)
+//	/debug/hosts  JSON: each host's in-flight tokens and requests
+func Handler(p *picker.Picker, reg *prometheus.Registry, ready func() bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	mux.HandleFunc("GET /debug/hosts", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(struct {
+			Hosts []picker.HostLoad `json:"hosts"`
+		}{p.Hosts()})
+	})
+	return mux
+}

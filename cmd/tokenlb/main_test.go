@@ -1,0 +1,192 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+var binary string // built once by TestMain
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "tokenlb-test")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "tokenlb")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		panic(string(out))
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// startTokenlb starts the tokenlb binary on free loopback ports; exited
+// receives its exit status once.
+func startTokenlb(t *testing.T, extraYAML string) (cmd *exec.Cmd, grpcAddr, adminAddr string, exited <-chan error) {
+	t.Helper()
+	dir := t.TempDir()
+	grpcAddr, adminAddr = freeAddr(t), freeAddr(t)
+	cfg := filepath.Join(dir, "tokenlb.yaml")
+	yaml := "listen: " + grpcAddr + "\nadmin: " + adminAddr + "\nhosts: [{address: 127.0.0.1:8001}, {address: 127.0.0.1:8002}]\n" + extraYAML
+	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd = exec.Command(binary, "--config", cfg)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exitc, done := make(chan error, 1), make(chan struct{})
+	go func() { exitc <- cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-done
+	})
+	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
+	return cmd, grpcAddr, adminAddr, exitc
+}
+
+// waitFor polls cond until it holds, failing the test after 10 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func status(adminAddr, path string) int {
+	resp, err := http.Get("http://" + adminAddr + path)
+	if err != nil {
+		return 0
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+func get(t *testing.T, adminAddr, path string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + adminAddr + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// holdStream opens an ext_proc stream for a GET and leaves it in flight.
+func holdStream(t *testing.T, conn *grpc.ClientConn) extprocv3.ExternalProcessor_ProcessClient {
+	t.Helper()
+	stream, err := extprocv3.NewExternalProcessorClient(conn).Process(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{
+		RequestHeaders: &extprocv3.HttpHeaders{EndOfStream: true, Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+			{Key: ":method", RawValue: []byte("GET")}, {Key: ":path", RawValue: []byte("/v1/models")}}}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil || resp.GetRequestHeaders() == nil {
+		t.Fatalf("headers reply %v, %v", resp, err)
+	}
+	return stream
+}
+
+func TestGracefulShutdownDrains(t *testing.T) {
+	cmd, grpcAddr, adminAddr, exited := startTokenlb(t, "drain_timeout: 60s\nshutdown_delay: 3s\n")
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	health := healthpb.NewHealthClient(conn)
+	hr, err := health.Check(context.Background(), &healthpb.HealthCheckRequest{Service: "envoy.service.ext_proc.v3.ExternalProcessor"})
+	if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health = %v, %v", hr, err)
+	}
+	stream := holdStream(t, conn)
+	if !strings.Contains(get(t, adminAddr, "/debug/hosts"), `"in_flight_requests": 1`) {
+		t.Fatalf("held request not in /debug/hosts: %s", get(t, adminAddr, "/debug/hosts"))
+	}
+
+	cmd.Process.Signal(syscall.SIGTERM)
+	// Within shutdown_delay: not ready, health NOT_SERVING, streams still accepted.
+	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 503 })
+	hr, err = health.Check(context.Background(), &healthpb.HealthCheckRequest{Service: "envoy.service.ext_proc.v3.ExternalProcessor"})
+	if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health while draining = %v, %v", hr, err)
+	}
+	select {
+	case err := <-exited:
+		t.Fatalf("exited (%v) with a stream in flight", err)
+	default:
+	}
+	// The held request completes: the process then exits 0.
+	err = stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	stream.CloseSend()
+	if err := <-exited; err != nil {
+		t.Fatalf("exit after drain: %v", err)
+	}
+}
+
+func TestDrainTimeout(t *testing.T) {
+	cmd, grpcAddr, _, exited := startTokenlb(t, "drain_timeout: 100ms\n")
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	holdStream(t, conn) // never completes
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := <-exited; err != nil {
+		t.Fatalf("exit after drain timeout: %v", err)
+	}
+}
+
+func TestBadConfigExits2(t *testing.T) {
+	out, err := exec.Command(binary, "--hosts", "10.0.0.1:80,10.0.0.1:80").CombinedOutput()
+	ee, ok := err.(*exec.ExitError)
+	if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "hosts[1].address") {
+		t.Fatalf("err %v, output %s", err, out)
+	}
+}

@@ -1,0 +1,228 @@
+// Package config loads and validates tokenlb's configuration: a YAML file
+// (deploy/tokenlb.yaml documents every field) with command-line flags on top.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/processor"
+	"github.com/tokenlb/tokenlb/tokenizer"
+)
+
+// Config is tokenlb's whole configuration.
+type Config struct {
+	// Listen is the ext_proc gRPC address Envoy connects to.
+	Listen string `yaml:"listen"`
+	// Admin is the HTTP address of /metrics, /healthz, /readyz and
+	// /debug/hosts.
+	Admin string `yaml:"admin"`
+	// Hosts are the backends, each a literal ip:port.
+	Hosts []Host `yaml:"hosts"`
+	// Encoding is the tiktoken encoding used to count tokens.
+	Encoding string `yaml:"encoding"`
+	// DestinationHeader is the header (and envoy.lb metadata key) that
+	// carries the chosen host.
+	DestinationHeader string `yaml:"destination_header"`
+	// MaxBodyBytes is the largest request body accepted (413 above).
+	MaxBodyBytes int64 `yaml:"max_body_bytes"`
+	// MaxInFlightTokensPerHost caps each host's in-flight tokens; 0 means
+	// no cap. When every host is at the cap, requests get 503.
+	MaxInFlightTokensPerHost int64 `yaml:"max_in_flight_tokens_per_host"`
+	// RetryAfter is the retry-after sent with 503.
+	RetryAfter time.Duration `yaml:"retry_after"`
+	// LeaseTTL is how old an unreleased charge must be before the sweeper
+	// reclaims it; longer than any request can last.
+	LeaseTTL time.Duration `yaml:"lease_ttl"`
+	// SweepInterval is how often the sweeper runs.
+	SweepInterval time.Duration `yaml:"sweep_interval"`
+	// ShutdownDelay is how long tokenlb reports not-ready before it stops
+	// accepting streams, so that health checks notice first.
+	ShutdownDelay time.Duration `yaml:"shutdown_delay"`
+	// DrainTimeout bounds how long in-flight streams may take to finish
+	// after shutdown begins.
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `yaml:"log_level"`
+	// LogFormat is text or json.
+	LogFormat string `yaml:"log_format"`
+}
+
+// Host is one backend.
+type Host struct {
+	Address string `yaml:"address"`
+}
+
+// Default returns the configuration used for fields a file leaves out.
+func Default() Config {
+	return Config{
+		Listen:            "127.0.0.1:9002",
+		Admin:             "127.0.0.1:9090",
+		Encoding:          "cl100k_base",
+		DestinationHeader: processor.DefaultDestinationHeader,
+		MaxBodyBytes:      processor.DefaultMaxBodyBytes,
+		RetryAfter:        processor.DefaultRetryAfter,
+		LeaseTTL:          time.Hour,
+		SweepInterval:     time.Minute,
+		DrainTimeout:      30 * time.Second,
+		LogLevel:          "info",
+		LogFormat:         "text",
+	}
+}
+
+// Parse reads a YAML document over the defaults. Unknown fields are errors,
+// so that a misspelled setting is never silently ignored.
+func Parse(r io.Reader) (Config, error) {
+	c := Default()
+	dec := yaml.NewDecoder(r)
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	return c, nil
+}
+
+// HostAddresses returns the configured host addresses.
+func (c *Config) HostAddresses() []string {
+	out := make([]string, len(c.Hosts))
+	for i, h := range c.Hosts {
+		out[i] = h.Address
+	}
+	return out
+}
+
+// Validate checks every field and names the first bad one.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	for _, f := range []struct{ name, addr string }{{"listen", c.Listen}, {"admin", c.Admin}} {
+		if _, err := netip.ParseAddrPort(f.addr); err != nil {
+			bad(f.name, "%q is not an ip:port address", f.addr)
+		}
+	}
+	if len(c.Hosts) == 0 {
+		bad("hosts", "at least one host is required")
+	}
+	seen := map[string]int{}
+	for i, h := range c.Hosts {
+		addr, err := picker.ParseAddr(h.Address)
+		if err != nil {
+			bad(fmt.Sprintf("hosts[%d].address", i), "%q is not a literal ip:port (Envoy's ORIGINAL_DST cluster cannot resolve names)", h.Address)
+			continue
+		}
+		if j, dup := seen[addr]; dup {
+			bad(fmt.Sprintf("hosts[%d].address", i), "%s duplicates hosts[%d]", addr, j)
+		}
+		seen[addr] = i
+	}
+	known := false
+	for _, e := range tokenizer.Encodings {
+		known = known || e == c.Encoding
+	}
+	if !known {
+		bad("encoding", "unknown encoding %q (want one of %s)", c.Encoding, strings.Join(tokenizer.Encodings, ", "))
+	}
+	if h := c.DestinationHeader; h == "" || strings.HasPrefix(h, ":") || strings.ContainsAny(h, " \t\r\n") ||
+		strings.EqualFold(h, "host") || strings.HasPrefix(strings.ToLower(h), "x-envoy-") {
+		bad("destination_header", "%q cannot be set by an ext_proc server", h)
+	}
+	if c.MaxBodyBytes <= 0 || c.MaxBodyBytes > 1<<30 {
+		bad("max_body_bytes", "%d is outside 1 B to 1 GiB", c.MaxBodyBytes)
+	}
+	if c.MaxInFlightTokensPerHost < 0 {
+		bad("max_in_flight_tokens_per_host", "must not be negative")
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+		zero bool // zero allowed
+	}{{"retry_after", c.RetryAfter, false}, {"lease_ttl", c.LeaseTTL, false}, {"sweep_interval", c.SweepInterval, false},
+		{"shutdown_delay", c.ShutdownDelay, true}, {"drain_timeout", c.DrainTimeout, true}} {
+		if d.v < 0 || (d.v == 0 && !d.zero) {
+			bad(d.name, "%s must be positive", d.v)
+		}
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log_level", "%q is not debug, info, warn or error", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		bad("log_format", "%q is not text or json", c.LogFormat)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("config: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// FromArgs builds the configuration from command-line arguments: the file
+// named by --config (if any) over the defaults, then any flags given, then
+// validation.
+func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", "", "YAML configuration file (see deploy/tokenlb.yaml)")
+	d := Default()
+	listen := fs.String("listen", d.Listen, "ext_proc gRPC listen address")
+	admin := fs.String("admin", d.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
+	hosts := fs.String("hosts", "", "comma-separated backend ip:port list (replaces the file's hosts)")
+	encoding := fs.String("encoding", d.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
+	header := fs.String("destination-header", d.DestinationHeader, "header carrying the chosen host")
+	maxBody := fs.Int64("max-body-bytes", d.MaxBodyBytes, "largest request body accepted")
+	logLevel := fs.String("log-level", d.LogLevel, "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	c := Default()
+	if *path != "" {
+		b, err := os.ReadFile(*path)
+		if err != nil {
+			return Config{}, fmt.Errorf("config: %w", err)
+		}
+		if c, err = Parse(bytes.NewReader(b)); err != nil {
+			return Config{}, fmt.Errorf("%s: %w", *path, err)
+		}
+	}
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "listen":
+			c.Listen = *listen
+		case "admin":
+			c.Admin = *admin
+		case "hosts":
+			c.Hosts = nil
+			for _, h := range strings.Split(*hosts, ",") {
+				if h = strings.TrimSpace(h); h != "" {
+					c.Hosts = append(c.Hosts, Host{Address: h})
+				}
+			}
+		case "encoding":
+			c.Encoding = *encoding
+		case "destination-header":
+			c.DestinationHeader = *header
+		case "max-body-bytes":
+			c.MaxBodyBytes = *maxBody
+		case "log-level":
+			c.LogLevel = *logLevel
+		}
+	})
+	return c, c.Validate()
+}
