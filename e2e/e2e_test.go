@@ -1,0 +1,338 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+var configs = []string{"envoy.yaml", "envoy-override-host.yaml"}
+
+func TestDeployConfigsValidate(t *testing.T) {
+	for _, c := range configs {
+		t.Run(c, func(t *testing.T) {
+			out, err := execOutput(envoyBin, "--mode", "validate", "-c", repoRoot+"/deploy/"+c)
+			if err != nil || !strings.Contains(out, "OK") {
+				t.Fatalf("envoy --mode validate %s: %v\n%s", c, err, lastLines(out, 20))
+			}
+		})
+	}
+}
+
+func TestRoutingFollowsTokenLoad(t *testing.T) {
+	for _, c := range configs {
+		t.Run(c, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: c})
+			// Two long requests held on two backends.
+			b1, release1 := s.holdOn(t, "long-1", chatBody(3000, false))
+			b2, release2 := s.holdOn(t, "long-2", chatBody(3000, false))
+			if b1 == b2 {
+				t.Fatalf("both long requests went to %s", b1.addr)
+			}
+			// Short requests now all go to the third backend.
+			for i := range 6 {
+				rec := s.complete(t, chatBody(10, false), nil)
+				if rec.Backend == b1.addr || rec.Backend == b2.addr {
+					t.Fatalf("short request %d went to a busy backend %s", i, rec.Backend)
+				}
+				if rec.Header != rec.Backend {
+					t.Fatalf("backend %s got destination header %q", rec.Backend, rec.Header)
+				}
+			}
+			release1()
+			release2()
+			s.tokenlb.waitIdle()
+			// With equal load, traffic spreads over all three.
+			seen := map[string]int{}
+			for range 30 {
+				seen[s.complete(t, chatBody(10, false), nil).Backend]++
+			}
+			if len(seen) != 3 {
+				t.Fatalf("30 requests at equal load reached %d backends: %v", len(seen), seen)
+			}
+			s.tokenlb.waitIdle()
+		})
+	}
+}
+
+func TestBodyIntegrity(t *testing.T) {
+	big := strings.Repeat("naïve café 日本語のテキスト 😀 ", 2<<20/40) // about 2 MiB
+	for _, tc := range []struct {
+		name   string
+		config string
+		duplex bool
+	}{{"buffered", "envoy.yaml", false}, {"full_duplex", "envoy.yaml", true}, {"override_host", "envoy-override-host.yaml", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: tc.config, duplex: tc.duplex})
+			for _, words := range []int{1, 200} {
+				body := chatBody(words, false)
+				checkBody(t, s, body)
+			}
+			body, _ := json.Marshal(map[string]any{"messages": []map[string]string{{"role": "user", "content": big}}})
+			if len(body) < 2<<20 {
+				t.Fatalf("test body only %d bytes", len(body))
+			}
+			checkBody(t, s, body)
+			s.tokenlb.waitIdle()
+			// Three requests: BUFFERED sends headers, the body in one message
+			// and response headers for each (9); full duplex streams the
+			// 2 MiB body as several.
+			sent := s.envoy.stat(t, "http.llm.ext_proc.tokenlb.stream_msgs_sent")
+			if tc.duplex && sent <= 9 || !tc.duplex && sent != 9 {
+				t.Fatalf("envoy sent tokenlb %d messages for 3 requests (duplex %v)", sent, tc.duplex)
+			}
+		})
+	}
+}
+
+func checkBody(t *testing.T, s *stack, body []byte) {
+	t.Helper()
+	rec := s.complete(t, body, nil)
+	sum := sha256.Sum256(body)
+	if rec.BodyLen != len(body) || rec.BodySHA256 != hex.EncodeToString(sum[:]) {
+		t.Fatalf("backend got %d bytes (sha %s), sent %d (sha %x)", rec.BodyLen, rec.BodySHA256[:12], len(body), sum[:6])
+	}
+}
+
+func TestSSEStreamsThrough(t *testing.T) {
+	s := startStack(t, envoyOpts{config: "envoy.yaml"})
+	resp, err := s.send(context.Background(), chatBody(50, true), "sse", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	first, err := r.ReadString('\n')
+	if err != nil || !strings.HasPrefix(first, "data: {") {
+		t.Fatalf("first event %q, %v", first, err)
+	}
+	// The backend is still holding the rest: the first event came through
+	// before the stream finished.
+	var b *backend
+	for _, cand := range s.backends {
+		if strings.Contains(first, cand.addr) {
+			b = cand
+		}
+	}
+	if b == nil {
+		t.Fatalf("first event names no backend: %q", first)
+	}
+	<-b.arrived
+	b.release("sse")
+	rest, _ := io.ReadAll(r)
+	if !strings.Contains(string(rest), "data: [DONE]") {
+		t.Fatalf("stream ended without [DONE]: %q", rest)
+	}
+	s.tokenlb.waitIdle()
+}
+
+func TestClientDisconnects(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		stream bool
+	}{{"before response headers", false}, {"mid-stream", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: "envoy.yaml"})
+			ctx, cancel := context.WithCancel(context.Background())
+			type result struct {
+				resp *http.Response
+				err  error
+			}
+			done := make(chan result, 1)
+			go func() {
+				resp, err := s.send(ctx, chatBody(2000, tc.stream), "gone", nil)
+				done <- result{resp, err}
+			}()
+			var b *backend
+			for b == nil {
+				for _, cand := range s.backends {
+					select {
+					case <-cand.arrived:
+						b = cand
+					case <-time.After(5 * time.Millisecond):
+					}
+				}
+			}
+			if tc.stream {
+				r := <-done
+				if r.err != nil {
+					t.Fatal(r.err)
+				}
+				if _, err := bufio.NewReader(r.resp.Body).ReadString('\n'); err != nil {
+					t.Fatal(err)
+				}
+				cancel()
+				r.resp.Body.Close()
+			} else {
+				if s.tokenlb.idle() {
+					t.Fatal("nothing in flight while the backend holds the request")
+				}
+				cancel()
+				<-done
+			}
+			s.tokenlb.waitIdle()
+			if !tc.stream && s.tokenlb.metric(`tokenlb_releases_total{cause="stream_end"}`) != 1 {
+				t.Fatalf("release before response headers was not by stream end")
+			}
+		})
+	}
+}
+
+func TestBackendRefusesConnections(t *testing.T) {
+	dead := fmt.Sprintf("127.0.0.1:%d", freePort(t)) // nothing listens there
+	tl := startTokenlb(t, []string{dead})
+	e := startEnvoy(t, envoyOpts{config: "envoy.yaml", tokenlb: tl.grpcPort})
+	resp, err := http.Post(e.url("/v1/chat/completions"), "application/json", bytes.NewReader(chatBody(100, false)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 503 {
+		t.Fatalf("status %d, want 503", resp.StatusCode)
+	}
+	if code, msg := openAIError(t, resp); code != "proxy_error" || !strings.Contains(msg, "Connection_refused") {
+		t.Fatalf("error %q, %q does not say the backend refused the connection", code, msg)
+	}
+	tl.waitIdle()
+}
+
+func TestTokenlbKilled(t *testing.T) {
+	for _, tc := range []struct {
+		config     string
+		wantStatus int
+	}{{"envoy.yaml", 503}, {"envoy-override-host.yaml", 200}} {
+		t.Run(tc.config, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: tc.config})
+			s.complete(t, chatBody(10, false), nil)
+			s.tokenlb.proc.kill()
+			for i := range 5 {
+				resp, err := http.Post(s.envoy.url("/v1/chat/completions"), "application/json", bytes.NewReader(chatBody(10, false)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.StatusCode != tc.wantStatus {
+					b, _ := io.ReadAll(resp.Body)
+					t.Fatalf("request %d with tokenlb down: status %d, want %d: %s", i, resp.StatusCode, tc.wantStatus, b)
+				}
+				if tc.wantStatus == 503 {
+					openAIError(t, resp)
+				}
+				resp.Body.Close()
+			}
+			// tokenlb comes back: routing is token-aware again.
+			s.tokenlb.start()
+			waitFor(t, 20*time.Second, "envoy routing through tokenlb again", func() bool {
+				resp, err := s.send(context.Background(), chatBody(10, false), "", nil)
+				if err != nil {
+					return false
+				}
+				defer resp.Body.Close()
+				var rec received
+				return resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&rec) == nil && rec.Header != ""
+			})
+			b1, release1 := s.holdOn(t, "after-restart-1", chatBody(3000, false))
+			b2, release2 := s.holdOn(t, "after-restart-2", chatBody(3000, false))
+			if b1 == b2 {
+				t.Fatalf("after restart both long requests went to %s", b1.addr)
+			}
+			if rec := s.complete(t, chatBody(10, false), nil); rec.Backend == b1.addr || rec.Backend == b2.addr {
+				t.Fatalf("after restart a short request went to busy %s", rec.Backend)
+			}
+			release1()
+			release2()
+			s.tokenlb.waitIdle()
+		})
+	}
+}
+
+func TestSpoofedDestinationNeverReachesCanary(t *testing.T) {
+	canary, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer canary.Close()
+	var reached atomic.Int64
+	go func() {
+		for {
+			c, err := canary.Accept()
+			if err != nil {
+				return
+			}
+			reached.Add(1)
+			c.Close()
+		}
+	}()
+	spoof := map[string]string{"x-gateway-destination-endpoint": canary.Addr().String()}
+	for _, c := range append(configs, "envoy.yaml without the sanitising filter") {
+		t.Run(c, func(t *testing.T) {
+			config, _, unsanitised := strings.Cut(c, " ")
+			s := startStack(t, envoyOpts{config: config, unsanitised: unsanitised})
+			for range 10 {
+				if rec := s.complete(t, chatBody(10, false), spoof); s.byAddr[rec.Backend] == nil {
+					t.Fatalf("served by %s", rec.Backend)
+				}
+			}
+			if config == "envoy-override-host.yaml" {
+				// Even with tokenlb down (fail open, no sanitised choice).
+				s.tokenlb.proc.kill()
+				for range 10 {
+					s.complete(t, chatBody(10, false), spoof)
+				}
+			}
+		})
+	}
+	if n := reached.Load(); n != 0 {
+		t.Fatalf("the canary was reached %d times", n)
+	}
+}
+
+func TestErrorReplies(t *testing.T) {
+	s := startStack(t, envoyOpts{config: "envoy.yaml"})
+	huge := bytes.Repeat([]byte("a"), 9<<20)
+	cases := []struct {
+		name   string
+		body   io.Reader
+		status int
+		code   string
+	}{
+		{"invalid JSON", strings.NewReader(`{"messages": [`), 400, "invalid_json"},
+		{"nothing to count", strings.NewReader(`{"messages": []}`), 400, "missing_prompt"},
+		// content-length above the limit: tokenlb answers at the headers.
+		{"over the limit with content-length", bytes.NewReader(huge), 413, "request_too_large"},
+		// chunked, no content-length: Envoy's buffer limit answers.
+		{"over the limit chunked", io.MultiReader(bytes.NewReader(huge)), 413, "request_too_large"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			resp, err := http.Post(s.envoy.url("/v1/chat/completions"), "application/json", c.body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != c.status {
+				b, _ := io.ReadAll(resp.Body)
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, c.status, b)
+			}
+			if code, _ := openAIError(t, resp); code != c.code {
+				t.Fatalf("code %q, want %q", code, c.code)
+			}
+		})
+	}
+	for _, b := range s.backends {
+		if n := b.requests.Load(); n != 0 {
+			t.Fatalf("backend %s received %d rejected requests", b.addr, n)
+		}
+	}
+	s.tokenlb.waitIdle()
+}

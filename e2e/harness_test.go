@@ -1,0 +1,593 @@
+// Package e2e runs tokenlb inside a real Envoy 1.40 with real HTTP backends,
+// all on loopback, and checks what a client sees.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+var (
+	repoRoot   string
+	tokenlbBin string
+	envoyBin   string
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	wd, _ := os.Getwd()
+	repoRoot = filepath.Dir(wd)
+	dir, err := os.MkdirTemp("", "tokenlb-e2e")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	tokenlbBin = filepath.Join(dir, "tokenlb")
+	build := exec.Command("go", "build", "-o", tokenlbBin, "./cmd/tokenlb")
+	build.Dir = repoRoot
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build tokenlb: %v\n%s", err, out)
+		return 1
+	}
+	// ENVOY_BIN, else scripts/envoy.sh finds or installs Envoy 1.40.
+	find := exec.Command(filepath.Join(repoRoot, "scripts", "envoy.sh"))
+	find.Stderr = os.Stderr
+	out, err := find.Output()
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			fmt.Fprintf(os.Stderr, "e2e: no Envoy 1.40 (%v): failing, as CI must run the e2e suite\n", err)
+			return 1
+		}
+		fmt.Fprintf(os.Stderr, "e2e: SKIPPED, no Envoy 1.40 (%v); run `make tools`\n", err)
+		return 0
+	}
+	envoyBin = strings.TrimSpace(string(out))
+	return m.Run()
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// waitFor polls cond every 20 ms until it holds, failing after timeout.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// process is a child process stopped at test cleanup.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  *bytes.Buffer
+}
+
+func startProcess(t testing.TB, name string, args ...string) *process {
+	t.Helper()
+	p := &process{cmd: exec.Command(name, args...), done: make(chan struct{}), log: &bytes.Buffer{}}
+	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.kill()
+		if t.Failed() {
+			t.Logf("%s output:\n%s", filepath.Base(name), lastLines(p.log.String(), 40))
+		}
+	})
+	return p
+}
+
+func (p *process) kill() {
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// tokenlb is a running tokenlb process.
+type tokenlb struct {
+	grpcPort, adminPort int
+	hosts               []string
+	proc                *process
+	t                   testing.TB
+}
+
+func startTokenlb(t testing.TB, hosts []string) *tokenlb {
+	t.Helper()
+	tl := &tokenlb{grpcPort: freePort(t), adminPort: freePort(t), hosts: hosts, t: t}
+	tl.start()
+	return tl
+}
+
+func (tl *tokenlb) start() {
+	t := tl.t
+	t.Helper()
+	tl.proc = startProcess(t, tokenlbBin,
+		"--listen", fmt.Sprintf("127.0.0.1:%d", tl.grpcPort),
+		"--admin", fmt.Sprintf("127.0.0.1:%d", tl.adminPort),
+		"--hosts", strings.Join(tl.hosts, ","),
+		"--log-level", "debug")
+	waitFor(t, 10*time.Second, "tokenlb ready", func() bool {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", tl.adminPort))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+}
+
+type hostLoad struct {
+	Address          string `json:"address"`
+	InFlightTokens   int64  `json:"in_flight_tokens"`
+	InFlightRequests int64  `json:"in_flight_requests"`
+	Picks            int64  `json:"picks"`
+}
+
+func (tl *tokenlb) hostLoads() []hostLoad {
+	tl.t.Helper()
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/hosts", tl.adminPort))
+	if err != nil {
+		tl.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v struct{ Hosts []hostLoad }
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		tl.t.Fatal(err)
+	}
+	return v.Hosts
+}
+
+func (tl *tokenlb) idle() bool {
+	for _, h := range tl.hostLoads() {
+		if h.InFlightTokens != 0 || h.InFlightRequests != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func (tl *tokenlb) waitIdle() {
+	tl.t.Helper()
+	waitFor(tl.t, 10*time.Second, "every host at 0 in-flight tokens", tl.idle)
+}
+
+func (tl *tokenlb) metric(name string) float64 {
+	tl.t.Helper()
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", tl.adminPort))
+	if err != nil {
+		tl.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
+}
+
+// envoyOpts say how to turn a deploy config into a test config.
+type envoyOpts struct {
+	config   string   // file under deploy/
+	tokenlb  int      // tokenlb's gRPC port
+	backends []string // ip:port of the STATIC cluster's endpoints, if it has any
+	duplex   bool     // switch the request body to FULL_DUPLEX_STREAMED
+	// unsanitised drops the filter that strips a client's destination
+	// header, leaving tokenlb's overwrite as the only defence.
+	unsanitised bool
+}
+
+type envoy struct {
+	port, adminPort int
+	proc            *process
+}
+
+// startEnvoy starts Envoy on the deploy config with only ports (and, for
+// the override-host variant, the endpoint list) rewritten for the test.
+func startEnvoy(t testing.TB, o envoyOpts) *envoy {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(repoRoot, "deploy", o.config))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := yaml.Unmarshal(raw, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	e := &envoy{port: freePort(t), adminPort: freePort(t)}
+	setAddr(get(cfg, "admin", "address"), "127.0.0.1", e.adminPort)
+	listener := get(cfg, "static_resources", "listeners", 0)
+	setAddr(get(listener, "address"), "127.0.0.1", e.port)
+	for _, c := range get(cfg, "static_resources", "clusters").([]any) {
+		c := c.(map[string]any)
+		switch c["name"] {
+		case "tokenlb":
+			setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), "127.0.0.1", o.tokenlb)
+		case "llm_backends":
+			if _, ok := c["load_assignment"]; ok {
+				var eps []any
+				for _, b := range o.backends {
+					host, port, _ := net.SplitHostPort(b)
+					p, _ := strconv.Atoi(port)
+					eps = append(eps, map[string]any{"endpoint": map[string]any{"address": map[string]any{
+						"socket_address": map[string]any{"address": host, "port_value": p}}}})
+				}
+				c["load_assignment"].(map[string]any)["endpoints"] = []any{map[string]any{"lb_endpoints": eps}}
+			}
+		}
+	}
+	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
+	var filters []any
+	for _, f := range hcm["http_filters"].([]any) {
+		f := f.(map[string]any)
+		switch f["name"] {
+		case "envoy.filters.http.ext_proc":
+			if o.duplex {
+				pm := get(f, "typed_config", "processing_mode").(map[string]any)
+				pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"
+				pm["request_trailer_mode"] = "SEND" // Envoy requires it with full duplex
+			}
+		case "envoy.filters.http.header_mutation":
+			if o.unsanitised {
+				continue
+			}
+		}
+		filters = append(filters, f)
+	}
+	hcm["http_filters"] = filters
+	out, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "envoy.yaml")
+	if err := os.WriteFile(path, out, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.proc = startProcess(t, envoyBin, "-c", path, "--disable-hot-restart", "--concurrency", "2", "-l", "warning")
+	waitFor(t, 20*time.Second, "envoy ready", func() bool {
+		select {
+		case <-e.proc.done:
+			t.Fatalf("envoy exited:\n%s", e.proc.log.String())
+		default:
+		}
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/ready", e.adminPort))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return e
+}
+
+// get walks a decoded YAML document by map keys and list indexes.
+func get(v any, path ...any) any {
+	for _, p := range path {
+		switch k := p.(type) {
+		case string:
+			v = v.(map[string]any)[k]
+		case int:
+			v = v.([]any)[k]
+		}
+	}
+	return v
+}
+
+func setAddr(addr any, host string, port int) {
+	sa := addr.(map[string]any)["socket_address"].(map[string]any)
+	sa["address"], sa["port_value"] = host, port
+}
+
+func (e *envoy) url(path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", e.port, path) }
+
+// stat reads one counter or gauge from Envoy's admin.
+func (e *envoy) stat(t testing.TB, name string) int {
+	t.Helper()
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/stats?filter=^%s$", e.adminPort, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	_, v, _ := strings.Cut(strings.TrimSpace(string(b)), ": ")
+	n, _ := strconv.Atoi(v)
+	return n
+}
+
+// backend is a test HTTP backend on loopback. It answers with a JSON
+// description of what it received, streams SSE when asked, and holds a
+// request that carries x-e2e-hold until the test releases it.
+type backend struct {
+	addr string
+	srv  *http.Server
+
+	mu       sync.Mutex
+	holds    map[string]chan struct{}
+	arrived  chan string // hold ids, as held requests arrive
+	requests atomic.Int64
+}
+
+// received is a backend's answer.
+type received struct {
+	Backend    string `json:"backend"`
+	BodyLen    int    `json:"body_len"`
+	BodySHA256 string `json:"body_sha256"`
+	Header     string `json:"destination_header"`
+}
+
+func startBackend(t testing.TB) *backend {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &backend{addr: l.Addr().String(), holds: map[string]chan struct{}{}, arrived: make(chan string, 100)}
+	b.srv = &http.Server{Handler: http.HandlerFunc(b.serve)}
+	go b.srv.Serve(l)
+	t.Cleanup(func() {
+		b.releaseAll()
+		b.srv.Close()
+	})
+	return b
+}
+
+func (b *backend) gate(id string) chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.holds[id] == nil {
+		b.holds[id] = make(chan struct{})
+	}
+	return b.holds[id]
+}
+
+// release lets the held request id finish.
+func (b *backend) release(id string) { close(b.gate(id)) }
+
+func (b *backend) releaseAll() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for id, c := range b.holds {
+		select {
+		case <-c:
+		default:
+			close(c)
+		}
+		delete(b.holds, id)
+	}
+}
+
+func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/health" {
+		w.Write([]byte("ok"))
+		return
+	}
+	b.requests.Add(1)
+	body, _ := io.ReadAll(r.Body)
+	sum := sha256.Sum256(body)
+	rec := received{Backend: b.addr, BodyLen: len(body), BodySHA256: hex.EncodeToString(sum[:]),
+		Header: r.Header.Get("x-gateway-destination-endpoint")}
+	var req struct {
+		Stream bool `json:"stream"`
+	}
+	json.Unmarshal(body, &req)
+	hold := r.Header.Get("x-e2e-hold")
+	var gate chan struct{}
+	if hold != "" {
+		gate = b.gate(hold)
+		b.arrived <- hold
+	}
+	wait := func() bool {
+		if gate == nil {
+			return true
+		}
+		select {
+		case <-gate:
+			return true
+		case <-r.Context().Done():
+			return false
+		}
+	}
+	if !req.Stream {
+		if !wait() {
+			return
+		}
+		w.Header().Set("content-type", "application/json")
+		json.NewEncoder(w).Encode(rec)
+		return
+	}
+	// SSE: the first event at once, the rest after the gate opens.
+	w.Header().Set("content-type", "text/event-stream")
+	fl := w.(http.Flusher)
+	first, _ := json.Marshal(rec)
+	fmt.Fprintf(w, "data: %s\n\n", first)
+	fl.Flush()
+	if !wait() {
+		return
+	}
+	fmt.Fprintf(w, "data: {\"last\":true}\n\ndata: [DONE]\n\n")
+	fl.Flush()
+}
+
+// stack is Envoy + tokenlb + three backends, wired for one deploy config.
+type stack struct {
+	envoy    *envoy
+	tokenlb  *tokenlb
+	backends []*backend
+	byAddr   map[string]*backend
+}
+
+// startStack starts three backends, tokenlb over them, and Envoy on o (its
+// tokenlb port and backends filled in).
+func startStack(t testing.TB, o envoyOpts) *stack {
+	t.Helper()
+	s := &stack{byAddr: map[string]*backend{}}
+	var addrs []string
+	for range 3 {
+		b := startBackend(t)
+		s.backends = append(s.backends, b)
+		s.byAddr[b.addr] = b
+		addrs = append(addrs, b.addr)
+	}
+	s.tokenlb = startTokenlb(t, addrs)
+	o.tokenlb, o.backends = s.tokenlb.grpcPort, addrs
+	s.envoy = startEnvoy(t, o)
+	return s
+}
+
+// chatBody is a chat request whose prompt has about words tokens.
+func chatBody(words int, stream bool) []byte {
+	b, _ := json.Marshal(map[string]any{
+		"model":    "m",
+		"stream":   stream,
+		"messages": []map[string]string{{"role": "user", "content": strings.Repeat("hello ", words)}},
+	})
+	return b
+}
+
+// send posts body to Envoy; hold, if set, makes the backend hold the request.
+func (s *stack) send(ctx context.Context, body []byte, hold string, header map[string]string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, "POST", s.envoy.url("/v1/chat/completions"), bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("content-type", "application/json")
+	if hold != "" {
+		req.Header.Set("x-e2e-hold", hold)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	return http.DefaultClient.Do(req)
+}
+
+// complete sends a request and decodes the backend's answer.
+func (s *stack) complete(t testing.TB, body []byte, header map[string]string) received {
+	t.Helper()
+	resp, err := s.send(context.Background(), body, "", header)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d: %s", resp.StatusCode, b)
+	}
+	var rec received
+	if err := json.Unmarshal(b, &rec); err != nil {
+		t.Fatalf("backend answer %q: %v", b, err)
+	}
+	return rec
+}
+
+// holdOn sends a request the backend holds and returns the backend that got
+// it, and a function that releases it and waits for the client's response.
+func (s *stack) holdOn(t testing.TB, id string, body []byte) (*backend, func()) {
+	t.Helper()
+	type result struct {
+		rec received
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, err := s.send(context.Background(), body, id, nil)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		var rec received
+		err = json.NewDecoder(resp.Body).Decode(&rec)
+		done <- result{rec, err}
+	}()
+	var got *backend
+	timeout := time.After(30 * time.Second)
+	for got == nil {
+		for _, b := range s.backends {
+			select {
+			case a := <-b.arrived:
+				if a != id {
+					t.Fatalf("unexpected held request %s", a)
+				}
+				got = b
+			default:
+			}
+		}
+		if got == nil {
+			select {
+			case <-timeout:
+				t.Fatalf("held request %s never reached a backend", id)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	return got, func() {
+		got.release(id)
+		if r := <-done; r.err != nil {
+			t.Fatalf("held request %s: %v", id, r.err)
+		}
+	}
+}
+
+// openAIError decodes an OpenAI-shaped error response.
+func openAIError(t testing.TB, resp *http.Response) (code, message string) {
+	t.Helper()
+	b, _ := io.ReadAll(resp.Body)
+	if ct := resp.Header.Get("content-type"); !strings.HasPrefix(ct, "application/json") {
+		t.Fatalf("status %d error with content-type %q: %s", resp.StatusCode, ct, b)
+	}
+	var v struct {
+		Error struct{ Message, Type, Code string }
+	}
+	if err := json.Unmarshal(b, &v); err != nil || v.Error.Message == "" || v.Error.Type == "" || v.Error.Code == "" {
+		t.Fatalf("status %d error body is not OpenAI-shaped (%v): %s", resp.StatusCode, err, b)
+	}
+	return v.Error.Code, v.Error.Message
+}
+
+func execOutput(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}
