@@ -178,13 +178,24 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.SetOutput(stderr)
 	path := fs.String("config", "", "YAML configuration file (see deploy/tokenlb.yaml)")
 	d := Default()
-	listen := fs.String("listen", d.Listen, "ext_proc gRPC listen address")
-	admin := fs.String("admin", d.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
-	hosts := fs.String("hosts", "", "comma-separated backend ip:port list (replaces the file's hosts)")
-	encoding := fs.String("encoding", d.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
-	header := fs.String("destination-header", d.DestinationHeader, "header carrying the chosen host")
-	maxBody := fs.Int64("max-body-bytes", d.MaxBodyBytes, "largest request body accepted")
-	logLevel := fs.String("log-level", d.LogLevel, "debug, info, warn or error")
+	// Flags parse into a scratch copy of the defaults; only the ones given
+	// are copied over the file's values.
+	f := d
+	var hosts string
+	fs.StringVar(&f.Listen, "listen", d.Listen, "ext_proc gRPC listen address")
+	fs.StringVar(&f.Admin, "admin", d.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
+	fs.StringVar(&hosts, "hosts", "", "comma-separated backend ip:port list (replaces the file's hosts)")
+	fs.StringVar(&f.Encoding, "encoding", d.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
+	fs.StringVar(&f.DestinationHeader, "destination-header", d.DestinationHeader, "header carrying the chosen host")
+	fs.Int64Var(&f.MaxBodyBytes, "max-body-bytes", d.MaxBodyBytes, "largest request body accepted")
+	fs.Int64Var(&f.MaxInFlightTokensPerHost, "max-in-flight-tokens-per-host", d.MaxInFlightTokensPerHost, "per-host in-flight token cap, 0 for none (503 when every host is at it)")
+	fs.DurationVar(&f.RetryAfter, "retry-after", d.RetryAfter, "retry-after sent with 503")
+	fs.DurationVar(&f.LeaseTTL, "lease-ttl", d.LeaseTTL, "age at which the sweeper reclaims an unreleased charge")
+	fs.DurationVar(&f.SweepInterval, "sweep-interval", d.SweepInterval, "how often the sweeper runs")
+	fs.DurationVar(&f.ShutdownDelay, "shutdown-delay", d.ShutdownDelay, "time reported not-ready before draining on SIGTERM")
+	fs.DurationVar(&f.DrainTimeout, "drain-timeout", d.DrainTimeout, "longest wait for in-flight streams on SIGTERM")
+	fs.StringVar(&f.LogLevel, "log-level", d.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&f.LogFormat, "log-format", d.LogFormat, "text or json")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -201,27 +212,41 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			return Config{}, fmt.Errorf("%s: %w", *path, err)
 		}
 	}
-	fs.Visit(func(f *flag.Flag) {
-		switch f.Name {
+	fs.Visit(func(fl *flag.Flag) {
+		switch fl.Name {
 		case "listen":
-			c.Listen = *listen
+			c.Listen = f.Listen
 		case "admin":
-			c.Admin = *admin
+			c.Admin = f.Admin
 		case "hosts":
 			c.Hosts = nil
-			for _, h := range strings.Split(*hosts, ",") {
+			for _, h := range strings.Split(hosts, ",") {
 				if h = strings.TrimSpace(h); h != "" {
 					c.Hosts = append(c.Hosts, Host{Address: h})
 				}
 			}
 		case "encoding":
-			c.Encoding = *encoding
+			c.Encoding = f.Encoding
 		case "destination-header":
-			c.DestinationHeader = *header
+			c.DestinationHeader = f.DestinationHeader
 		case "max-body-bytes":
-			c.MaxBodyBytes = *maxBody
+			c.MaxBodyBytes = f.MaxBodyBytes
+		case "max-in-flight-tokens-per-host":
+			c.MaxInFlightTokensPerHost = f.MaxInFlightTokensPerHost
+		case "retry-after":
+			c.RetryAfter = f.RetryAfter
+		case "lease-ttl":
+			c.LeaseTTL = f.LeaseTTL
+		case "sweep-interval":
+			c.SweepInterval = f.SweepInterval
+		case "shutdown-delay":
+			c.ShutdownDelay = f.ShutdownDelay
+		case "drain-timeout":
+			c.DrainTimeout = f.DrainTimeout
 		case "log-level":
-			c.LogLevel = *logLevel
+			c.LogLevel = f.LogLevel
+		case "log-format":
+			c.LogFormat = f.LogFormat
 		}
 	})
 	return c, c.Validate()

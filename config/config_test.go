@@ -89,19 +89,34 @@ func TestValidateNamesTheField(t *testing.T) {
 	}
 }
 
+// TestEveryFieldHasAFlag keeps the flags in step with the file.
+func TestEveryFieldHasAFlag(t *testing.T) {
+	var usage strings.Builder
+	FromArgs("tokenlb", []string{"--help"}, &usage)
+	typ := reflect.TypeOf(Config{})
+	for i := range typ.NumField() {
+		flagName := "-" + strings.ReplaceAll(typ.Field(i).Tag.Get("yaml"), "_", "-")
+		if !strings.Contains(usage.String(), flagName+" ") {
+			t.Errorf("no flag %s", flagName)
+		}
+	}
+}
+
 func TestFromArgs(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "c.yaml")
 	if err := os.WriteFile(path, []byte("hosts: [{address: 10.0.0.1:80}]\nencoding: o200k_base\nlog_level: warn\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := FromArgs("tokenlb", []string{"--config", path, "--hosts", "10.0.0.7:81, 10.0.0.8:82", "--log-level", "debug"}, io.Discard)
+	c, err := FromArgs("tokenlb", []string{"--config", path, "--hosts", "10.0.0.7:81, 10.0.0.8:82", "--log-level", "debug",
+		"--drain-timeout", "7s", "--max-in-flight-tokens-per-host", "5000"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := c.HostAddresses(); !reflect.DeepEqual(got, []string{"10.0.0.7:81", "10.0.0.8:82"}) {
 		t.Errorf("hosts = %v", got)
 	}
-	if c.Encoding != "o200k_base" || c.LogLevel != "debug" || c.Listen != "127.0.0.1:9002" {
+	if c.Encoding != "o200k_base" || c.LogLevel != "debug" || c.Listen != "127.0.0.1:9002" ||
+		c.DrainTimeout != 7*time.Second || c.MaxInFlightTokensPerHost != 5000 || c.LeaseTTL != time.Hour {
 		t.Errorf("config = %+v", c)
 	}
 	if _, err := FromArgs("tokenlb", []string{"--hosts", "10.0.0.1:80", "--encoding", "nope"}, io.Discard); err == nil || !strings.Contains(err.Error(), "encoding") {

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tokenlb/tokenlb/internal/envoycfg"
 )
 
 var configs = []string{"envoy.yaml", "envoy-override-host.yaml"}
@@ -74,7 +76,7 @@ func TestBodyIntegrity(t *testing.T) {
 		duplex bool
 	}{{"buffered", "envoy.yaml", false}, {"full_duplex", "envoy.yaml", true}, {"override_host", "envoy-override-host.yaml", false}} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := startStack(t, envoyOpts{config: tc.config, duplex: tc.duplex})
+			s := startStack(t, envoyOpts{config: tc.config, Options: envoycfg.Options{Duplex: tc.duplex}})
 			for _, words := range []int{1, 200} {
 				body := chatBody(words, false)
 				checkBody(t, s, body)
@@ -192,7 +194,7 @@ func TestClientDisconnects(t *testing.T) {
 func TestBackendRefusesConnections(t *testing.T) {
 	dead := fmt.Sprintf("127.0.0.1:%d", freePort(t)) // nothing listens there
 	tl := startTokenlb(t, []string{dead})
-	e := startEnvoy(t, envoyOpts{config: "envoy.yaml", tokenlb: tl.grpcPort})
+	e := startEnvoy(t, envoyOpts{config: "envoy.yaml", Options: envoycfg.Options{TokenlbPort: tl.grpcPort}})
 	resp, err := http.Post(e.url("/v1/chat/completions"), "application/json", bytes.NewReader(chatBody(100, false)))
 	if err != nil {
 		t.Fatal(err)
@@ -277,7 +279,7 @@ func TestSpoofedDestinationNeverReachesCanary(t *testing.T) {
 	for _, c := range append(configs, "envoy.yaml without the sanitising filter") {
 		t.Run(c, func(t *testing.T) {
 			config, _, unsanitised := strings.Cut(c, " ")
-			s := startStack(t, envoyOpts{config: config, unsanitised: unsanitised})
+			s := startStack(t, envoyOpts{config: config, Options: envoycfg.Options{Unsanitised: unsanitised}})
 			for range 10 {
 				if rec := s.complete(t, chatBody(10, false), spoof); s.byAddr[rec.Backend] == nil {
 					t.Fatalf("served by %s", rec.Backend)

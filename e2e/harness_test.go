@@ -23,7 +23,7 @@ import (
 	"testing"
 	"time"
 
-	"go.yaml.in/yaml/v3"
+	"github.com/tokenlb/tokenlb/internal/envoycfg"
 )
 
 var (
@@ -211,13 +211,8 @@ func (tl *tokenlb) metric(name string) float64 {
 
 // envoyOpts say how to turn a deploy config into a test config.
 type envoyOpts struct {
-	config   string   // file under deploy/
-	tokenlb  int      // tokenlb's gRPC port
-	backends []string // ip:port of the STATIC cluster's endpoints, if it has any
-	duplex   bool     // switch the request body to FULL_DUPLEX_STREAMED
-	// unsanitised drops the filter that strips a client's destination
-	// header, leaving tokenlb's overwrite as the only defence.
-	unsanitised bool
+	config string // file under deploy/
+	envoycfg.Options
 }
 
 type envoy struct {
@@ -229,56 +224,9 @@ type envoy struct {
 // the override-host variant, the endpoint list) rewritten for the test.
 func startEnvoy(t testing.TB, o envoyOpts) *envoy {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(repoRoot, "deploy", o.config))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cfg map[string]any
-	if err := yaml.Unmarshal(raw, &cfg); err != nil {
-		t.Fatal(err)
-	}
 	e := &envoy{port: freePort(t), adminPort: freePort(t)}
-	setAddr(get(cfg, "admin", "address"), "127.0.0.1", e.adminPort)
-	listener := get(cfg, "static_resources", "listeners", 0)
-	setAddr(get(listener, "address"), "127.0.0.1", e.port)
-	for _, c := range get(cfg, "static_resources", "clusters").([]any) {
-		c := c.(map[string]any)
-		switch c["name"] {
-		case "tokenlb":
-			setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), "127.0.0.1", o.tokenlb)
-		case "llm_backends":
-			if _, ok := c["load_assignment"]; ok {
-				var eps []any
-				for _, b := range o.backends {
-					host, port, _ := net.SplitHostPort(b)
-					p, _ := strconv.Atoi(port)
-					eps = append(eps, map[string]any{"endpoint": map[string]any{"address": map[string]any{
-						"socket_address": map[string]any{"address": host, "port_value": p}}}})
-				}
-				c["load_assignment"].(map[string]any)["endpoints"] = []any{map[string]any{"lb_endpoints": eps}}
-			}
-		}
-	}
-	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
-	var filters []any
-	for _, f := range hcm["http_filters"].([]any) {
-		f := f.(map[string]any)
-		switch f["name"] {
-		case "envoy.filters.http.ext_proc":
-			if o.duplex {
-				pm := get(f, "typed_config", "processing_mode").(map[string]any)
-				pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"
-				pm["request_trailer_mode"] = "SEND" // Envoy requires it with full duplex
-			}
-		case "envoy.filters.http.header_mutation":
-			if o.unsanitised {
-				continue
-			}
-		}
-		filters = append(filters, f)
-	}
-	hcm["http_filters"] = filters
-	out, err := yaml.Marshal(cfg)
+	o.ListenPort, o.AdminPort = e.port, e.adminPort
+	out, err := envoycfg.Render(filepath.Join(repoRoot, "deploy", o.config), o.Options)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,24 +249,6 @@ func startEnvoy(t testing.TB, o envoyOpts) *envoy {
 		return resp.StatusCode == 200
 	})
 	return e
-}
-
-// get walks a decoded YAML document by map keys and list indexes.
-func get(v any, path ...any) any {
-	for _, p := range path {
-		switch k := p.(type) {
-		case string:
-			v = v.(map[string]any)[k]
-		case int:
-			v = v.([]any)[k]
-		}
-	}
-	return v
-}
-
-func setAddr(addr any, host string, port int) {
-	sa := addr.(map[string]any)["socket_address"].(map[string]any)
-	sa["address"], sa["port_value"] = host, port
 }
 
 func (e *envoy) url(path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", e.port, path) }
@@ -472,7 +402,7 @@ func startStack(t testing.TB, o envoyOpts) *stack {
 		addrs = append(addrs, b.addr)
 	}
 	s.tokenlb = startTokenlb(t, addrs)
-	o.tokenlb, o.backends = s.tokenlb.grpcPort, addrs
+	o.TokenlbPort, o.Backends = s.tokenlb.grpcPort, addrs
 	s.envoy = startEnvoy(t, o)
 	return s
 }

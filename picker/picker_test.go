@@ -245,3 +245,33 @@ tokenlb_releases_total{cause="swept"} 0
 		t.Fatal(err)
 	}
 }
+
+// TestRunSweeper checks that the periodic sweeper reclaims a forgotten lease
+// and leaves a young one alone.
+func TestRunSweeper(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Unix(1000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	p := mustNew(t, []string{"10.0.0.1:80"}, Options{Now: clock})
+	p.Pick(300) // forgotten
+	mu.Lock()
+	now = now.Add(2 * time.Hour)
+	mu.Unlock()
+	young, _ := p.Pick(20)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { p.RunSweeper(stop, time.Millisecond, time.Hour); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Stats().SweptTokens != 300 {
+		if time.Now().After(deadline) {
+			t.Fatal("sweeper did not reclaim the forgotten lease")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(stop)
+	<-done
+	if got := p.Hosts()[0].InFlightTokens; got != 20 {
+		t.Fatalf("in flight after sweep = %d, want 20", got)
+	}
+	young.Release(ResponseHeaders)
+}

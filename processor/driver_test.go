@@ -2,7 +2,8 @@ package processor
 
 // A scripted stand-in for Envoy's side of the ext_proc stream, for unit tests
 // of protocol edge cases. It follows the message order Envoy 1.40 uses (see
-// proto-notes.md); the e2e suite checks the same behaviour with a real Envoy.
+// proto-notes.md) and applies header mutations with Envoy's rules; the e2e
+// suite (package e2e) checks the same behaviours with a real Envoy.
 
 import (
 	"context"
@@ -121,6 +122,8 @@ type fakeEnvoy struct {
 	mode   filterv3.ProcessingMode_BodySendMode
 	stream extprocv3.ExternalProcessor_ProcessClient
 	cancel context.CancelFunc
+	// noProtocolConfig leaves protocol_config off the first message.
+	noProtocolConfig bool
 }
 
 func (e *testEnv) open(t testing.TB, mode filterv3.ProcessingMode_BodySendMode) *fakeEnvoy {
@@ -145,11 +148,14 @@ func (f *fakeEnvoy) sendHeaders(req httpRequest) error {
 	for k, v := range req.headers {
 		hs = append(hs, &corev3.HeaderValue{Key: k, RawValue: []byte(v)})
 	}
-	return f.send(&extprocv3.ProcessingRequest{
-		ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: f.mode, ResponseBodyMode: filterv3.ProcessingMode_NONE},
+	msg := &extprocv3.ProcessingRequest{
 		Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
 			Headers: &corev3.HeaderMap{Headers: hs}, EndOfStream: len(req.body) == 0}},
-	})
+	}
+	if !f.noProtocolConfig {
+		msg.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: f.mode, ResponseBodyMode: filterv3.ProcessingMode_NONE}
+	}
+	return f.send(msg)
 }
 
 func (f *fakeEnvoy) sendBody(b []byte, eos bool) error {
@@ -240,17 +246,31 @@ func (f *fakeEnvoy) do(req httpRequest) (*outcome, error) {
 }
 
 // apply performs a header mutation the way Envoy's default mutation rules
-// do: pseudo-headers, host and x-envoy-* are not settable, values overwrite.
+// do: pseudo-headers, host and x-envoy-* are not settable; a value is added
+// to an existing header unless append_action says to overwrite. out.headers
+// keeps the first value, the one ORIGINAL_DST reads.
 func apply(out *outcome, c *extprocv3.CommonResponse, resp *extprocv3.ProcessingResponse) {
+	for _, k := range c.GetHeaderMutation().GetRemoveHeaders() {
+		delete(out.headers, strings.ToLower(k))
+	}
 	for _, o := range c.GetHeaderMutation().GetSetHeaders() {
 		k := strings.ToLower(o.GetHeader().GetKey())
 		if strings.HasPrefix(k, ":") || k == "host" || strings.HasPrefix(k, "x-envoy-") {
 			continue
 		}
-		out.headers[k] = headerValue(o.GetHeader())
-	}
-	for _, k := range c.GetHeaderMutation().GetRemoveHeaders() {
-		delete(out.headers, strings.ToLower(k))
+		_, exists := out.headers[k]
+		switch o.GetAppendAction() {
+		case corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD:
+			out.headers[k] = headerValue(o.GetHeader())
+		case corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD, corev3.HeaderValueOption_ADD_IF_ABSENT:
+			if !exists {
+				out.headers[k] = headerValue(o.GetHeader())
+			}
+		case corev3.HeaderValueOption_OVERWRITE_IF_EXISTS:
+			if exists {
+				out.headers[k] = headerValue(o.GetHeader())
+			}
+		}
 	}
 	for ns, v := range resp.GetDynamicMetadata().GetFields() {
 		if ns != DefaultMetadataNamespace {

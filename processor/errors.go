@@ -91,3 +91,8 @@ func errUnsupportedMode(m filterv3.ProcessingMode_BodySendMode) *apiError {
 	return &apiError{status: 500, kind: "server_error", code: "proxy_misconfigured", reason: "unsupported_body_mode",
 		message: fmt.Sprintf("the proxy sends request bodies in %s mode; tokenlb needs BUFFERED or FULL_DUPLEX_STREAMED", m)}
 }
+
+func errNoBody() *apiError {
+	return &apiError{status: 400, kind: "invalid_request_error", code: "missing_prompt", reason: "trailers_without_body",
+		message: "request has trailers but no body; send the JSON request in the body"}
+}

@@ -221,15 +221,23 @@ func (x *exchange) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 		return x.reject(errMediaType(x.contentType))
 	}
 	if h.GetEndOfStream() {
-		// No body: route now, in the headers reply.
-		return x.route(nil, inHeaders)
+		// No body: route now, in the headers reply. A POST to an API path
+		// still needs a prompt (400); GET and DELETE there are routed.
+		if api != tokenizer.Other && x.method == "POST" {
+			return x.reject(errPrompt(tokenizer.ErrNoPrompt))
+		}
+		return x.routeZero()
 	}
 	if x.reqMode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED {
 		// The headers reply waits for the whole body: it carries the route.
 		return false, nil
 	}
+	// Envoy holds the headers for the body; the body reply sets the
+	// destination. Remove a client-sent one now, so that no path (trailers
+	// without a body, say) can forward it.
 	return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
-		RequestHeaders: &extprocv3.HeadersResponse{}}})
+		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{
+			RemoveHeaders: []string{x.s.cfg.DestinationHeader}}}}}})
 }
 
 func (x *exchange) requestBody(b *extprocv3.HttpBody) (bool, error) {
@@ -254,11 +262,18 @@ func (x *exchange) requestBody(b *extprocv3.HttpBody) (bool, error) {
 }
 
 func (x *exchange) requestTrailers() (bool, error) {
-	if x.reqMode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED && !x.bodyDone {
+	switch {
+	case x.bodyDone:
+	case x.reqMode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED:
 		// The trailers end the body.
 		if done, err := x.route(x.body, inDuplex); done || err != nil {
 			return done, err
 		}
+	default:
+		// BUFFERED with trailers but no body: Envoy sends no body message,
+		// and the headers can no longer be changed, so there is no way to
+		// route the request.
+		return x.reject(errNoBody())
 	}
 	return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{
 		RequestTrailers: &extprocv3.TrailersResponse{}}})
@@ -273,20 +288,30 @@ const (
 	inDuplex                 // FULL_DUPLEX_STREAMED: the held headers reply, then the body echoed
 )
 
+// routeZero routes a request without a body at zero cost.
+func (x *exchange) routeZero() (bool, error) {
+	return x.pick(tokenizer.Prompt{API: tokenizer.APIFor(x.path)}, inHeaders, nil)
+}
+
 // route counts body, picks a host and sends the reply that carries the
 // destination.
 func (x *exchange) route(body []byte, in replyIn) (bool, error) {
-	x.bodyDone = true
-	s := x.s
 	start := time.Now()
-	prompt, err := s.tok.CountRequest(x.path, body)
-	s.m.tokenizeSeconds.Observe(time.Since(start).Seconds())
+	prompt, err := x.s.tok.CountRequest(x.path, body)
+	x.s.m.tokenizeSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return x.reject(errPrompt(err))
 	}
-	s.m.requestTokens.WithLabelValues(string(prompt.API)).Observe(float64(prompt.Tokens))
+	return x.pick(prompt, in, body)
+}
 
-	start = time.Now()
+// pick charges a host for prompt and sends the reply that carries the
+// destination.
+func (x *exchange) pick(prompt tokenizer.Prompt, in replyIn, body []byte) (bool, error) {
+	x.bodyDone = true
+	s := x.s
+	s.m.requestTokens.WithLabelValues(string(prompt.API)).Observe(float64(prompt.Tokens))
+	start := time.Now()
 	lease, err := s.picker.Pick(int64(prompt.Tokens))
 	s.m.pickSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {

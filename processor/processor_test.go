@@ -171,14 +171,69 @@ func TestCustomDestinationHeader(t *testing.T) {
 }
 
 func TestNoBodyIsRoutedAtZeroCost(t *testing.T) {
+	for _, req := range []httpRequest{
+		{method: "GET", path: "/v1/models"},
+		{method: "GET", path: "/v1/chat/completions?limit=10"}, // list stored completions
+		{method: "DELETE", path: "/v1/responses"},
+	} {
+		env := startEnv(t, threeHosts, picker.Options{}, Config{})
+		f := env.open(t, duplex)
+		routed(t, f, req)
+		if tok, n := env.inFlight(); tok != 0 || n != 1 {
+			t.Fatalf("%s %s in flight: %d tokens, %d requests; want 0, 1", req.method, req.path, tok, n)
+		}
+		f.close()
+		env.waitEnded(t, 1)
+	}
+}
+
+// TestTrailersWithoutBody covers an HTTP/2 request of HEADERS then TRAILERS:
+// in BUFFERED mode Envoy sends no body message, so tokenlb can never set the
+// destination. The client's own destination header must already be gone
+// after the headers reply, and the request is refused.
+func TestTrailersWithoutBody(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{})
-	f := env.open(t, duplex)
-	routed(t, f, httpRequest{method: "GET", path: "/v1/models"})
-	if tok, req := env.inFlight(); tok != 0 || req != 1 {
-		t.Fatalf("GET in flight: %d tokens, %d requests; want 0, 1", tok, req)
+	f := env.open(t, buffered)
+	req := post(chat(5))
+	req.headers[DefaultDestinationHeader] = "6.6.6.6:1"
+	if err := f.sendHeaders(req); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := f.stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := &outcome{headers: map[string]string{DefaultDestinationHeader: "6.6.6.6:1"}, metadata: map[string]string{}}
+	apply(out, resp.GetRequestHeaders().GetResponse(), resp)
+	if v, ok := out.headers[DefaultDestinationHeader]; ok {
+		t.Fatalf("client destination %q survives the headers reply", v)
+	}
+	if err := f.send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestTrailers{
+		RequestTrailers: &extprocv3.HttpTrailers{}}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err = f.stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ir := resp.GetImmediateResponse(); ir == nil || ir.GetStatus().GetCode() != 400 {
+		t.Fatalf("trailers without body: reply %v, want 400", resp)
 	}
 	f.close()
 	env.waitEnded(t, 1)
+	if tok, n := env.inFlight(); tok != 0 || n != 0 {
+		t.Fatalf("in flight: %d, %d", tok, n)
+	}
+}
+
+// TestNoProtocolConfig: an Envoy that sends no protocol_config is treated as
+// BUFFERED.
+func TestNoProtocolConfig(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	f := env.open(t, buffered)
+	f.noProtocolConfig = true
+	routed(t, f, post(chat(20)))
+	f.close()
 }
 
 func TestFullDuplexEchoesBody(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 )
 
@@ -73,7 +74,8 @@ func APIFor(path string) API {
 		return Embeddings
 	case strings.HasSuffix(path, "/responses"):
 		return Responses
-	case strings.HasSuffix(path, "/messages"):
+	case strings.HasSuffix(path, "/v1/messages"):
+		// Anthropic's path; not /v1/threads/{id}/messages (Assistants).
 		return Messages
 	}
 	return Other
@@ -81,17 +83,17 @@ func APIFor(path string) API {
 
 // request holds the fields of every supported shape; each API reads its own.
 type request struct {
-	Model               string          `json:"model"`
-	Stream              bool            `json:"stream"`
-	MaxTokens           int             `json:"max_tokens"`
-	MaxCompletionTokens int             `json:"max_completion_tokens"`
-	MaxOutputTokens     int             `json:"max_output_tokens"`
+	Model               flexString      `json:"model"`
+	Stream              flexBool        `json:"stream"`
+	MaxTokens           flexInt         `json:"max_tokens"`
+	MaxCompletionTokens flexInt         `json:"max_completion_tokens"`
+	MaxOutputTokens     flexInt         `json:"max_output_tokens"`
 	Messages            []message       `json:"messages"`
 	Tools               json.RawMessage `json:"tools"`
 	Functions           json.RawMessage `json:"functions"`
 	Prompt              json.RawMessage `json:"prompt"`
 	Input               json.RawMessage `json:"input"`
-	Instructions        string          `json:"instructions"`
+	Instructions        json.RawMessage `json:"instructions"`
 	System              json.RawMessage `json:"system"`
 }
 
@@ -107,8 +109,8 @@ type message struct {
 
 type toolCall struct {
 	Function struct {
-		Name      string `json:"name"`
-		Arguments string `json:"arguments"`
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
 	} `json:"function"`
 }
 
@@ -146,10 +148,14 @@ func (t *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
 	}
 	var r request
 	if err := json.Unmarshal(body, &r); err != nil {
-		return p, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
+		// Valid JSON of an unexpected shape (a field of another type than
+		// the API documents): count its string values rather than refuse.
+		n, err := t.countJSON(body, skipStructural)
+		p.Tokens = n
+		return p, err
 	}
-	p.Model, p.Stream = r.Model, r.Stream
-	p.MaxOutputTokens = firstPositive(r.MaxCompletionTokens, r.MaxTokens, r.MaxOutputTokens)
+	p.Model, p.Stream = string(r.Model), bool(r.Stream)
+	p.MaxOutputTokens = firstPositive(int(r.MaxCompletionTokens), int(r.MaxTokens), int(r.MaxOutputTokens))
 
 	var err error
 	switch p.API {
@@ -192,7 +198,11 @@ func (t *Tokenizer) countChat(r *request) (int, error) {
 		}
 		n += c
 		for _, tc := range m.ToolCalls {
-			n += t.Count(tc.Function.Name) + t.Count(tc.Function.Arguments)
+			args, err := t.countContent(tc.Function.Arguments)
+			if err != nil {
+				return 0, err
+			}
+			n += t.Count(tc.Function.Name) + args
 		}
 	}
 	tools, err := t.countCompact(r.Tools, r.Functions)
@@ -200,12 +210,16 @@ func (t *Tokenizer) countChat(r *request) (int, error) {
 }
 
 func (t *Tokenizer) countResponses(r *request) (int, error) {
-	if isNull(r.Input) && r.Instructions == "" {
+	if isNull(r.Input) && isNull(r.Instructions) {
 		return 0, fmt.Errorf("%w: \"input\" is missing", ErrNoPrompt)
 	}
 	n := ReplyPriming
-	if r.Instructions != "" {
-		n += MessageOverhead + t.Count(r.Instructions)
+	if !isNull(r.Instructions) {
+		c, err := t.countJSON(r.Instructions, skipStructural)
+		if err != nil {
+			return 0, err
+		}
+		n += MessageOverhead + c
 	}
 	switch kind(r.Input) {
 	case 0:
@@ -294,6 +308,10 @@ func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
 		}
 		return t.Count(s), nil
 	case '[':
+	case '{':
+		// A JSON object where text was expected (tool arguments sent as an
+		// object, say): the compact JSON a template would render.
+		return t.countCompact(raw)
 	default:
 		return 0, fmt.Errorf("%w: content must be a string or an array of parts", ErrNoPrompt)
 	}
@@ -474,6 +492,44 @@ func checkDepth(body []byte) error {
 		case c == '}' || c == ']':
 			depth--
 		}
+	}
+	return nil
+}
+
+// flexString, flexBool and flexInt read the request fields tokenlb only
+// notes (model, stream, max_tokens) without failing on an unexpected type:
+// a number given as 1e3 or "512", a stream flag given as "true". What cannot
+// be read is left at zero.
+type (
+	flexString string
+	flexBool   bool
+	flexInt    int
+)
+
+func (f *flexString) UnmarshalJSON(b []byte) error {
+	var s string
+	if json.Unmarshal(b, &s) == nil {
+		*f = flexString(s)
+	}
+	return nil
+}
+
+func (f *flexBool) UnmarshalJSON(b []byte) error {
+	var v any
+	json.Unmarshal(b, &v)
+	switch x := v.(type) {
+	case bool:
+		*f = flexBool(x)
+	case string:
+		*f = flexBool(strings.EqualFold(x, "true"))
+	}
+	return nil
+}
+
+func (f *flexInt) UnmarshalJSON(b []byte) error {
+	b = bytes.Trim(b, `"`)
+	if v, err := strconv.ParseFloat(string(b), 64); err == nil && v > 0 && v < 1<<31 {
+		*f = flexInt(v)
 	}
 	return nil
 }

@@ -216,6 +216,37 @@ func TestCountRequest(t *testing.T) {
 			want: Prompt{API: Messages, Tokens: 3 + (3 + 4) + (3 + 1 + 1)},
 		},
 		{
+			name: "lenient field types",
+			path: "/v1/chat/completions",
+			body: `{"model":"m","stream":"true","max_tokens":1e3,"messages":[{"role":"user","content":"ok"}]}`,
+			want: Prompt{API: Chat, Model: "m", Stream: true, MaxOutputTokens: 1000, Tokens: 3 + 3 + 1 + 1},
+		},
+		{
+			name: "tool arguments as an object",
+			path: "/v1/chat/completions",
+			body: `{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"search","arguments":{"q":"weather"}}}]}]}`,
+			// 3 + (3 + assistant 1 + search 1 + {"q":"weather"} 5)
+			want: Prompt{API: Chat, Tokens: 3 + 3 + 1 + 1 + 5},
+		},
+		{
+			name: "responses instructions as items",
+			path: "/v1/responses",
+			body: `{"instructions":[{"type":"input_text","text":"Answer in French."}],"input":"ok"}`,
+			want: Prompt{API: Responses, Tokens: 3 + (3 + 4) + (3 + 1)},
+		},
+		{
+			name: "unexpected shape falls back to string values",
+			path: "/v1/chat/completions",
+			body: `{"messages":"ok","model":7}`,
+			want: Prompt{API: Chat, Tokens: 1 + 1},
+		},
+		{
+			name: "assistants messages path is not Anthropic",
+			path: "/v1/threads/thread_1/messages",
+			body: `{"role":"user","content":"ok"}`,
+			want: Prompt{API: Other, Tokens: 1 + 1},
+		},
+		{
 			name: "unknown path counts string values and numbers",
 			path: "/v2/generate",
 			body: `{"inputs":"bar baz","parameters":{"n":[1,2],"ok":true,"label":"ok"}}`,
@@ -276,7 +307,6 @@ func TestCountRequestErrors(t *testing.T) {
 		{"no input", "/v1/embeddings", `{"input":null}`, ErrNoPrompt},
 		{"no responses input", "/v1/responses", `{"model":"m"}`, ErrNoPrompt},
 		{"content is a number", "/v1/chat/completions", `{"messages":[{"role":"user","content":5}]}`, ErrNoPrompt},
-		{"messages is a string", "/v1/chat/completions", `{"messages":"hi"}`, ErrInvalidJSON},
 		{"too deep", "/v1/completions", `{"prompt":` + deep + `}`, ErrTooDeep},
 	}
 	for _, c := range cases {
@@ -303,8 +333,17 @@ func TestHostileBodies(t *testing.T) {
 	}
 	for name, body := range bodies {
 		t.Run(name, func(t *testing.T) {
-			_, _ = cl.CountRequest("/v1/completions", []byte(body))
-			_, _ = cl.CountRequest("/v2/anything", []byte(body))
+			_, errAPI := cl.CountRequest("/v1/completions", []byte(body))
+			p, errOther := cl.CountRequest("/v2/anything", []byte(body))
+			if errOther != nil {
+				t.Fatalf("other path: %v", errOther)
+			}
+			if strings.HasPrefix(body, "[[") || strings.HasPrefix(body, `{"a":{`) {
+				// Too deep: refused on an API path, zero cost elsewhere.
+				if !errors.Is(errAPI, ErrTooDeep) || p.Tokens != 0 {
+					t.Fatalf("too deep: API error %v, other path %d tokens", errAPI, p.Tokens)
+				}
+			}
 		})
 	}
 	// The string of brackets is ordinary text and must be counted, not rejected.

@@ -1,0 +1,108 @@
+// Package envoycfg turns one of the deploy/ Envoy configurations into one
+// that runs on given loopback ports, changing nothing else, so that tests
+// and the demo exercise the configuration users deploy.
+package envoycfg
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Options say what to rewrite.
+type Options struct {
+	ListenPort, AdminPort int
+	TokenlbPort           int
+	// Backends replace the llm_backends cluster's endpoints, where it lists
+	// any (the override-host variant).
+	Backends []string
+	// Duplex switches the request body to FULL_DUPLEX_STREAMED (with request
+	// trailers SEND, which Envoy requires for it).
+	Duplex bool
+	// Unsanitised drops the filter that strips a client's destination
+	// header, leaving tokenlb's overwrite as the only defence.
+	Unsanitised bool
+}
+
+// Render reads the configuration at path and applies o: every listener and
+// the admin bind to 127.0.0.1.
+func Render(path string, o Options) ([]byte, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var cfg map[string]any
+	if err := yaml.Unmarshal(raw, &cfg); err != nil {
+		return nil, fmt.Errorf("envoycfg: %s: %w", path, err)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("envoycfg: %s has an unexpected shape: %v", path, r)
+		}
+	}()
+	setAddr(get(cfg, "admin", "address"), o.AdminPort)
+	listener := get(cfg, "static_resources", "listeners", 0)
+	setAddr(get(listener, "address"), o.ListenPort)
+	for _, c := range get(cfg, "static_resources", "clusters").([]any) {
+		c := c.(map[string]any)
+		switch c["name"] {
+		case "tokenlb":
+			setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), o.TokenlbPort)
+		case "llm_backends":
+			if la, ok := c["load_assignment"].(map[string]any); ok {
+				var eps []any
+				for _, b := range o.Backends {
+					host, port, err := net.SplitHostPort(b)
+					if err != nil {
+						return nil, fmt.Errorf("envoycfg: backend %q: %w", b, err)
+					}
+					p, _ := strconv.Atoi(port)
+					eps = append(eps, map[string]any{"endpoint": map[string]any{"address": map[string]any{
+						"socket_address": map[string]any{"address": host, "port_value": p}}}})
+				}
+				la["endpoints"] = []any{map[string]any{"lb_endpoints": eps}}
+			}
+		}
+	}
+	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
+	var filters []any
+	for _, f := range hcm["http_filters"].([]any) {
+		f := f.(map[string]any)
+		switch f["name"] {
+		case "envoy.filters.http.ext_proc":
+			if o.Duplex {
+				pm := get(f, "typed_config", "processing_mode").(map[string]any)
+				pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"
+				pm["request_trailer_mode"] = "SEND"
+			}
+		case "envoy.filters.http.header_mutation":
+			if o.Unsanitised {
+				continue
+			}
+		}
+		filters = append(filters, f)
+	}
+	hcm["http_filters"] = filters
+	return yaml.Marshal(cfg)
+}
+
+// get walks a decoded YAML document by map keys and list indexes.
+func get(v any, path ...any) any {
+	for _, p := range path {
+		switch k := p.(type) {
+		case string:
+			v = v.(map[string]any)[k]
+		case int:
+			v = v.([]any)[k]
+		}
+	}
+	return v
+}
+
+func setAddr(addr any, port int) {
+	sa := addr.(map[string]any)["socket_address"].(map[string]any)
+	sa["address"], sa["port_value"] = "127.0.0.1", port
+}
