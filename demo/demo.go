@@ -98,7 +98,9 @@ func Run(ctx context.Context, o Options) error {
 	st := &stats{}
 	var wg sync.WaitGroup
 	for i := range o.Concurrency {
-		wg.Go(func() { client(ctx, fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listenPort), o.Seed+uint64(i), st) })
+		wg.Go(func() {
+			client(ctx, fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listenPort), o.Seed+uint64(i), st)
+		})
 	}
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -324,4 +326,3 @@ func freePort() (int, error) {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
-

@@ -1,0 +1,292 @@
+// Package deploy holds tokenlb's deployment files; these tests check that
+// they decode strictly and agree with each other.
+package deploy
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"reflect"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/compose-spec/compose-go/v2/loader"
+	"github.com/compose-spec/compose-go/v2/types"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"go.yaml.in/yaml/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	k8syaml "sigs.k8s.io/yaml"
+
+	"github.com/tokenlb/tokenlb/config"
+)
+
+// envoyYAML decodes deploy/envoy.yaml generically.
+func envoyYAML(t *testing.T) map[string]any {
+	t.Helper()
+	var v map[string]any
+	b, err := os.ReadFile("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(b, &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func get(v any, path ...any) any {
+	for _, p := range path {
+		switch k := p.(type) {
+		case string:
+			v = v.(map[string]any)[k]
+		case int:
+			v = v.([]any)[k]
+		}
+	}
+	return v
+}
+
+// envoyPorts returns the listener port and the port of the tokenlb cluster.
+func envoyPorts(t *testing.T) (listener, tokenlb int) {
+	v := envoyYAML(t)
+	listener = get(v, "static_resources", "listeners", 0, "address", "socket_address", "port_value").(int)
+	for _, c := range get(v, "static_resources", "clusters").([]any) {
+		if get(c, "name") == "tokenlb" {
+			tokenlb = get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address", "socket_address", "port_value").(int)
+		}
+	}
+	return listener, tokenlb
+}
+
+func tokenlbConfig(t *testing.T, b []byte) config.Config {
+	t.Helper()
+	c, err := config.Parse(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func port(t *testing.T, addr string) int {
+	t.Helper()
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := strconv.Atoi(p)
+	return n
+}
+
+func TestDockerCompose(t *testing.T) {
+	p, err := loader.LoadWithContext(context.Background(), types.ConfigDetails{
+		WorkingDir:  ".",
+		ConfigFiles: []types.ConfigFile{{Filename: "docker-compose.yaml"}},
+	}, func(o *loader.Options) { o.SetProjectName("tokenlb", true) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	services := map[string]types.ServiceConfig{}
+	for name, s := range p.AllServices() {
+		services[name] = s
+	}
+	for _, name := range []string{"envoy", "tokenlb", "llmsim-1", "llmsim-2", "llmsim-3", "prometheus"} {
+		if _, ok := services[name]; !ok {
+			t.Fatalf("service %s missing", name)
+		}
+	}
+	envoy := services["envoy"]
+	if !strings.HasSuffix(envoy.Image, ":v1.40.0") {
+		t.Errorf("envoy image %q is not pinned to 1.40", envoy.Image)
+	}
+	// The mounted Envoy config is deploy/envoy.yaml, at the path envoy is told to load.
+	mounted := ""
+	for _, v := range envoy.Volumes {
+		if strings.HasSuffix(v.Source, "/deploy/envoy.yaml") || v.Source == "envoy.yaml" {
+			mounted = v.Target
+		}
+	}
+	if mounted == "" || !strings.Contains(strings.Join(envoy.Command, " "), "-c "+mounted) {
+		t.Fatalf("envoy does not load the mounted deploy/envoy.yaml (volumes %v, command %v)", envoy.Volumes, envoy.Command)
+	}
+	listenerPort, tokenlbPort := envoyPorts(t)
+	published := map[int]bool{}
+	for _, pc := range envoy.Ports {
+		published[int(pc.Target)] = true
+	}
+	if !published[listenerPort] {
+		t.Errorf("envoy.yaml listens on %d, which compose does not publish", listenerPort)
+	}
+	tl := services["tokenlb"]
+	if tl.NetworkMode != "service:envoy" {
+		t.Errorf("tokenlb network_mode %q: it must share Envoy's namespace for envoy.yaml's loopback address", tl.NetworkMode)
+	}
+	if tl.Build == nil || !strings.HasSuffix(tl.Build.Dockerfile, "Dockerfile") {
+		t.Errorf("tokenlb is not built from the repository's Dockerfile: %+v", tl.Build)
+	}
+	b, err := os.ReadFile("tokenlb-compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := tokenlbConfig(t, b)
+	if port(t, cfg.Listen) != tokenlbPort {
+		t.Errorf("tokenlb listens on %s, envoy.yaml expects port %d", cfg.Listen, tokenlbPort)
+	}
+	if !published[port(t, cfg.Admin)] {
+		t.Errorf("tokenlb admin %s is not published", cfg.Admin)
+	}
+	var sims []string
+	for _, name := range []string{"llmsim-1", "llmsim-2", "llmsim-3"} {
+		s := services[name]
+		listen := s.Entrypoint[len(s.Entrypoint)-1]
+		ip := s.Networks["llm"].Ipv4Address
+		sims = append(sims, net.JoinHostPort(ip, strconv.Itoa(port(t, listen))))
+	}
+	if got := cfg.HostAddresses(); !reflect.DeepEqual(got, sims) {
+		t.Errorf("tokenlb hosts %v, llmsim containers at %v", got, sims)
+	}
+	for _, f := range []string{"../Dockerfile", "prometheus.yaml"} {
+		if _, err := os.Stat(f); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// decodeStrict decodes YAML into v, refusing unknown fields.
+func decodeStrict(t *testing.T, doc []byte, v any) {
+	t.Helper()
+	if err := k8syaml.UnmarshalStrict(doc, v); err != nil {
+		t.Fatalf("%T: %v", v, err)
+	}
+}
+
+func TestKubernetes(t *testing.T) {
+	b, err := os.ReadFile("kubernetes.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cm corev1.ConfigMap
+	var deploy appsv1.Deployment
+	var sts appsv1.StatefulSet
+	clusterIPs := map[string]string{}
+	kinds := map[string]int{}
+	for _, doc := range bytes.Split(b, []byte("\n---\n")) {
+		var meta struct{ Kind string }
+		k8syaml.Unmarshal(doc, &meta)
+		kinds[meta.Kind]++
+		switch meta.Kind {
+		case "ConfigMap":
+			decodeStrict(t, doc, &cm)
+		case "Deployment":
+			decodeStrict(t, doc, &deploy)
+		case "StatefulSet":
+			decodeStrict(t, doc, &sts)
+		case "Service":
+			var s corev1.Service
+			decodeStrict(t, doc, &s)
+			clusterIPs[s.Name] = net.JoinHostPort(s.Spec.ClusterIP, strconv.Itoa(int(s.Spec.Ports[0].Port)))
+		default:
+			t.Fatalf("unexpected kind %q", meta.Kind)
+		}
+	}
+	if kinds["Deployment"] != 1 || kinds["ConfigMap"] != 1 || kinds["StatefulSet"] != 1 || kinds["Service"] != 4 {
+		t.Fatalf("kinds: %v", kinds)
+	}
+	var names []string
+	for _, c := range deploy.Spec.Template.Spec.Containers {
+		names = append(names, c.Name)
+	}
+	if !reflect.DeepEqual(names, []string{"envoy", "tokenlb"}) {
+		t.Fatalf("gateway containers %v, want envoy with a tokenlb sidecar", names)
+	}
+	// The ConfigMap's envoy.yaml is deploy/envoy.yaml.
+	var inMap, inFile map[string]any
+	yaml.Unmarshal([]byte(cm.Data["envoy.yaml"]), &inMap)
+	inFile = envoyYAML(t)
+	if !reflect.DeepEqual(inMap, inFile) {
+		t.Fatal("kubernetes.yaml's envoy.yaml differs from deploy/envoy.yaml: copy it over")
+	}
+	cfg := tokenlbConfig(t, []byte(cm.Data["tokenlb.yaml"]))
+	_, tokenlbPort := envoyPorts(t)
+	if port(t, cfg.Listen) != tokenlbPort {
+		t.Errorf("tokenlb listens on %s, envoy.yaml expects port %d", cfg.Listen, tokenlbPort)
+	}
+	for i, h := range cfg.HostAddresses() {
+		if want := clusterIPs[fmt.Sprintf("vllm-%d", i)]; h != want {
+			t.Errorf("hosts[%d] = %s, Service vllm-%d is %s", i, h, i, want)
+		}
+	}
+	if int(*sts.Spec.Replicas) != len(cfg.Hosts) {
+		t.Errorf("%d vLLM replicas, %d hosts", *sts.Spec.Replicas, len(cfg.Hosts))
+	}
+}
+
+func TestIstioEnvoyFilter(t *testing.T) {
+	b, err := os.ReadFile("istio-envoyfilter.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// networking.istio.io/v1alpha3 EnvoyFilter, the fields this file uses.
+	var ef struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+		Metadata   struct {
+			Name      string `json:"name"`
+			Namespace string `json:"namespace"`
+		} `json:"metadata"`
+		Spec struct {
+			WorkloadSelector struct {
+				Labels map[string]string `json:"labels"`
+			} `json:"workloadSelector"`
+			ConfigPatches []struct {
+				ApplyTo string         `json:"applyTo"`
+				Match   map[string]any `json:"match"`
+				Patch   struct {
+					Operation string         `json:"operation"`
+					Value     map[string]any `json:"value"`
+				} `json:"patch"`
+			} `json:"configPatches"`
+		} `json:"spec"`
+	}
+	decodeStrict(t, b, &ef)
+	if ef.APIVersion != "networking.istio.io/v1alpha3" || ef.Kind != "EnvoyFilter" || len(ef.Spec.ConfigPatches) != 4 {
+		t.Fatalf("EnvoyFilter header or patch count wrong: %s %s %d", ef.APIVersion, ef.Kind, len(ef.Spec.ConfigPatches))
+	}
+	// Each patch value must be a valid Envoy message of its kind: protojson
+	// refuses unknown fields and unknown Any types.
+	for i, cp := range ef.Spec.ConfigPatches {
+		var msg proto.Message
+		switch cp.ApplyTo {
+		case "HTTP_FILTER":
+			msg = &hcmv3.HttpFilter{}
+		case "CLUSTER":
+			msg = &clusterv3.Cluster{}
+		case "HTTP_ROUTE":
+			msg = &routev3.Route{}
+		default:
+			t.Fatalf("patch %d: unexpected applyTo %s", i, cp.ApplyTo)
+		}
+		js, err := k8syaml.Marshal(cp.Patch.Value)
+		if err == nil {
+			js, err = k8syaml.YAMLToJSON(js)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := protojson.Unmarshal(js, msg); err != nil {
+			t.Errorf("patch %d (%s): %v", i, cp.ApplyTo, err)
+		}
+	}
+}
