@@ -28,6 +28,7 @@ import (
 	k8syaml "sigs.k8s.io/yaml"
 
 	"github.com/tokenlb/tokenlb/config"
+	"github.com/tokenlb/tokenlb/internal/envoycfg"
 )
 
 // envoyYAML decodes deploy/envoy.yaml generically.
@@ -44,26 +45,12 @@ func envoyYAML(t *testing.T) map[string]any {
 	return v
 }
 
-func get(v any, path ...any) any {
-	for _, p := range path {
-		switch k := p.(type) {
-		case string:
-			v = v.(map[string]any)[k]
-		case int:
-			v = v.([]any)[k]
-		}
-	}
-	return v
-}
-
-// envoyPorts returns the listener port and the port of the tokenlb cluster.
+// envoyPorts returns deploy/envoy.yaml's listener port and tokenlb's port.
 func envoyPorts(t *testing.T) (listener, tokenlb int) {
-	v := envoyYAML(t)
-	listener = get(v, "static_resources", "listeners", 0, "address", "socket_address", "port_value").(int)
-	for _, c := range get(v, "static_resources", "clusters").([]any) {
-		if get(c, "name") == "tokenlb" {
-			tokenlb = get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address", "socket_address", "port_value").(int)
-		}
+	t.Helper()
+	listener, tokenlb, err := envoycfg.Ports("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
 	}
 	return listener, tokenlb
 }

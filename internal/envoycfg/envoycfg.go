@@ -106,3 +106,32 @@ func setAddr(addr any, port int) {
 	sa := addr.(map[string]any)["socket_address"].(map[string]any)
 	sa["address"], sa["port_value"] = "127.0.0.1", port
 }
+
+// Ports returns the port of the configuration's first listener and the port
+// at which it expects tokenlb.
+func Ports(path string) (listen, tokenlb int, err error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return 0, 0, err
+	}
+	var cfg map[string]any
+	if err := yaml.Unmarshal(raw, &cfg); err != nil {
+		return 0, 0, fmt.Errorf("envoycfg: %s: %w", path, err)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("envoycfg: %s has an unexpected shape: %v", path, r)
+		}
+	}()
+	port := func(addr any) int { return get(addr, "socket_address", "port_value").(int) }
+	listen = port(get(cfg, "static_resources", "listeners", 0, "address"))
+	for _, c := range get(cfg, "static_resources", "clusters").([]any) {
+		if get(c, "name") == "tokenlb" {
+			tokenlb = port(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"))
+		}
+	}
+	if tokenlb == 0 {
+		return 0, 0, fmt.Errorf("envoycfg: %s has no tokenlb cluster", path)
+	}
+	return listen, tokenlb, nil
+}
