@@ -34,6 +34,10 @@ type Config struct {
 	// DestinationHeader is the header (and envoy.lb metadata key) that
 	// carries the chosen host.
 	DestinationHeader string `yaml:"destination_header"`
+	// FallbackHosts is how many other hosts, least loaded first, follow the
+	// chosen one in the envoy.lb destination metadata, for Envoy's
+	// override_host policy to retry on when the chosen host is down.
+	FallbackHosts int `yaml:"fallback_hosts"`
 	// MaxBodyBytes is the largest request body accepted (413 above).
 	MaxBodyBytes int64 `yaml:"max_body_bytes"`
 	// MaxInFlightTokensPerHost caps each host's in-flight tokens; 0 means
@@ -70,6 +74,7 @@ func Default() Config {
 		Admin:             "127.0.0.1:9090",
 		Encoding:          "cl100k_base",
 		DestinationHeader: processor.DefaultDestinationHeader,
+		FallbackHosts:     2,
 		MaxBodyBytes:      processor.DefaultMaxBodyBytes,
 		RetryAfter:        processor.DefaultRetryAfter,
 		LeaseTTL:          time.Hour,
@@ -138,6 +143,9 @@ func (c *Config) Validate() error {
 		strings.EqualFold(h, "host") || strings.HasPrefix(strings.ToLower(h), "x-envoy-") {
 		bad("destination_header", "%q cannot be set by an ext_proc server", h)
 	}
+	if c.FallbackHosts < 0 {
+		bad("fallback_hosts", "must not be negative")
+	}
 	if c.MaxBodyBytes <= 0 || c.MaxBodyBytes > 1<<30 {
 		bad("max_body_bytes", "%d is outside 1 B to 1 GiB", c.MaxBodyBytes)
 	}
@@ -187,6 +195,7 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.StringVar(&hosts, "hosts", "", "comma-separated backend ip:port list (replaces the file's hosts)")
 	fs.StringVar(&f.Encoding, "encoding", d.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
 	fs.StringVar(&f.DestinationHeader, "destination-header", d.DestinationHeader, "header carrying the chosen host")
+	fs.IntVar(&f.FallbackHosts, "fallback-hosts", d.FallbackHosts, "other hosts listed after the chosen one in the envoy.lb metadata, for retries")
 	fs.Int64Var(&f.MaxBodyBytes, "max-body-bytes", d.MaxBodyBytes, "largest request body accepted")
 	fs.Int64Var(&f.MaxInFlightTokensPerHost, "max-in-flight-tokens-per-host", d.MaxInFlightTokensPerHost, "per-host in-flight token cap, 0 for none (503 when every host is at it)")
 	fs.DurationVar(&f.RetryAfter, "retry-after", d.RetryAfter, "retry-after sent with 503")
@@ -229,6 +238,8 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			c.Encoding = f.Encoding
 		case "destination-header":
 			c.DestinationHeader = f.DestinationHeader
+		case "fallback-hosts":
+			c.FallbackHosts = f.FallbackHosts
 		case "max-body-bytes":
 			c.MaxBodyBytes = f.MaxBodyBytes
 		case "max-in-flight-tokens-per-host":

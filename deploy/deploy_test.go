@@ -5,6 +5,7 @@ package deploy
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"net"
 	"os"
@@ -159,10 +160,43 @@ func decodeStrict(t *testing.T, doc []byte, v any) {
 	}
 }
 
+var update = flag.Bool("update", false, "copy deploy/envoy.yaml into kubernetes.yaml's ConfigMap")
+
+// syncKubernetes replaces the ConfigMap's envoy.yaml block (the lines after
+// "  envoy.yaml: |" up to the next document) with deploy/envoy.yaml.
+func syncKubernetes(t *testing.T, b []byte) []byte {
+	t.Helper()
+	envoy, err := os.ReadFile("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := bytes.Index(b, []byte("  envoy.yaml: |\n"))
+	end := bytes.Index(b[start:], []byte("\n---\n"))
+	if start < 0 || end < 0 {
+		t.Fatal("kubernetes.yaml has no envoy.yaml block")
+	}
+	var block bytes.Buffer
+	block.WriteString("  envoy.yaml: |\n")
+	for _, line := range strings.SplitAfter(strings.TrimRight(string(envoy), "\n"), "\n") {
+		if strings.TrimSpace(line) != "" {
+			block.WriteString("    ")
+		}
+		block.WriteString(line)
+	}
+	out := append(append(append([]byte{}, b[:start]...), block.Bytes()...), b[start+end:]...)
+	if err := os.WriteFile("kubernetes.yaml", out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
 func TestKubernetes(t *testing.T) {
 	b, err := os.ReadFile("kubernetes.yaml")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if *update {
+		b = syncKubernetes(t, b)
 	}
 	var cm corev1.ConfigMap
 	var deploy appsv1.Deployment
@@ -203,7 +237,7 @@ func TestKubernetes(t *testing.T) {
 	yaml.Unmarshal([]byte(cm.Data["envoy.yaml"]), &inMap)
 	inFile = envoyYAML(t)
 	if !reflect.DeepEqual(inMap, inFile) {
-		t.Fatal("kubernetes.yaml's envoy.yaml differs from deploy/envoy.yaml: copy it over")
+		t.Fatal("kubernetes.yaml's envoy.yaml differs from deploy/envoy.yaml: run go test ./deploy -run Kubernetes -update")
 	}
 	cfg := tokenlbConfig(t, []byte(cm.Data["tokenlb.yaml"]))
 	_, tokenlbPort := envoyPorts(t)
@@ -238,9 +272,28 @@ func TestIstioEnvoyFilter(t *testing.T) {
 				Labels map[string]string `json:"labels"`
 			} `json:"workloadSelector"`
 			ConfigPatches []struct {
-				ApplyTo string         `json:"applyTo"`
-				Match   map[string]any `json:"match"`
-				Patch   struct {
+				ApplyTo string `json:"applyTo"`
+				Match   struct {
+					Context  string `json:"context"`
+					Listener *struct {
+						FilterChain struct {
+							Filter struct {
+								Name      string `json:"name"`
+								SubFilter struct {
+									Name string `json:"name"`
+								} `json:"subFilter"`
+							} `json:"filter"`
+						} `json:"filterChain"`
+					} `json:"listener"`
+					RouteConfiguration *struct {
+						Vhost struct {
+							Route struct {
+								Name string `json:"name"`
+							} `json:"route"`
+						} `json:"vhost"`
+					} `json:"routeConfiguration"`
+				} `json:"match"`
+				Patch struct {
 					Operation string         `json:"operation"`
 					Value     map[string]any `json:"value"`
 				} `json:"patch"`

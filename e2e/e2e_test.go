@@ -36,24 +36,37 @@ func TestRoutingFollowsTokenLoad(t *testing.T) {
 	for _, c := range configs {
 		t.Run(c, func(t *testing.T) {
 			s := startStack(t, envoyOpts{config: c})
-			// Two long requests held on two backends.
-			b1, release1 := s.holdOn(t, "long-1", chatBody(3000, false))
-			b2, release2 := s.holdOn(t, "long-2", chatBody(3000, false))
-			if b1 == b2 {
-				t.Fatalf("both long requests went to %s", b1.addr)
+			// One long request held on A, then two short ones held on each of
+			// B and C: A carries the most tokens but the fewest requests.
+			a, releaseLong := s.holdOn(t, "long", chatBody(3000, false))
+			var releases []func()
+			perHost := map[*backend]int{}
+			for i := range 4 {
+				b, release := s.holdOn(t, fmt.Sprintf("short-%d", i), chatBody(10, false))
+				if b == a {
+					t.Fatalf("short request %d joined the long one on %s", i, a.addr)
+				}
+				perHost[b]++
+				releases = append(releases, release)
 			}
-			// Short requests now all go to the third backend.
-			for i := range 6 {
+			if len(perHost) != 2 || perHost[s.backends[0]] > 2 || perHost[s.backends[1]] > 2 || perHost[s.backends[2]] > 2 {
+				t.Fatalf("short requests not spread over the two other hosts: %v", perHost)
+			}
+			// A request counter would now pick A (1 request against 2 and 2);
+			// token load picks B or C.
+			for i := range 4 {
 				rec := s.complete(t, chatBody(10, false), nil)
-				if rec.Backend == b1.addr || rec.Backend == b2.addr {
-					t.Fatalf("short request %d went to a busy backend %s", i, rec.Backend)
+				if rec.Backend == a.addr {
+					t.Fatalf("request %d went to %s, which holds 3,000 tokens", i, rec.Backend)
 				}
 				if rec.Header != rec.Backend {
 					t.Fatalf("backend %s got destination header %q", rec.Backend, rec.Header)
 				}
 			}
-			release1()
-			release2()
+			releaseLong()
+			for _, r := range releases {
+				r()
+			}
 			s.tokenlb.waitIdle()
 			// With equal load, traffic spreads over all three.
 			seen := map[string]int{}
@@ -108,86 +121,83 @@ func checkBody(t *testing.T, s *stack, body []byte) {
 }
 
 func TestSSEStreamsThrough(t *testing.T) {
-	s := startStack(t, envoyOpts{config: "envoy.yaml"})
-	resp, err := s.send(context.Background(), chatBody(50, true), "sse", nil)
-	if err != nil {
-		t.Fatal(err)
+	for _, c := range configs {
+		t.Run(c, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: c})
+			resp, err := s.send(context.Background(), chatBody(50, true), "sse", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b := s.arrival(t, "sse")
+			r := bufio.NewReader(resp.Body)
+			// The backend holds the rest of the stream: the first event must
+			// come through before it finishes.
+			first, err := r.ReadString('\n')
+			if err != nil || !strings.HasPrefix(first, "data: {") || !strings.Contains(first, b.addr) {
+				t.Fatalf("first event %q, %v", first, err)
+			}
+			b.release("sse")
+			rest, _ := io.ReadAll(r)
+			if !strings.Contains(string(rest), "data: [DONE]") {
+				t.Fatalf("stream ended without [DONE]: %q", rest)
+			}
+			s.tokenlb.waitIdle()
+		})
 	}
-	defer resp.Body.Close()
-	r := bufio.NewReader(resp.Body)
-	first, err := r.ReadString('\n')
-	if err != nil || !strings.HasPrefix(first, "data: {") {
-		t.Fatalf("first event %q, %v", first, err)
-	}
-	// The backend is still holding the rest: the first event came through
-	// before the stream finished.
-	var b *backend
-	for _, cand := range s.backends {
-		if strings.Contains(first, cand.addr) {
-			b = cand
-		}
-	}
-	if b == nil {
-		t.Fatalf("first event names no backend: %q", first)
-	}
-	<-b.arrived
-	b.release("sse")
-	rest, _ := io.ReadAll(r)
-	if !strings.Contains(string(rest), "data: [DONE]") {
-		t.Fatalf("stream ended without [DONE]: %q", rest)
-	}
-	s.tokenlb.waitIdle()
 }
 
 func TestClientDisconnects(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		stream bool
-	}{{"before response headers", false}, {"mid-stream", true}} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := startStack(t, envoyOpts{config: "envoy.yaml"})
-			ctx, cancel := context.WithCancel(context.Background())
-			type result struct {
-				resp *http.Response
-				err  error
+	for _, c := range configs {
+		for _, stream := range []bool{false, true} {
+			name := c + "/before response headers"
+			if stream {
+				name = c + "/mid-stream"
 			}
-			done := make(chan result, 1)
-			go func() {
-				resp, err := s.send(ctx, chatBody(2000, tc.stream), "gone", nil)
-				done <- result{resp, err}
-			}()
-			var b *backend
-			for b == nil {
-				for _, cand := range s.backends {
-					select {
-					case <-cand.arrived:
-						b = cand
-					case <-time.After(5 * time.Millisecond):
+			t.Run(name, func(t *testing.T) {
+				s := startStack(t, envoyOpts{config: c})
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				type result struct {
+					resp *http.Response
+					err  error
+				}
+				done := make(chan result, 1)
+				go func() {
+					resp, err := s.send(ctx, chatBody(2000, stream), "gone", nil)
+					done <- result{resp, err}
+				}()
+				b := s.arrival(t, "gone")
+				if stream {
+					r := <-done
+					if r.err != nil {
+						t.Fatal(r.err)
 					}
+					if _, err := bufio.NewReader(r.resp.Body).ReadString('\n'); err != nil {
+						t.Fatal(err)
+					}
+					cancel()
+					r.resp.Body.Close()
+				} else {
+					if s.tokenlb.idle() {
+						t.Fatal("nothing in flight while the backend holds the request")
+					}
+					cancel()
+					<-done
 				}
-			}
-			if tc.stream {
-				r := <-done
-				if r.err != nil {
-					t.Fatal(r.err)
+				// Envoy passed the abort on to the backend...
+				select {
+				case <-b.cancelled:
+				case <-time.After(10 * time.Second):
+					t.Fatal("the backend never saw the client go away")
 				}
-				if _, err := bufio.NewReader(r.resp.Body).ReadString('\n'); err != nil {
-					t.Fatal(err)
+				// ...and tokenlb returned the charge.
+				s.tokenlb.waitIdle()
+				if !stream && s.tokenlb.metric(`tokenlb_releases_total{cause="stream_end"}`) != 1 {
+					t.Fatalf("release before response headers was not by stream end")
 				}
-				cancel()
-				r.resp.Body.Close()
-			} else {
-				if s.tokenlb.idle() {
-					t.Fatal("nothing in flight while the backend holds the request")
-				}
-				cancel()
-				<-done
-			}
-			s.tokenlb.waitIdle()
-			if !tc.stream && s.tokenlb.metric(`tokenlb_releases_total{cause="stream_end"}`) != 1 {
-				t.Fatalf("release before response headers was not by stream end")
-			}
-		})
+			})
+		}
 	}
 }
 
@@ -228,7 +238,10 @@ func TestTokenlbKilled(t *testing.T) {
 					t.Fatalf("request %d with tokenlb down: status %d, want %d: %s", i, resp.StatusCode, tc.wantStatus, b)
 				}
 				if tc.wantStatus == 503 {
-					openAIError(t, resp)
+					// Refused because ext_proc failed, not for some other reason.
+					if _, msg := openAIError(t, resp); !strings.Contains(msg, "ext_proc") {
+						t.Fatalf("503 not caused by ext_proc: %s", msg)
+					}
 				}
 				resp.Body.Close()
 			}
@@ -300,7 +313,13 @@ func TestSpoofedDestinationNeverReachesCanary(t *testing.T) {
 }
 
 func TestErrorReplies(t *testing.T) {
-	s := startStack(t, envoyOpts{config: "envoy.yaml"})
+	for _, c := range configs {
+		t.Run(c, func(t *testing.T) { testErrorReplies(t, c) })
+	}
+}
+
+func testErrorReplies(t *testing.T, config string) {
+	s := startStack(t, envoyOpts{config: config})
 	huge := bytes.Repeat([]byte("a"), 9<<20)
 	cases := []struct {
 		name   string
@@ -335,6 +354,32 @@ func TestErrorReplies(t *testing.T) {
 		if n := b.requests.Load(); n != 0 {
 			t.Fatalf("backend %s received %d rejected requests", b.addr, n)
 		}
+	}
+	s.tokenlb.waitIdle()
+}
+
+// TestDeadBackendOverrideHost: tokenlb keeps naming a backend that is down
+// (it fails fast and so looks idle); the override-host config retries such a
+// request on another endpoint, so clients see no error.
+func TestDeadBackendOverrideHost(t *testing.T) {
+	s := startStack(t, envoyOpts{config: "envoy-override-host.yaml"})
+	dead := s.backends[0]
+	dead.srv.Close()
+	for i := range 30 {
+		resp, err := s.send(context.Background(), chatBody(10, false), "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			st, _ := http.Get(fmt.Sprintf("http://127.0.0.1:%d/stats?filter=llm_backends.*(retry|cx_connect_fail|rq_total)", s.envoy.adminPort))
+			sb, _ := io.ReadAll(st.Body)
+			t.Fatalf("request %d with a dead backend: %d %s\n%s", i, resp.StatusCode, b, sb)
+		}
+	}
+	if n := s.envoy.stat(t, "cluster.llm_backends.upstream_rq_retry"); n == 0 {
+		t.Fatal("no retries: the dead backend was never chosen, so the test proves nothing")
 	}
 	s.tokenlb.waitIdle()
 }

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -101,6 +102,8 @@ func startProcess(t testing.TB, name string, args ...string) *process {
 	t.Helper()
 	p := &process{cmd: exec.Command(name, args...), done: make(chan struct{}), log: &bytes.Buffer{}}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	// Killed with the test binary, even when a timeout skips the cleanups.
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -274,10 +277,11 @@ type backend struct {
 	addr string
 	srv  *http.Server
 
-	mu       sync.Mutex
-	holds    map[string]chan struct{}
-	arrived  chan string // hold ids, as held requests arrive
-	requests atomic.Int64
+	mu        sync.Mutex
+	holds     map[string]chan struct{}
+	arrived   chan string // hold ids, as held requests arrive
+	cancelled chan string // hold ids of held requests whose client went away
+	requests  atomic.Int64
 }
 
 // received is a backend's answer.
@@ -294,7 +298,8 @@ func startBackend(t testing.TB) *backend {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &backend{addr: l.Addr().String(), holds: map[string]chan struct{}{}, arrived: make(chan string, 100)}
+	b := &backend{addr: l.Addr().String(), holds: map[string]chan struct{}{}, arrived: make(chan string, 100),
+		cancelled: make(chan string, 100)}
 	b.srv = &http.Server{Handler: http.HandlerFunc(b.serve)}
 	go b.srv.Serve(l)
 	t.Cleanup(func() {
@@ -357,6 +362,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		case <-gate:
 			return true
 		case <-r.Context().Done():
+			b.cancelled <- hold
 			return false
 		}
 	}
@@ -452,6 +458,29 @@ func (s *stack) complete(t testing.TB, body []byte, header map[string]string) re
 	return rec
 }
 
+// arrival waits for held request id to reach a backend and returns it.
+func (s *stack) arrival(t testing.TB, id string) *backend {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		for _, b := range s.backends {
+			select {
+			case a := <-b.arrived:
+				if a != id {
+					t.Fatalf("held request %s arrived while waiting for %s", a, id)
+				}
+				return b
+			default:
+			}
+		}
+		select {
+		case <-timeout:
+			t.Fatalf("held request %s never reached a backend", id)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
 // holdOn sends a request the backend holds and returns the backend that got
 // it, and a function that releases it and waits for the client's response.
 func (s *stack) holdOn(t testing.TB, id string, body []byte) (*backend, func()) {
@@ -472,27 +501,7 @@ func (s *stack) holdOn(t testing.TB, id string, body []byte) (*backend, func()) 
 		err = json.NewDecoder(resp.Body).Decode(&rec)
 		done <- result{rec, err}
 	}()
-	var got *backend
-	timeout := time.After(30 * time.Second)
-	for got == nil {
-		for _, b := range s.backends {
-			select {
-			case a := <-b.arrived:
-				if a != id {
-					t.Fatalf("unexpected held request %s", a)
-				}
-				got = b
-			default:
-			}
-		}
-		if got == nil {
-			select {
-			case <-timeout:
-				t.Fatalf("held request %s never reached a backend", id)
-			case <-time.After(5 * time.Millisecond):
-			}
-		}
-	}
+	got := s.arrival(t, id)
 	return got, func() {
 		got.release(id)
 		if r := <-done; r.err != nil {

@@ -10,10 +10,12 @@
 package picker
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 )
@@ -165,6 +167,27 @@ func (p *Picker) Pick(cost int64) (*Lease, error) {
 
 // Host returns the leased host's address.
 func (l *Lease) Host() string { return l.h.addr }
+
+// Fallbacks returns up to n other hosts, least loaded first, for a proxy to
+// try if the leased host cannot be reached. They are not charged: a retry
+// is rare, and the ledger keeps the charge on the host first picked.
+func (l *Lease) Fallbacks(n int) []string {
+	p := l.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	others := make([]*host, 0, len(p.hosts)-1)
+	for _, h := range p.hosts {
+		if h != l.h {
+			others = append(others, h)
+		}
+	}
+	slices.SortStableFunc(others, func(a, b *host) int { return cmp.Compare(a.tokens, b.tokens) })
+	out := make([]string, 0, n)
+	for _, h := range others[:min(n, len(others))] {
+		out = append(out, h.addr)
+	}
+	return out
+}
 
 // Cost returns the tokens charged.
 func (l *Lease) Cost() int64 { return l.cost }

@@ -57,6 +57,9 @@ type Config struct {
 	MaxBodyBytes int64
 	// RetryAfter is sent with 503 when no host has capacity.
 	RetryAfter time.Duration
+	// Fallbacks is how many other hosts follow the chosen one in the
+	// destination metadata, for a proxy to retry on.
+	Fallbacks int
 	// Logger receives per-request debug logs and errors; nil discards them.
 	Logger *slog.Logger
 	// Metrics records request metrics; nil records nothing.
@@ -325,7 +328,11 @@ func (x *exchange) pick(prompt tokenizer.Prompt, in replyIn, body []byte) (bool,
 		Header:       &corev3.HeaderValue{Key: s.cfg.DestinationHeader, RawValue: []byte(lease.Host())},
 		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 	}}}}
-	md := destinationMetadata(s.cfg.MetadataNamespace, s.cfg.DestinationHeader, lease.Host())
+	// The metadata carries the Endpoint Picker Protocol's ordered list: the
+	// chosen host, then fallbacks that override_host tries on a retry. The
+	// header stays a single address, as ORIGINAL_DST requires.
+	md := destinationMetadata(s.cfg.MetadataNamespace, s.cfg.DestinationHeader,
+		strings.Join(append([]string{lease.Host()}, lease.Fallbacks(s.cfg.Fallbacks)...), ","))
 
 	if in == inBody {
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{DynamicMetadata: md,

@@ -48,7 +48,7 @@ func routed(t *testing.T, f *fakeEnvoy, req httpRequest) *outcome {
 		t.Fatalf("rejected with %d: %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
 	}
 	h := out.headers[DefaultDestinationHeader]
-	if h == "" || h != out.metadata[DefaultDestinationHeader] {
+	if first, _, _ := strings.Cut(out.metadata[DefaultDestinationHeader], ","); h == "" || h != first {
 		t.Fatalf("destination header %q, metadata %q", h, out.metadata[DefaultDestinationHeader])
 	}
 	return out
@@ -556,4 +556,24 @@ func TestConcurrentStreamsWithAborts(t *testing.T) {
 	if s := env.picker.Stats(); s.OpenLeases != 0 || s.SweptTokens != 0 {
 		t.Fatalf("stats after run: %+v", s)
 	}
+}
+
+// TestFallbackList checks the Endpoint Picker Protocol list in the metadata:
+// the chosen host (the header's value) first, then the others, least loaded
+// first.
+func TestFallbackList(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Fallbacks: 2})
+	held := env.open(t, buffered)
+	busy := routed(t, held, post(chat(2000))).headers[DefaultDestinationHeader]
+	f := env.open(t, buffered)
+	out, err := f.do(post(chat(5)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := strings.Split(out.metadata[DefaultDestinationHeader], ",")
+	if len(list) != 3 || list[0] != out.headers[DefaultDestinationHeader] || list[2] != busy || list[1] == busy || list[0] == busy {
+		t.Fatalf("metadata list %v (header %s, busy host %s)", list, out.headers[DefaultDestinationHeader], busy)
+	}
+	held.close()
+	f.close()
 }

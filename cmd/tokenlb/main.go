@@ -96,6 +96,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 		DestinationHeader: cfg.DestinationHeader,
 		MaxBodyBytes:      cfg.MaxBodyBytes,
 		RetryAfter:        cfg.RetryAfter,
+		Fallbacks:         cfg.FallbackHosts,
 		Logger:            log,
 		Metrics:           metrics,
 	})
