@@ -1,161 +1,337 @@
-// Package sim is llmsim, a small OpenAI-compatible backend that behaves
-// enough like one vLLM instance for tokenlb's demo and tests: prompts are
-// prefilled one at a time (compute-bound, so a long prompt delays every
-// request queued behind it), then output tokens stream at a fixed pace.
+// Package sim is llmsim, an OpenAI-compatible server that behaves like one
+// vLLM instance, for tokenlb's demo, tests and benchmarks.
 //
-// It counts tokens its own way (one per 4 bytes of prompt text), not with
-// tokenlb's tokenizer, as a real model's tokenizer differs from tiktoken.
+// # Model
 //
-// Defaults resemble an 8B model on one modern GPU: 10,000 prefill tokens/s
-// and 20 ms per output token.
+// A continuous-batching engine (see engine.go) runs up to MaxNumSeqs
+// sequences; the rest wait in FIFO order. Each step spends a budget of
+// MaxNumBatchedTokens: one token for each decoding sequence, the rest on
+// prefill chunks (chunked prefill), and lasts
+//
+//	StepOverhead + PrefillTokenCost × prefill tokens + DecodeSeqCost × decoding sequences.
+//
+// A long prompt therefore delays the first token of every request prefilled
+// behind it and slows the decoding of every request batched with it, which
+// is what a load balancer has to avoid. KV memory is KVBlocks blocks of
+// BlockSize tokens with prefix caching: a prompt that starts with blocks seen
+// before skips their prefill. Output length is max_tokens, or when the
+// request leaves it open a log-normal draw (median OutputMedian, σ 0.6) from a
+// seeded generator.
+//
+// The defaults resemble an 8B model in bf16 on one H100-class GPU: about
+// 20,000 prefill tokens/s (50 µs a token), 4 ms step overhead and 0.1 ms per
+// decoding sequence (about 140 output tokens/s for one request, 75 at a batch
+// of 64), 256 sequences, an 8,192-token step budget and 65,536 tokens of KV
+// cache. TimeScale multiplies every duration, so tests and quick benchmarks
+// run the same model faster; instances can be made slower or faster than
+// others with the costs.
+//
+// # Tokens
+//
+// llmsim has its own tokenizer, not tokenlb's, as a real model's tokenizer
+// differs from tiktoken: every whitespace-separated word is one token per 4
+// bytes (rounded up), and a chat message adds 4 template tokens. usage
+// reports these counts.
 package sim
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/http"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Config configures a Server. Zero fields take the defaults.
+// Config configures a Server. Zero fields take the defaults in Defaults.
 type Config struct {
-	// PrefillTokensPerSec is the prompt processing rate.
-	PrefillTokensPerSec float64
-	// TokenDelay is the time per output token.
-	TokenDelay time.Duration
-	// DefaultMaxTokens is the output length when a request sets none.
-	DefaultMaxTokens int
-	// TimeScale multiplies every duration (0.1 runs ten times faster).
-	TimeScale float64
-	// Model is the name /v1/models reports.
-	Model string
+	Name                string // instance name, sent in the x-llmsim-instance response header
+	Model               string
+	MaxNumSeqs          int
+	MaxNumBatchedTokens int
+	KVBlocks            int
+	BlockSize           int
+	StepOverhead        time.Duration
+	PrefillTokenCost    time.Duration
+	DecodeSeqCost       time.Duration
+	OutputMedian        int
+	TimeScale           float64
+	Seed                uint64
 }
 
-// Server is one simulated backend. It is an http.Handler.
+// Defaults is the configuration zero fields take.
+var Defaults = Config{
+	Model:               "llmsim",
+	MaxNumSeqs:          256,
+	MaxNumBatchedTokens: 8192,
+	KVBlocks:            4096,
+	BlockSize:           16,
+	StepOverhead:        4 * time.Millisecond,
+	PrefillTokenCost:    50 * time.Microsecond,
+	DecodeSeqCost:       100 * time.Microsecond,
+	OutputMedian:        200,
+	TimeScale:           1,
+	Seed:                1,
+}
+
+func (c Config) withDefaults() Config {
+	d := Defaults
+	set := func(v *int, def int) {
+		if *v <= 0 {
+			*v = def
+		}
+	}
+	set(&c.MaxNumSeqs, d.MaxNumSeqs)
+	set(&c.MaxNumBatchedTokens, d.MaxNumBatchedTokens)
+	set(&c.KVBlocks, d.KVBlocks)
+	set(&c.BlockSize, d.BlockSize)
+	set(&c.OutputMedian, d.OutputMedian)
+	if c.Model == "" {
+		c.Model = d.Model
+	}
+	if c.StepOverhead <= 0 {
+		c.StepOverhead = d.StepOverhead
+	}
+	if c.PrefillTokenCost <= 0 {
+		c.PrefillTokenCost = d.PrefillTokenCost
+	}
+	if c.DecodeSeqCost <= 0 {
+		c.DecodeSeqCost = d.DecodeSeqCost
+	}
+	if c.TimeScale <= 0 {
+		c.TimeScale = d.TimeScale
+	}
+	if c.Seed == 0 {
+		c.Seed = d.Seed
+	}
+	return c
+}
+
+// Server is one simulated vLLM instance. It is an http.Handler; Start runs
+// its engine.
 type Server struct {
-	cfg     Config
-	prefill sync.Mutex // one prompt at a time
-	running atomic.Int64
-	served  atomic.Int64
-	mux     *http.ServeMux
+	cfg Config
+	eng *engine
+	m   *metrics
+	mux *http.ServeMux
 }
 
-// New returns a Server.
+// New returns a Server; call Run to start its engine.
 func New(cfg Config) *Server {
-	if cfg.PrefillTokensPerSec <= 0 {
-		cfg.PrefillTokensPerSec = 10000
-	}
-	if cfg.TokenDelay <= 0 {
-		cfg.TokenDelay = 20 * time.Millisecond
-	}
-	if cfg.DefaultMaxTokens <= 0 {
-		cfg.DefaultMaxTokens = 64
-	}
-	if cfg.TimeScale <= 0 {
-		cfg.TimeScale = 1
-	}
-	if cfg.Model == "" {
-		cfg.Model = "llmsim"
-	}
-	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	cfg = cfg.withDefaults()
+	m := newMetrics()
+	s := &Server{cfg: cfg, m: m, eng: newEngine(cfg, m), mux: http.NewServeMux()}
 	s.mux.HandleFunc("POST /v1/chat/completions", s.complete)
 	s.mux.HandleFunc("POST /v1/completions", s.complete)
 	s.mux.HandleFunc("GET /v1/models", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, map[string]any{"object": "list", "data": []any{map[string]any{"id": cfg.Model, "object": "model"}}})
+		writeJSON(w, 200, map[string]any{"object": "list", "data": []any{map[string]any{"id": cfg.Model, "object": "model", "owned_by": "llmsim"}}})
 	})
 	s.mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {})
+	s.mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	return s
 }
 
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// Run runs the engine until ctx is done.
+func (s *Server) Run(ctx context.Context) { s.eng.run(ctx) }
 
-// Running returns the requests in progress.
-func (s *Server) Running() int64 { return s.running.Load() }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Name != "" {
+		w.Header().Set("x-llmsim-instance", s.cfg.Name)
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// Tokenize is llmsim's tokenizer: each whitespace-separated word is one
+// token per 4 bytes, rounded up; a token's id hashes the word and position
+// in the word, so equal texts give equal ids.
+func Tokenize(text string) []uint32 {
+	var out []uint32
+	for _, w := range strings.Fields(text) {
+		h := fnv.New32a()
+		h.Write([]byte(w))
+		base := h.Sum32()
+		for i := 0; i < len(w); i += 4 {
+			out = append(out, base+uint32(i))
+		}
+	}
+	return out
+}
 
 type request struct {
-	Model     string          `json:"model"`
-	Stream    bool            `json:"stream"`
-	MaxTokens int             `json:"max_tokens"`
-	Messages  json.RawMessage `json:"messages"`
-	Prompt    json.RawMessage `json:"prompt"`
+	Model         string          `json:"model"`
+	Stream        bool            `json:"stream"`
+	MaxTokens     int             `json:"max_tokens"`
+	MaxCompletion int             `json:"max_completion_tokens"`
+	Messages      json.RawMessage `json:"messages"`
+	Prompt        json.RawMessage `json:"prompt"`
+	StreamOptions struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
 }
 
-// PromptTokens is llmsim's own token count: one token per 4 bytes of the
-// prompt's JSON text, at least one.
-func PromptTokens(messages, prompt []byte) int {
-	return max(1, (len(messages)+len(prompt)+3)/4)
-}
-
-func (s *Server) scaled(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * s.cfg.TimeScale)
+// promptTokens renders a request's prompt as a chat template would and
+// tokenizes it.
+func promptTokens(r *request) ([]uint32, error) {
+	if len(r.Messages) > 0 {
+		var msgs []struct {
+			Role    string          `json:"role"`
+			Content json.RawMessage `json:"content"`
+		}
+		if err := json.Unmarshal(r.Messages, &msgs); err != nil {
+			return nil, fmt.Errorf("messages: %w", err)
+		}
+		var toks []uint32
+		for _, m := range msgs {
+			toks = append(toks, Tokenize("<|start|> "+m.Role+" <|content|>")...)
+			var text string
+			if json.Unmarshal(m.Content, &text) != nil {
+				text = string(m.Content) // content parts: their JSON
+			}
+			toks = append(toks, Tokenize(text)...)
+			toks = append(toks, Tokenize("<|end|>")...)
+		}
+		return toks, nil
+	}
+	var text string
+	if json.Unmarshal(r.Prompt, &text) != nil {
+		text = string(r.Prompt)
+	}
+	return Tokenize(text), nil
 }
 
 func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
 	var req request
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		w.Header().Set("content-type", "application/json")
-		w.WriteHeader(http.StatusBadRequest)
-		fmt.Fprintf(w, `{"error":{"message":%q,"type":"invalid_request_error","code":"invalid_json"}}`, err.Error())
+		apiError(w, 400, "invalid_json", err.Error())
 		return
 	}
-	s.running.Add(1)
-	defer s.running.Add(-1)
-	prompt := PromptTokens(req.Messages, req.Prompt)
-	out := req.MaxTokens
-	if out <= 0 {
-		out = s.cfg.DefaultMaxTokens
+	toks, err := promptTokens(&req)
+	if err == nil && len(toks) == 0 {
+		err = errors.New("empty prompt")
 	}
-	ctx := r.Context()
-	sleep := func(d time.Duration) bool {
-		t := time.NewTimer(s.scaled(d))
-		defer t.Stop()
-		select {
-		case <-t.C:
-			return true
-		case <-ctx.Done():
-			return false
+	if err != nil {
+		apiError(w, 400, "invalid_prompt", err.Error())
+		return
+	}
+	maxOut := req.MaxCompletion
+	if maxOut <= 0 {
+		maxOut = req.MaxTokens
+	}
+	sq, err := s.eng.submit(r.Context(), toks, maxOut)
+	if err != nil {
+		apiError(w, 400, "context_length_exceeded", err.Error())
+		return
+	}
+	id := fmt.Sprintf("cmpl-%p", sq)
+	chat := r.URL.Path == "/v1/chat/completions"
+	object, chunkObject := "text_completion", "text_completion"
+	if chat {
+		object, chunkObject = "chat.completion", "chat.completion.chunk"
+	}
+	usage := func(n int) map[string]int {
+		return map[string]int{"prompt_tokens": len(toks), "completion_tokens": n, "total_tokens": len(toks) + n}
+	}
+	choice := func(text string, finish any, delta bool) map[string]any {
+		c := map[string]any{"index": 0, "finish_reason": finish}
+		switch {
+		case !chat:
+			c["text"] = text
+		case delta:
+			c["delta"] = map[string]string{"content": text}
+		default:
+			c["message"] = map[string]string{"role": "assistant", "content": text}
 		}
+		return c
 	}
-	s.prefill.Lock()
-	ok := sleep(time.Duration(float64(prompt) / s.cfg.PrefillTokensPerSec * float64(time.Second)))
-	s.prefill.Unlock()
-	if !ok {
-		return
-	}
-	usage := map[string]int{"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
-	id := fmt.Sprintf("cmpl-%d", s.served.Add(1))
 	if !req.Stream {
-		if !sleep(time.Duration(out) * s.cfg.TokenDelay) {
+		n := 0
+		for n = range sq.events {
+		}
+		if r.Context().Err() != nil {
 			return
 		}
-		writeJSON(w, map[string]any{"id": id, "object": "chat.completion", "model": s.cfg.Model,
-			"choices": []any{map[string]any{"index": 0, "finish_reason": "length",
-				"message": map[string]string{"role": "assistant", "content": strings.Repeat("tok ", out)}}},
-			"usage": usage})
+		writeJSON(w, 200, map[string]any{"id": id, "object": object, "created": time.Now().Unix(), "model": s.cfg.Model,
+			"choices": []any{choice(strings.Repeat("tok ", n), "length", false)}, "usage": usage(n)})
 		return
 	}
 	w.Header().Set("content-type", "text/event-stream")
+	w.Header().Set("cache-control", "no-cache")
 	fl, _ := w.(http.Flusher)
-	for i := range out {
-		if i > 0 && !sleep(s.cfg.TokenDelay) {
-			return
-		}
-		b, _ := json.Marshal(map[string]any{"id": id, "object": "chat.completion.chunk", "model": s.cfg.Model,
-			"choices": []any{map[string]any{"index": 0, "delta": map[string]string{"content": "tok "}}}})
+	send := func(v any) {
+		b, _ := json.Marshal(v)
 		fmt.Fprintf(w, "data: %s\n\n", b)
 		if fl != nil {
 			fl.Flush()
 		}
 	}
-	b, _ := json.Marshal(map[string]any{"id": id, "object": "chat.completion.chunk", "model": s.cfg.Model,
-		"choices": []any{map[string]any{"index": 0, "delta": map[string]string{}, "finish_reason": "length"}}, "usage": usage})
-	fmt.Fprintf(w, "data: %s\n\ndata: [DONE]\n\n", b)
+	n := 0
+	for n = range sq.events {
+		finish := any(nil)
+		if n == sq.maxOut {
+			finish = "length"
+		}
+		send(map[string]any{"id": id, "object": chunkObject, "model": s.cfg.Model, "choices": []any{choice("tok ", finish, true)}})
+	}
+	if r.Context().Err() != nil {
+		return
+	}
+	if req.StreamOptions.IncludeUsage {
+		send(map[string]any{"id": id, "object": chunkObject, "model": s.cfg.Model, "choices": []any{}, "usage": usage(n)})
+	}
+	fmt.Fprint(w, "data: [DONE]\n\n")
 }
 
-func writeJSON(w http.ResponseWriter, v any) {
+func apiError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, map[string]any{"error": map[string]any{"message": msg, "type": "invalid_request_error", "code": code}})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("content-type", "application/json")
+	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(v)
+}
+
+// metrics uses vLLM's metric names, so dashboards and scrapers written for
+// vLLM read llmsim too.
+type metrics struct {
+	reg                            *prometheus.Registry
+	running, waiting, kvUsage      prometheus.Gauge
+	promptTokens, generationTokens prometheus.Counter
+	prefixQueries, prefixHits      prometheus.Counter
+	ttft, e2e                      prometheus.Histogram
+}
+
+func newMetrics() *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	g := func(name, help string) prometheus.Gauge {
+		v := prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+		m.reg.MustRegister(v)
+		return v
+	}
+	c := func(name, help string) prometheus.Counter {
+		v := prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+		m.reg.MustRegister(v)
+		return v
+	}
+	h := func(name, help string) prometheus.Histogram {
+		v := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help,
+			Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80}})
+		m.reg.MustRegister(v)
+		return v
+	}
+	m.running = g("vllm:num_requests_running", "Requests in the running batch.")
+	m.waiting = g("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+	m.kvUsage = g("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
+	m.promptTokens = c("vllm:prompt_tokens_total", "Prefill tokens processed.")
+	m.generationTokens = c("vllm:generation_tokens_total", "Generation tokens processed.")
+	m.prefixQueries = c("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
+	m.prefixHits = c("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.")
+	m.ttft = h("vllm:time_to_first_token_seconds", "Time to first token.")
+	m.e2e = h("vllm:e2e_request_latency_seconds", "End-to-end request latency.")
+	return m
 }

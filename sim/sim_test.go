@@ -3,84 +3,218 @@ package sim
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
 
-func chat(contentBytes int, stream bool, maxTokens int) []byte {
-	b, _ := json.Marshal(map[string]any{"stream": stream, "max_tokens": maxTokens,
-		"messages": []map[string]string{{"role": "user", "content": strings.Repeat("a", contentBytes)}}})
+func start(t *testing.T, cfg Config) *httptest.Server {
+	t.Helper()
+	s := New(cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.Run(ctx)
+	srv := httptest.NewServer(s)
+	t.Cleanup(func() { srv.Close(); cancel() })
+	return srv
+}
+
+// words returns n distinct 4-letter words: n llmsim tokens.
+func words(n int, seed int) string {
+	var b strings.Builder
+	for i := range n {
+		b.WriteString(strconv.FormatInt(int64(1000+(i*7919+seed*104729)%9000), 10))
+		b.WriteByte(' ')
+	}
+	return b.String()
+}
+
+func body(prompt string, stream bool, maxTokens int) []byte {
+	b, _ := json.Marshal(map[string]any{"model": "m", "stream": stream, "max_tokens": maxTokens,
+		"stream_options": map[string]bool{"include_usage": true},
+		"messages":       []map[string]string{{"role": "user", "content": prompt}}})
 	return b
 }
 
-// ttft sends a streaming request and returns the time to its first event.
-func ttft(t *testing.T, url string, body []byte) time.Duration {
+type result struct {
+	ttft, e2e time.Duration
+	events    int
+	usage     map[string]int
+}
+
+// stream sends a streaming request and times its first token and its end.
+func stream(t *testing.T, ctx context.Context, url string, b []byte) result {
 	t.Helper()
 	start := time.Now()
-	resp, err := http.Post(url+"/v1/chat/completions", "application/json", bytes.NewReader(body))
+	req, _ := http.NewRequestWithContext(ctx, "POST", url+"/v1/chat/completions", bytes.NewReader(b))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		if ctx.Err() == nil {
+			t.Error(err)
+		}
+		return result{}
+	}
+	defer resp.Body.Close()
+	var r result
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok || line == "[DONE]" {
+			continue
+		}
+		var ev struct {
+			Choices []any
+			Usage   map[string]int
+		}
+		json.Unmarshal([]byte(line), &ev)
+		if len(ev.Choices) > 0 {
+			if r.events == 0 {
+				r.ttft = time.Since(start)
+			}
+			r.events++
+		}
+		if ev.Usage != nil {
+			r.usage = ev.Usage
+		}
+	}
+	r.e2e = time.Since(start)
+	return r
+}
+
+func metric(t *testing.T, url, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(url + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	r := bufio.NewReader(resp.Body)
-	if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "data: {") {
-		t.Fatalf("first line %q, %v", line, err)
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
 	}
-	d := time.Since(start)
-	var last string
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
+func waitMetric(t *testing.T, url, name string, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for metric(t, url, name) != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never reached %v (is %v)", name, want, metric(t, url, name))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestLongPromptTTFT(t *testing.T) {
+	// 50 µs per prefill token at time scale 0.5: 6,000 more prompt tokens
+	// cost 150 ms more before the first token.
+	srv := start(t, Config{TimeScale: 0.5})
+	short := stream(t, context.Background(), srv.URL, body(words(10, 1), true, 2))
+	long := stream(t, context.Background(), srv.URL, body(words(6010, 2), true, 2))
+	extra := long.ttft - short.ttft
+	if extra < 120*time.Millisecond || extra > 400*time.Millisecond {
+		t.Fatalf("TTFT short %v, long %v: the long prompt should add about 150 ms", short.ttft, long.ttft)
+	}
+}
+
+func TestQueueBeyondMaxNumSeqs(t *testing.T) {
+	srv := start(t, Config{MaxNumSeqs: 2, TimeScale: 0.2})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan result, 3)
+	for i := range 3 {
+		go func() { done <- stream(t, ctx, srv.URL, body(words(20, i), true, 400)) }()
+	}
+	// All three arrive: two run, the third waits, and no more ever run.
+	deadline := time.Now().Add(10 * time.Second)
 	for {
-		line, err := r.ReadString('\n')
-		if err != nil {
+		running, waiting := metric(t, srv.URL, "vllm:num_requests_running"), metric(t, srv.URL, "vllm:num_requests_waiting")
+		if running > 2 {
+			t.Fatalf("%v requests running with max-num-seqs 2", running)
+		}
+		if running == 2 && waiting == 1 {
 			break
 		}
-		if strings.HasPrefix(line, "data: ") {
-			last = line
+		if time.Now().After(deadline) {
+			t.Fatalf("never 2 running and 1 waiting (now %v, %v)", running, waiting)
 		}
+		time.Sleep(time.Millisecond)
 	}
-	if last != "data: [DONE]\n" {
-		t.Fatalf("stream ended with %q", last)
+	cancel()
+	for range 3 {
+		<-done
 	}
-	return d
+	// Cancelled requests leave the batch and free their KV blocks.
+	waitMetric(t, srv.URL, "vllm:num_requests_running", 0)
+	waitMetric(t, srv.URL, "vllm:kv_cache_usage_perc", 0)
 }
 
-func TestLongPromptHasLongerTTFT(t *testing.T) {
-	// 1,000 prefill tokens/s: a 40,000-byte prompt (10,000 tokens) takes
-	// 10 s of prefill, scaled by 0.02 to 200 ms; a 40-byte one 0.2 ms.
-	srv := httptest.NewServer(New(Config{PrefillTokensPerSec: 1000, TokenDelay: time.Millisecond, TimeScale: 0.02}))
-	defer srv.Close()
-	short := ttft(t, srv.URL, chat(40, true, 2))
-	long := ttft(t, srv.URL, chat(40000, true, 2))
-	if long < 180*time.Millisecond || long < short+150*time.Millisecond {
-		t.Fatalf("TTFT long %v, short %v: want the long prompt's prefill (200 ms) on top", long, short)
+func TestRepeatedPrefixIsFaster(t *testing.T) {
+	srv := start(t, Config{TimeScale: 0.5})
+	doc := words(4000, 3)
+	first := stream(t, context.Background(), srv.URL, body(doc+"first question", true, 2))
+	second := stream(t, context.Background(), srv.URL, body(doc+"second question", true, 2))
+	if second.ttft*2 > first.ttft {
+		t.Fatalf("TTFT with a cached 4,000-token prefix %v, without %v", second.ttft, first.ttft)
+	}
+	hits := metric(t, srv.URL, "vllm:prefix_cache_hits_total")
+	if hits < 3900 || hits > 4010 {
+		t.Fatalf("prefix cache hits %v tokens, want about 4,000", hits)
 	}
 }
 
-func TestUsageAndModels(t *testing.T) {
-	srv := httptest.NewServer(New(Config{TimeScale: 0.01}))
-	defer srv.Close()
-	resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", bytes.NewReader(chat(100, false, 5)))
+func TestUsageAndMetrics(t *testing.T) {
+	srv := start(t, Config{TimeScale: 0.01})
+	// Template: "<|start|>" (9 bytes) 3 tokens, "user" 1, "<|content|>" 3,
+	// "<|end|>" 2: 100 words + 9.
+	r := stream(t, context.Background(), srv.URL, body(words(100, 4), true, 7))
+	if r.events != 7 || r.usage["prompt_tokens"] != 109 || r.usage["completion_tokens"] != 7 {
+		t.Fatalf("events %d, usage %v", r.events, r.usage)
+	}
+	resp, err := http.Post(srv.URL+"/v1/completions", "application/json", strings.NewReader(`{"prompt":"`+words(50, 5)+`","max_tokens":3}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
 	var v struct {
-		Usage struct {
-			PromptTokens     int `json:"prompt_tokens"`
-			CompletionTokens int `json:"completion_tokens"`
-		} `json:"usage"`
+		Choices []struct{ Text string }
+		Usage   map[string]int
 	}
 	json.NewDecoder(resp.Body).Decode(&v)
-	// The messages JSON is [{"role":"user","content":"a…a"}]: 131 bytes, 33 tokens.
-	if v.Usage.PromptTokens != 33 || v.Usage.CompletionTokens != 5 {
-		t.Fatalf("usage %+v", v.Usage)
+	resp.Body.Close()
+	if v.Usage["prompt_tokens"] != 50 || v.Usage["completion_tokens"] != 3 || len(v.Choices) != 1 {
+		t.Fatalf("completions response %+v", v)
 	}
-	r, err := http.Get(srv.URL + "/v1/models")
-	if err != nil || r.StatusCode != 200 {
-		t.Fatalf("/v1/models %v %v", r, err)
+	if got := metric(t, srv.URL, "vllm:prompt_tokens_total"); got != 159 {
+		t.Fatalf("prompt tokens %v, want 159", got)
 	}
-	r.Body.Close()
+	if got := metric(t, srv.URL, "vllm:generation_tokens_total"); got != 10 {
+		t.Fatalf("generation tokens %v, want 10", got)
+	}
+	if got := metric(t, srv.URL, "vllm:e2e_request_latency_seconds_count"); got != 2 {
+		t.Fatalf("e2e latency count %v, want 2", got)
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	srv := start(t, Config{KVBlocks: 4, BlockSize: 16, TimeScale: 0.01})
+	for _, b := range []string{`{`, `{"messages":[]}`, `{"prompt":"` + words(100, 6) + `","max_tokens":5}`} {
+		resp, err := http.Post(srv.URL+"/v1/completions", "application/json", strings.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Fatalf("%.30s: status %d", b, resp.StatusCode)
+		}
+	}
 }

@@ -1,14 +1,18 @@
-// Command llmsim serves a simulated OpenAI-compatible LLM backend.
+// Command llmsim serves a simulated vLLM-like OpenAI-compatible backend
+// (package sim documents the model and its defaults).
 //
 //	llmsim --listen 127.0.0.1:8001
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/tokenlb/tokenlb/sim"
@@ -16,16 +20,35 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8001", "listen address")
-	var cfg sim.Config
-	flag.Float64Var(&cfg.PrefillTokensPerSec, "prefill-tokens-per-sec", 10000, "prompt processing rate")
-	flag.DurationVar(&cfg.TokenDelay, "token-delay", 20*time.Millisecond, "time per output token")
-	flag.IntVar(&cfg.DefaultMaxTokens, "default-max-tokens", 64, "output length when a request sets no max_tokens")
-	flag.Float64Var(&cfg.TimeScale, "time-scale", 1, "multiplies every duration")
-	flag.StringVar(&cfg.Model, "model", "llmsim", "model name")
+	d := sim.Defaults
+	var c sim.Config
+	flag.StringVar(&c.Name, "name", "", "instance name for the x-llmsim-instance header (default: the listen address)")
+	flag.StringVar(&c.Model, "model", d.Model, "model name")
+	flag.IntVar(&c.MaxNumSeqs, "max-num-seqs", d.MaxNumSeqs, "largest running batch")
+	flag.IntVar(&c.MaxNumBatchedTokens, "max-num-batched-tokens", d.MaxNumBatchedTokens, "token budget of one step")
+	flag.IntVar(&c.KVBlocks, "kv-blocks", d.KVBlocks, "KV-cache blocks")
+	flag.IntVar(&c.BlockSize, "block-size", d.BlockSize, "tokens per KV-cache block")
+	flag.DurationVar(&c.StepOverhead, "step-overhead", d.StepOverhead, "fixed time of one step")
+	flag.DurationVar(&c.PrefillTokenCost, "prefill-token-cost", d.PrefillTokenCost, "step time per prefill token")
+	flag.DurationVar(&c.DecodeSeqCost, "decode-seq-cost", d.DecodeSeqCost, "step time per decoding sequence")
+	flag.IntVar(&c.OutputMedian, "output-median", d.OutputMedian, "median output length when max_tokens is unset")
+	flag.Float64Var(&c.TimeScale, "time-scale", d.TimeScale, "multiplies every duration (0.1: ten times faster)")
+	flag.Uint64Var(&c.Seed, "seed", d.Seed, "seed of the output-length draw")
 	flag.Parse()
+	if c.Name == "" {
+		c.Name = *listen
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	s := sim.New(c)
+	go s.Run(ctx)
+	srv := &http.Server{Addr: *listen, Handler: s, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
 	slog.Info("llmsim serving", "listen", *listen)
-	srv := &http.Server{Addr: *listen, Handler: sim.New(cfg), ReadHeaderTimeout: 10 * time.Second}
-	if err := srv.ListenAndServe(); err != nil {
+	if err := srv.ListenAndServe(); err != nil && err != http.ErrServerClosed {
 		fmt.Fprintln(os.Stderr, "llmsim:", err)
 		os.Exit(1)
 	}
