@@ -12,18 +12,16 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/tokenlb/tokenlb/internal/envoycfg"
+	"github.com/tokenlb/tokenlb/internal/proc"
 )
 
 // Options configure a demo run.
@@ -52,30 +50,30 @@ func Run(ctx context.Context, o Options) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	var procs procs
-	defer procs.stopAll()
+	procs := &proc.Group{Dir: dir}
+	defer procs.StopAll()
 
 	var hosts []string
 	for range 3 {
-		port, err := freePort()
+		port, err := proc.FreePort()
 		if err != nil {
 			return err
 		}
 		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		hosts = append(hosts, addr)
-		if err := procs.start(dir, "llmsim", o.Llmsim, "--listen", addr); err != nil {
+		if err := procs.Start("llmsim", o.Llmsim, "--listen", addr); err != nil {
 			return err
 		}
 	}
-	grpcPort, _ := freePort()
-	adminPort, _ := freePort()
+	grpcPort, _ := proc.FreePort()
+	adminPort, _ := proc.FreePort()
 	admin := fmt.Sprintf("http://127.0.0.1:%d", adminPort)
-	if err := procs.start(dir, "tokenlb", o.Tokenlb, "--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
+	if err := procs.Start("tokenlb", o.Tokenlb, "--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
 		"--admin", fmt.Sprintf("127.0.0.1:%d", adminPort), "--hosts", strings.Join(hosts, ",")); err != nil {
 		return err
 	}
-	listenPort, _ := freePort()
-	envoyAdmin, _ := freePort()
+	listenPort, _ := proc.FreePort()
+	envoyAdmin, _ := proc.FreePort()
 	cfg, err := envoycfg.Render(o.Config, envoycfg.Options{ListenPort: listenPort, AdminPort: envoyAdmin, TokenlbPort: grpcPort, Backends: hosts})
 	if err != nil {
 		return err
@@ -84,11 +82,11 @@ func Run(ctx context.Context, o Options) error {
 	if err := os.WriteFile(cfgPath, cfg, 0o600); err != nil {
 		return err
 	}
-	if err := procs.start(dir, "envoy", o.Envoy, "-c", cfgPath, "--disable-hot-restart", "--concurrency", "2", "-l", "warning"); err != nil {
+	if err := procs.Start("envoy", o.Envoy, "-c", cfgPath, "--disable-hot-restart", "--concurrency", "2", "-l", "warning"); err != nil {
 		return err
 	}
 	for _, u := range []string{admin + "/readyz", fmt.Sprintf("http://127.0.0.1:%d/ready", envoyAdmin)} {
-		if err := waitReady(ctx, u, &procs); err != nil {
+		if err := procs.WaitReady(ctx, u); err != nil {
 			return err
 		}
 	}
@@ -111,7 +109,7 @@ loop:
 		case <-ctx.Done():
 			break loop
 		case <-tick.C:
-			if err := procs.exited(); err != nil {
+			if err := procs.Exited(); err != nil {
 				return err
 			}
 			view(o.Out, time.Since(start), admin, st)
@@ -240,91 +238,3 @@ func view(w io.Writer, elapsed time.Duration, admin string, st *stats) {
 	}
 }
 
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
-	log  string
-}
-
-type procs []*proc
-
-func (ps *procs) start(dir, name, bin string, args ...string) error {
-	logPath := filepath.Join(dir, name+fmt.Sprint(len(*ps))+".log")
-	f, err := os.Create(logPath)
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	// The children die with the demo, even if it is killed, but not with a
-	// Ctrl-C to the terminal's process group: the demo stops them itself,
-	// after showing every charge returned.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		return fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &proc{name: name, cmd: cmd, done: make(chan struct{}), log: logPath}
-	go func() { cmd.Wait(); f.Close(); close(p.done) }()
-	*ps = append(*ps, p)
-	return nil
-}
-
-// exited reports a process that stopped on its own, with its last log lines.
-func (ps procs) exited() error {
-	for _, p := range ps {
-		select {
-		case <-p.done:
-			b, _ := os.ReadFile(p.log)
-			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-			return fmt.Errorf("%s exited unexpectedly:\n%s", p.name, strings.Join(lines[max(0, len(lines)-10):], "\n"))
-		default:
-		}
-	}
-	return nil
-}
-
-func (ps procs) stopAll() {
-	for _, p := range ps {
-		p.cmd.Process.Signal(syscall.SIGTERM)
-	}
-	for _, p := range ps {
-		select {
-		case <-p.done:
-		case <-time.After(5 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-	}
-}
-
-func waitReady(ctx context.Context, url string, ps *procs) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if err := ps.exited(); err != nil {
-			return err
-		}
-		if resp, err := http.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return nil
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("%s not ready after 30s", url)
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}

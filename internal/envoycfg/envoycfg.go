@@ -25,6 +25,11 @@ type Options struct {
 	// Unsanitised drops the filter that strips a client's destination
 	// header, leaving tokenlb's overwrite as the only defence.
 	Unsanitised bool
+	// Policy, when set (ROUND_ROBIN, LEAST_REQUEST), turns the
+	// configuration into an Envoy-only baseline: no tokenlb (its filter and
+	// cluster removed) and llm_backends balanced by that lb_policy. Use it on
+	// envoy-override-host.yaml, whose cluster lists the backends.
+	Policy string
 }
 
 // Render reads the configuration at path and applies o: every listener and
@@ -46,8 +51,19 @@ func Render(path string, o Options) ([]byte, error) {
 	setAddr(get(cfg, "admin", "address"), o.AdminPort)
 	listener := get(cfg, "static_resources", "listeners", 0)
 	setAddr(get(listener, "address"), o.ListenPort)
+	var clusters []any
 	for _, c := range get(cfg, "static_resources", "clusters").([]any) {
 		c := c.(map[string]any)
+		if o.Policy != "" {
+			if c["name"] == "tokenlb" {
+				continue
+			}
+			if c["name"] == "llm_backends" {
+				delete(c, "load_balancing_policy")
+				c["lb_policy"] = o.Policy
+			}
+		}
+		clusters = append(clusters, c)
 		switch c["name"] {
 		case "tokenlb":
 			setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), o.TokenlbPort)
@@ -67,12 +83,16 @@ func Render(path string, o Options) ([]byte, error) {
 			}
 		}
 	}
+	get(cfg, "static_resources").(map[string]any)["clusters"] = clusters
 	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
 	var filters []any
 	for _, f := range hcm["http_filters"].([]any) {
 		f := f.(map[string]any)
 		switch f["name"] {
 		case "envoy.filters.http.ext_proc":
+			if o.Policy != "" {
+				continue
+			}
 			if o.Duplex {
 				pm := get(f, "typed_config", "processing_mode").(map[string]any)
 				pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"

@@ -1,0 +1,277 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tokenlb/tokenlb/internal/envoycfg"
+	"github.com/tokenlb/tokenlb/internal/proc"
+	"github.com/tokenlb/tokenlb/sim"
+)
+
+// Arms are the load balancers compared, each through the same Envoy build
+// in front of fresh llmsim instances.
+var Arms = []string{"envoy-round-robin", "envoy-least-request", "tokenlb"}
+
+// Options configure one run of one arm.
+type Options struct {
+	Envoy, Tokenlb string // binaries
+	DeployDir      string // the repository's deploy/ folder
+	Backends       int
+	TimeScale      float64 // llmsim time scale
+	// Open loop: Poisson arrivals at Utilization of the backends' estimated
+	// capacity. Closed loop (Concurrency > 0): that many clients back to back.
+	Utilization float64
+	Concurrency int
+	Seed        uint64
+	Log         io.Writer
+
+	// For the overhead run: a fixed open-loop rate (requests/s) instead of
+	// one derived from Utilization, and hooks given tokenlb's pid before
+	// and after the workload.
+	fixedRate      float64
+	onStart, onEnd func(pid int)
+}
+
+// Result is one arm's outcome on one workload.
+type Result struct {
+	Arm       string             `json:"arm"`
+	Requests  int                `json:"requests"`
+	Errors    int                `json:"errors"`
+	TTFT      Stats              `json:"ttft_ms"`
+	E2E       Stats              `json:"e2e_ms"`
+	HostShare map[string]float64 `json:"host_share"`
+	ttfts     []float64
+	e2es      []float64
+}
+
+// Stats summarise latencies in milliseconds.
+type Stats struct {
+	Mean float64 `json:"mean"`
+	P50  float64 `json:"p50"`
+	P90  float64 `json:"p90"`
+	P99  float64 `json:"p99"`
+}
+
+func summarize(v []float64) Stats {
+	if len(v) == 0 {
+		return Stats{}
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	var sum float64
+	for _, x := range s {
+		sum += x
+	}
+	q := func(p float64) float64 { return s[min(len(s)-1, int(p*float64(len(s))))] }
+	return Stats{Mean: sum / float64(len(s)), P50: q(0.5), P90: q(0.9), P99: q(0.99)}
+}
+
+// work estimates the backend time a request needs under llmsim's default
+// costs (unscaled): its prefill, and its share of decode steps at a batch of
+// about 8.
+func work(r Request) time.Duration {
+	d := sim.Defaults
+	tokens := 0
+	for _, m := range r.Messages {
+		tokens += len(sim.Tokenize(m.Content)) + 9
+	}
+	return time.Duration(tokens)*d.PrefillTokenCost + time.Duration(r.MaxTokens)*(d.DecodeSeqCost+d.StepOverhead/8)
+}
+
+// Rate is the open-loop arrival rate (requests per second) that loads the
+// backends to the given utilization.
+func Rate(reqs []Request, backends int, utilization, timeScale float64) float64 {
+	var total time.Duration
+	for _, r := range reqs {
+		total += work(r)
+	}
+	mean := total.Seconds() / float64(len(reqs)) * timeScale
+	return utilization * float64(backends) / mean
+}
+
+// RunArm starts llmsim backends, Envoy and (for the tokenlb arm) tokenlb on
+// loopback, replays reqs, and stops everything.
+func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result, error) {
+	res := Result{Arm: arm, Requests: len(reqs), HostShare: map[string]float64{}}
+	dir, err := os.MkdirTemp("", "tokenlb-bench")
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(dir)
+	g := &proc.Group{Dir: dir}
+	defer g.StopAll()
+
+	simCtx, stopSims := context.WithCancel(ctx)
+	defer stopSims()
+	var hosts []string
+	for i := range o.Backends {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return res, err
+		}
+		name := fmt.Sprintf("backend-%d", i+1)
+		s := sim.New(sim.Config{Name: name, TimeScale: o.TimeScale, Seed: o.Seed + uint64(i)})
+		go s.Run(simCtx)
+		srv := &http.Server{Handler: s}
+		go srv.Serve(l)
+		defer srv.Close()
+		hosts = append(hosts, l.Addr().String())
+	}
+	listen, _ := proc.FreePort()
+	admin, _ := proc.FreePort()
+	eo := envoycfg.Options{ListenPort: listen, AdminPort: admin, Backends: hosts}
+	config := "envoy.yaml"
+	switch arm {
+	case "tokenlb":
+		grpcPort, _ := proc.FreePort()
+		tlAdmin, _ := proc.FreePort()
+		eo.TokenlbPort = grpcPort
+		if err := g.Start("tokenlb", o.Tokenlb, "--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
+			"--admin", fmt.Sprintf("127.0.0.1:%d", tlAdmin), "--hosts", strings.Join(hosts, ","), "--log-level", "warn"); err != nil {
+			return res, err
+		}
+		if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/readyz", tlAdmin)); err != nil {
+			return res, err
+		}
+	case "envoy-round-robin", "envoy-least-request":
+		config = "envoy-override-host.yaml"
+		eo.Policy = map[string]string{"envoy-round-robin": "ROUND_ROBIN", "envoy-least-request": "LEAST_REQUEST"}[arm]
+	default:
+		return res, fmt.Errorf("bench: unknown arm %q", arm)
+	}
+	cfg, err := envoycfg.Render(filepath.Join(o.DeployDir, config), eo)
+	if err != nil {
+		return res, err
+	}
+	cfgPath := filepath.Join(dir, "envoy.yaml")
+	if err := os.WriteFile(cfgPath, cfg, 0o600); err != nil {
+		return res, err
+	}
+	if err := g.Start("envoy", o.Envoy, "-c", cfgPath, "--disable-hot-restart", "--concurrency", "1", "-l", "error"); err != nil {
+		return res, err
+	}
+	if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/ready", admin)); err != nil {
+		return res, err
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, MaxConnsPerHost: 0}}
+	defer client.CloseIdleConnections()
+
+	if o.onStart != nil {
+		o.onStart(g.PID("tokenlb"))
+	}
+	var mu sync.Mutex
+	shares := map[string]int{}
+	record := func(s sample) {
+		mu.Lock()
+		defer mu.Unlock()
+		if s.err != nil {
+			res.Errors++
+			return
+		}
+		res.ttfts = append(res.ttfts, s.ttft.Seconds()*1000)
+		res.e2es = append(res.e2es, s.e2e.Seconds()*1000)
+		shares[s.host]++
+	}
+	var wg sync.WaitGroup
+	if o.Concurrency > 0 {
+		next := make(chan Request)
+		for range o.Concurrency {
+			wg.Go(func() {
+				for r := range next {
+					record(send(ctx, client, url, r))
+				}
+			})
+		}
+		for _, r := range reqs {
+			next <- r
+		}
+		close(next)
+	} else {
+		rate := o.fixedRate
+		if rate == 0 {
+			rate = Rate(reqs, o.Backends, o.Utilization, o.TimeScale)
+		}
+		rng := rand.New(rand.NewPCG(o.Seed, 0xa441))
+		start := time.Now()
+		at := time.Duration(0)
+		for _, r := range reqs {
+			at += time.Duration(rng.ExpFloat64() / rate * float64(time.Second))
+			if d := time.Until(start.Add(at)); d > 0 {
+				select {
+				case <-ctx.Done():
+				case <-time.After(d):
+				}
+			}
+			wg.Go(func() { record(send(ctx, client, url, r)) })
+		}
+	}
+	wg.Wait()
+	if o.onEnd != nil {
+		o.onEnd(g.PID("tokenlb"))
+	}
+	if err := g.Exited(); err != nil {
+		return res, err
+	}
+	res.TTFT, res.E2E = summarize(res.ttfts), summarize(res.e2es)
+	for i := range hosts {
+		name := fmt.Sprintf("backend-%d", i+1)
+		if ok := len(res.e2es); ok > 0 {
+			res.HostShare[name] = float64(shares[name]) / float64(ok)
+		}
+	}
+	return res, ctx.Err()
+}
+
+type sample struct {
+	ttft, e2e time.Duration
+	host      string
+	err       error
+}
+
+// send streams one request and times its first token and its end.
+func send(ctx context.Context, client *http.Client, url string, r Request) sample {
+	body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": true, "max_tokens": r.MaxTokens, "messages": r.Messages})
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
+	req.Header.Set("content-type", "application/json")
+	start := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		return sample{err: err}
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		return sample{err: fmt.Errorf("status %d: %.200s", resp.StatusCode, b)}
+	}
+	s := sample{host: resp.Header.Get("x-llmsim-instance")}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "data: [DONE]" {
+			s.e2e = time.Since(start)
+			return s
+		}
+		if s.ttft == 0 && strings.HasPrefix(line, "data: {") {
+			s.ttft = time.Since(start)
+		}
+	}
+	return sample{err: fmt.Errorf("stream ended without [DONE]: %v", sc.Err())}
+}

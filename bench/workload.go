@@ -1,0 +1,109 @@
+// Package bench compares tokenlb with Envoy's own load balancers through a
+// real Envoy in front of the same llmsim backends, on seeded, reproducible
+// workloads.
+package bench
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+)
+
+// Request is one request of a workload.
+type Request struct {
+	Messages  []Message
+	MaxTokens int
+}
+
+// Message is one chat message.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// Profiles lists the workload profiles.
+var Profiles = []string{"seed", "heavy", "chat", "prefix"}
+
+// vocabulary: common English words that are one token in both tiktoken
+// (with a leading space) and llmsim (≤ 4 bytes), so a prompt of n words is
+// about n tokens to both.
+var vocabulary = strings.Fields(`time work life hand part case week home fact
+area room game book word side kind head team girl line name city body face
+door food tree land wind fire rain road ship king hope mind idea plan rule
+love help view test data form note list file code unit rate cost risk goal`)
+
+func text(rng *rand.Rand, words int) string {
+	var b strings.Builder
+	for i := range words {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(vocabulary[rng.IntN(len(vocabulary))])
+	}
+	return b.String()
+}
+
+// jitter returns n ±20%.
+func jitter(rng *rand.Rand, n int) int { return max(1, int(float64(n)*(0.8+0.4*rng.Float64()))) }
+
+func lognormal(rng *rand.Rand, median, sigma float64, lo, hi int) int {
+	return min(hi, max(lo, int(median*math.Exp(sigma*rng.NormFloat64()))))
+}
+
+// Generate returns n requests of profile, the same for the same seed:
+//
+//	seed    50% ~30 tokens, 25% ~2,750, 25% ~7,500 (±20%), the original experiment's mix
+//	heavy   20% / 40% / 40% of the same sizes
+//	chat    log-normal prompts and outputs, one of 4 shared system prompts, 0-3 earlier turns
+//	prefix  one of 8 long documents (~3,000 tokens) then a short question
+//
+// seed and heavy ask for 32-96 output tokens, prefix for 64.
+func Generate(profile string, seed uint64, n int) ([]Request, error) {
+	rng := rand.New(rand.NewPCG(seed, 0x70c3))
+	// Shared content drawn first, from its own stream, so it is the same
+	// whatever n is.
+	shared := rand.New(rand.NewPCG(seed, 0x5a3e))
+	var systems, docs []string
+	for range 4 {
+		systems = append(systems, text(shared, 400))
+	}
+	for range 8 {
+		docs = append(docs, text(shared, 3000))
+	}
+	out := make([]Request, 0, n)
+	for range n {
+		var r Request
+		switch profile {
+		case "seed", "heavy":
+			small := 0.5
+			if profile == "heavy" {
+				small = 0.2
+			}
+			size := 7500
+			switch u := rng.Float64(); {
+			case u < small:
+				size = 30
+			case u < small+(1-small)/2:
+				size = 2750
+			}
+			r = Request{Messages: []Message{{"user", text(rng, jitter(rng, size))}}, MaxTokens: 32 + rng.IntN(65)}
+		case "chat":
+			r.Messages = []Message{{"system", systems[rng.IntN(len(systems))]}}
+			for range rng.IntN(4) {
+				r.Messages = append(r.Messages, Message{"user", text(rng, lognormal(rng, 150, 1, 5, 3000))},
+					Message{"assistant", text(rng, lognormal(rng, 150, 0.8, 5, 1500))})
+			}
+			r.Messages = append(r.Messages, Message{"user", text(rng, lognormal(rng, 200, 1.2, 5, 6000))})
+			r.MaxTokens = lognormal(rng, 150, 0.8, 8, 1000)
+		case "prefix":
+			// A few documents are asked about far more than others.
+			d := min(len(docs)-1, int(math.Floor(-math.Log(1-rng.Float64())*2)))
+			r = Request{Messages: []Message{{"user", docs[d] + "\n\nquestion: " + text(rng, 30)}}, MaxTokens: 64}
+		default:
+			return nil, fmt.Errorf("bench: unknown profile %q (want one of %v)", profile, Profiles)
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}

@@ -1,0 +1,86 @@
+// Command tokenlb-bench compares tokenlb with Envoy's round robin and
+// least-request through a real Envoy in front of llmsim backends, and writes
+// bench/out/<profile>.{json,md} and latency CDF plots.
+//
+//	tokenlb-bench --envoy "$(scripts/envoy.sh)" --profiles seed,heavy --seeds 1,2,3
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tokenlb/tokenlb/bench"
+)
+
+func main() {
+	var o bench.Options
+	flag.StringVar(&o.Envoy, "envoy", "envoy", "Envoy 1.40 binary")
+	flag.StringVar(&o.Tokenlb, "tokenlb", "bin/tokenlb", "tokenlb binary")
+	flag.StringVar(&o.DeployDir, "deploy", "deploy", "the deploy/ folder")
+	flag.IntVar(&o.Backends, "backends", 3, "llmsim backends")
+	flag.Float64Var(&o.TimeScale, "time-scale", 0.5, "llmsim time scale (latencies are reported in real ms)")
+	flag.Float64Var(&o.Utilization, "utilization", 0.8, "open loop: offered load as a fraction of estimated backend capacity")
+	flag.IntVar(&o.Concurrency, "concurrency", 0, "closed loop with this many clients (0: open loop)")
+	profiles := flag.String("profiles", "seed,heavy,chat,prefix", "workload profiles")
+	seeds := flag.String("seeds", "1,2,3", "workload seeds; each profile runs once per seed and arm")
+	arms := flag.String("arms", strings.Join(bench.Arms, ","), "arms to run")
+	n := flag.Int("requests", 400, "requests per run")
+	out := flag.String("out", "bench/out", "output folder")
+	overhead := flag.Bool("overhead", false, "run the overhead measurement instead")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	o.Log = os.Stderr
+	if *overhead {
+		if err := bench.Overhead(ctx, o, *out); err != nil {
+			fail(err)
+		}
+		return
+	}
+	mode := fmt.Sprintf("open loop at %.0f%% utilization, time scale %g", 100*o.Utilization, o.TimeScale)
+	if o.Concurrency > 0 {
+		mode = fmt.Sprintf("closed loop, concurrency %d, time scale %g", o.Concurrency, o.TimeScale)
+	}
+	for _, profile := range strings.Split(*profiles, ",") {
+		rep := bench.Report{Profile: profile, Mode: mode, Requests: *n, Runs: map[string][]bench.Result{}}
+		for _, s := range strings.Split(*seeds, ",") {
+			seed, err := strconv.ParseUint(s, 10, 64)
+			if err != nil {
+				fail(fmt.Errorf("seed %q: %w", s, err))
+			}
+			rep.Seeds = append(rep.Seeds, seed)
+			reqs, err := bench.Generate(profile, seed, *n)
+			if err != nil {
+				fail(err)
+			}
+			o.Seed = seed
+			for _, arm := range strings.Split(*arms, ",") {
+				start := time.Now()
+				r, err := bench.RunArm(ctx, o, arm, reqs)
+				if err != nil {
+					fail(fmt.Errorf("%s seed %d %s: %w", profile, seed, arm, err))
+				}
+				fmt.Fprintf(os.Stderr, "%-7s seed %d %-20s %3d errors  TTFT p50 %6.0f p90 %6.0f ms  E2E mean %6.0f p90 %6.0f ms  (%s)\n",
+					profile, seed, arm, r.Errors, r.TTFT.P50, r.TTFT.P90, r.E2E.Mean, r.E2E.P90, time.Since(start).Round(time.Second))
+				rep.Runs[s] = append(rep.Runs[s], r)
+			}
+		}
+		rep.Median()
+		if err := rep.Write(*out); err != nil {
+			fail(err)
+		}
+		fmt.Println(rep.Table())
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "tokenlb-bench:", err)
+	os.Exit(1)
+}

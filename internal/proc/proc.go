@@ -1,0 +1,124 @@
+// Package proc starts and stops the helper processes (Envoy, tokenlb,
+// llmsim) that the demo and the benchmark run on loopback.
+package proc
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Group is a set of started processes, logging into Dir.
+type Group struct {
+	Dir   string
+	procs []*process
+}
+
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  string
+}
+
+// Start starts bin with args; its output goes to a log file in g.Dir.
+func (g *Group) Start(name, bin string, args ...string) error {
+	f, err := os.Create(filepath.Join(g.Dir, fmt.Sprintf("%s-%d.log", name, len(g.procs))))
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	// Children die with their parent, even if it is killed, but not with a
+	// Ctrl-C to the terminal's process group: the parent stops them itself.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &process{name: name, cmd: cmd, done: make(chan struct{}), log: f.Name()}
+	go func() { cmd.Wait(); f.Close(); close(p.done) }()
+	g.procs = append(g.procs, p)
+	return nil
+}
+
+// Exited reports a process that stopped on its own, with its last log lines.
+func (g *Group) Exited() error {
+	for _, p := range g.procs {
+		select {
+		case <-p.done:
+			b, _ := os.ReadFile(p.log)
+			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+			return fmt.Errorf("%s exited unexpectedly:\n%s", p.name, strings.Join(lines[max(0, len(lines)-10):], "\n"))
+		default:
+		}
+	}
+	return nil
+}
+
+// PID returns the process id of the first process named name, or 0.
+func (g *Group) PID(name string) int {
+	for _, p := range g.procs {
+		if p.name == name {
+			return p.cmd.Process.Pid
+		}
+	}
+	return 0
+}
+
+// StopAll sends SIGTERM to every process and waits up to 5 s for each
+// before killing it.
+func (g *Group) StopAll() {
+	for _, p := range g.procs {
+		p.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, p := range g.procs {
+		select {
+		case <-p.done:
+		case <-time.After(5 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+	}
+	g.procs = nil
+}
+
+// WaitReady polls url until it answers 200, a process exits, ctx ends or
+// 30 s pass.
+func (g *Group) WaitReady(ctx context.Context, url string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if err := g.Exited(); err != nil {
+			return err
+		}
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("%s not ready after 30s", url)
+}
+
+// FreePort returns a loopback port that was free a moment ago.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
