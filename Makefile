@@ -3,12 +3,12 @@
 
 GO ?= go
 
-.PHONY: all build run demo tools test vet clean
+.PHONY: all build run demo tools test vet bench bench-quick clean
 
 all: build
 
 build:
-	$(GO) build -o bin/ ./cmd/tokenlb ./cmd/llmsim ./cmd/tokenlb-demo
+	$(GO) build -o bin/ ./cmd/...
 
 # tokenlb alone, on the example configuration.
 run: build
@@ -31,6 +31,22 @@ vet:
 # CI=true: the e2e suite fails, never skips, without Envoy.
 test: tools vet
 	envoy="$$(scripts/envoy.sh)" && ENVOY_BIN="$$envoy" CI=true $(GO) test -race -count=1 ./...
+
+# Quick check of a change (< 3 minutes): the seed profile, open loop at 80%
+# utilization, llmsim at a quarter of real time, all three arms.
+bench-quick: build tools
+	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" \
+		--profiles seed --seeds 1 --requests 300 --time-scale 0.25 --out bench/out/quick
+
+# The full comparison behind bench/RESULTS.md: every profile open loop, seeds
+# 1-3, 400 requests a run at half real time; the original experiment's closed
+# loop (concurrency 30, 60 requests); then the overhead run. About 20 minutes.
+bench: build tools
+	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" \
+		--profiles seed,heavy,chat,prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --profiles seed,heavy --seeds 1,2,3 --requests 60 --concurrency 30 \
+		--time-scale 0.5 --out bench/out/closed && \
+	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out
 
 clean:
 	rm -rf bin .tools

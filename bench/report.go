@@ -62,6 +62,7 @@ func (r *Report) Median() {
 			med(func(x Result) float64 { return x.TTFT.P90 }), med(func(x Result) float64 { return x.TTFT.P99 })}
 		m.E2E = Stats{med(func(x Result) float64 { return x.E2E.Mean }), med(func(x Result) float64 { return x.E2E.P50 }),
 			med(func(x Result) float64 { return x.E2E.P90 }), med(func(x Result) float64 { return x.E2E.P99 })}
+		m.Throughput = med(func(x Result) float64 { return x.Throughput })
 		for h := range rs[0].HostShare {
 			m.HostShare[h] = med(func(x Result) float64 { return x.HostShare[h] })
 		}
@@ -73,9 +74,9 @@ func (r *Report) Median() {
 // Envoy's least-request.
 func (r *Report) Table() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "| %s (%s, seeds %v, %d requests each) | errors | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | E2E mean | E2E p50 | E2E p90 | E2E p99 | host share |\n",
+	fmt.Fprintf(&b, "| %s (%s, seeds %v, %d requests each) | errors | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | E2E mean | E2E p50 | E2E p90 | E2E p99 | req/s | host share |\n",
 		r.Profile, r.Mode, r.Seeds, r.Requests)
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var lr *Result
 	for i := range r.Arms {
 		if r.Arms[i].Arm == "envoy-least-request" {
@@ -87,8 +88,8 @@ func (r *Report) Table() string {
 		for _, h := range slices.Sorted(mapsKeys(a.HostShare)) {
 			hs = append(hs, fmt.Sprintf("%.0f%%", 100*a.HostShare[h]))
 		}
-		fmt.Fprintf(&b, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %s |\n", a.Arm, a.Errors,
-			a.TTFT.Mean, a.TTFT.P50, a.TTFT.P90, a.TTFT.P99, a.E2E.Mean, a.E2E.P50, a.E2E.P90, a.E2E.P99, strings.Join(hs, " / "))
+		fmt.Fprintf(&b, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %s |\n", a.Arm, a.Errors,
+			a.TTFT.Mean, a.TTFT.P50, a.TTFT.P90, a.TTFT.P99, a.E2E.Mean, a.E2E.P50, a.E2E.P90, a.E2E.P99, a.Throughput, strings.Join(hs, " / "))
 	}
 	for _, a := range r.Arms {
 		if a.Arm == "tokenlb" && lr != nil && lr.TTFT.P90 > 0 && lr.E2E.Mean > 0 {

@@ -54,8 +54,10 @@ type Result struct {
 	TTFT      Stats              `json:"ttft_ms"`
 	E2E       Stats              `json:"e2e_ms"`
 	HostShare map[string]float64 `json:"host_share"`
-	ttfts     []float64
-	e2es      []float64
+	// Throughput is completed requests per second of the run's wall time.
+	Throughput float64 `json:"throughput_rps"`
+	ttfts      []float64
+	e2es       []float64
 }
 
 // Stats summarise latencies in milliseconds.
@@ -188,6 +190,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 		shares[s.host]++
 	}
 	var wg sync.WaitGroup
+	began := time.Now()
 	if o.Concurrency > 0 {
 		next := make(chan Request)
 		for range o.Concurrency {
@@ -221,6 +224,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 		}
 	}
 	wg.Wait()
+	res.Throughput = float64(len(res.e2es)) / time.Since(began).Seconds()
 	if o.onEnd != nil {
 		o.onEnd(g.PID("tokenlb"))
 	}

@@ -237,4 +237,3 @@ func view(w io.Writer, elapsed time.Duration, admin string, st *stats) {
 		fmt.Fprintf(w, "  last error: %s\n", lastErr)
 	}
 }
-
