@@ -40,11 +40,14 @@ bench-quick: build tools
 
 # The full comparison behind bench/RESULTS.md: every profile open loop, seeds
 # 1-3, 400 requests a run at half real time; the original experiment's closed
-# loop (concurrency 30, 60 requests); then the overhead run. About 20 minutes.
+# loops (seed at concurrency 30, heavy at 5, 60 requests); then the overhead
+# run. About 20 minutes.
 bench: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" \
 		--profiles seed,heavy,chat,prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
-	./bin/tokenlb-bench --envoy "$$envoy" --profiles seed,heavy --seeds 1,2,3 --requests 60 --concurrency 30 \
+	./bin/tokenlb-bench --envoy "$$envoy" --profiles seed --seeds 1,2,3 --requests 60 --concurrency 30 \
+		--time-scale 0.5 --out bench/out/closed && \
+	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out
 

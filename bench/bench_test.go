@@ -109,7 +109,8 @@ func TestSummarize(t *testing.T) {
 	for i := 100; i >= 1; i-- {
 		v = append(v, float64(i))
 	}
-	if got, want := summarize(v), (Stats{Mean: 50.5, P50: 51, P90: 91, P99: 100}); got != want {
+	// Nearest rank on 1..100: p50 is 50, p90 is 90, p99 is 99.
+	if got, want := summarize(v), (Stats{Mean: 50.5, P50: 50, P90: 90, P99: 99}); got != want {
 		t.Fatalf("summarize = %+v, want %+v", got, want)
 	}
 }
@@ -125,11 +126,17 @@ func TestReport(t *testing.T) {
 		"3": {run("envoy-least-request", 200, 2000), run("tokenlb", 70, 5000)},
 	}}
 	r.Median()
-	if len(r.Arms) != 2 || r.Arms[0].TTFT.P90 != 200 || r.Arms[1].E2E.Mean != 950 || r.Arms[1].Requests != 30 {
+	if len(r.Arms) != 2 || r.Arms[0].TTFT.P90 != 200 || r.Arms[1].E2E.Mean != 950 || r.Arms[1].Requests != 10 {
 		t.Fatalf("medians %+v", r.Arms)
 	}
-	if tab := r.Table(); !strings.Contains(tab, "TTFT p90 -70%") || !strings.Contains(tab, "E2E mean -52%") {
+	// Paired by seed: TTFT 50/100, 60/300, 70/200 → -50%, -80%, -65%;
+	// E2E 900/1000, 950/3000, 5000/2000 → -10%, -68%, +150%.
+	if tab := r.Table(); !strings.Contains(tab, "TTFT p90: median -65% (seeds: -50%, -80%, -65%)") ||
+		!strings.Contains(tab, "E2E mean: median -10% (seeds: -10%, -68%, +150%)") {
 		t.Fatalf("table:\n%s", tab)
+	}
+	if s := r.Arms[1].HostShare; s["backend-1"] != 0.5 || s["backend-2"] != 0.5 {
+		t.Fatalf("host share %v", s)
 	}
 	dir := t.TempDir()
 	if err := r.Write(dir); err != nil {
@@ -178,6 +185,14 @@ func TestRunArm(t *testing.T) {
 		}
 		if r.Errors != 0 || len(r.e2es) != len(reqs) || math.Abs(share-1) > 1e-9 || r.TTFT.P50 > r.E2E.P50 || r.TTFT.P50 <= 0 {
 			t.Fatalf("%s: %+v", arm, r)
+		}
+		// The round-robin arm really is Envoy's round robin: 8 requests each.
+		if arm == "envoy-round-robin" {
+			for h, s := range r.HostShare {
+				if s != 1.0/3 {
+					t.Fatalf("round robin gave %s %.3f of the requests", h, s)
+				}
+			}
 		}
 	}
 }

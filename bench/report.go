@@ -53,8 +53,8 @@ func (r *Report) Median() {
 		}
 		m := Result{Arm: arm, HostShare: map[string]float64{}}
 		for _, x := range rs {
-			m.Requests += x.Requests
-			m.Errors += x.Errors
+			m.Requests = x.Requests // per run
+			m.Errors += x.Errors    // over all runs
 			m.ttfts = append(m.ttfts, x.ttfts...)
 			m.e2es = append(m.e2es, x.e2es...)
 		}
@@ -63,8 +63,16 @@ func (r *Report) Median() {
 		m.E2E = Stats{med(func(x Result) float64 { return x.E2E.Mean }), med(func(x Result) float64 { return x.E2E.P50 }),
 			med(func(x Result) float64 { return x.E2E.P90 }), med(func(x Result) float64 { return x.E2E.P99 })}
 		m.Throughput = med(func(x Result) float64 { return x.Throughput })
-		for h := range rs[0].HostShare {
-			m.HostShare[h] = med(func(x Result) float64 { return x.HostShare[h] })
+		// Host shares over all runs together, so that they sum to 1.
+		var total float64
+		for _, x := range rs {
+			for h, v := range x.HostShare {
+				m.HostShare[h] += v
+				total += v
+			}
+		}
+		for h := range m.HostShare {
+			m.HostShare[h] /= total
 		}
 		r.Arms = append(r.Arms, m)
 	}
@@ -74,7 +82,7 @@ func (r *Report) Median() {
 // Envoy's least-request.
 func (r *Report) Table() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "| %s (%s, seeds %v, %d requests each) | errors | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | E2E mean | E2E p50 | E2E p90 | E2E p99 | req/s | host share |\n",
+	fmt.Fprintf(&b, "| %s (%s, seeds %v, %d requests a run) | errors, all runs | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | E2E mean | E2E p50 | E2E p90 | E2E p99 | req/s | host share |\n",
 		r.Profile, r.Mode, r.Seeds, r.Requests)
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var lr *Result
@@ -91,13 +99,57 @@ func (r *Report) Table() string {
 		fmt.Fprintf(&b, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %s |\n", a.Arm, a.Errors,
 			a.TTFT.Mean, a.TTFT.P50, a.TTFT.P90, a.TTFT.P99, a.E2E.Mean, a.E2E.P50, a.E2E.P90, a.E2E.P99, a.Throughput, strings.Join(hs, " / "))
 	}
-	for _, a := range r.Arms {
-		if a.Arm == "tokenlb" && lr != nil && lr.TTFT.P90 > 0 && lr.E2E.Mean > 0 {
-			fmt.Fprintf(&b, "\ntokenlb vs Envoy least-request: TTFT p90 %+.0f%%, TTFT mean %+.0f%%, E2E mean %+.0f%%, E2E p90 %+.0f%% (latencies in ms, medians over seeds).\n",
-				100*(a.TTFT.P90/lr.TTFT.P90-1), 100*(a.TTFT.Mean/lr.TTFT.Mean-1), 100*(a.E2E.Mean/lr.E2E.Mean-1), 100*(a.E2E.P90/lr.E2E.P90-1))
+	if lr != nil {
+		b.WriteString("\nLatencies in ms, each the median over seeds of that statistic. tokenlb against Envoy least-request, paired by seed:\n\n")
+		for _, d := range []struct {
+			name string
+			f    func(Result) float64
+		}{
+			{"TTFT p90", func(x Result) float64 { return x.TTFT.P90 }},
+			{"TTFT mean", func(x Result) float64 { return x.TTFT.Mean }},
+			{"E2E mean", func(x Result) float64 { return x.E2E.Mean }},
+			{"E2E p90", func(x Result) float64 { return x.E2E.P90 }},
+		} {
+			per, med := r.Paired("tokenlb", "envoy-least-request", d.f)
+			if len(per) == 0 {
+				continue
+			}
+			var ps []string
+			for _, v := range per {
+				ps = append(ps, fmt.Sprintf("%+.0f%%", 100*v))
+			}
+			fmt.Fprintf(&b, "- %s: median %+.0f%% (seeds: %s)\n", d.name, 100*med, strings.Join(ps, ", "))
 		}
 	}
 	return b.String()
+}
+
+// Paired returns, per seed, the relative change of f from arm base to arm
+// a (0.1 = 10% higher), and the median of those changes.
+func (r *Report) Paired(a, base string, f func(Result) float64) (perSeed []float64, median float64) {
+	for _, seed := range r.Seeds {
+		var x, y *Result
+		for i, res := range r.Runs[fmt.Sprint(seed)] {
+			switch res.Arm {
+			case a:
+				x = &r.Runs[fmt.Sprint(seed)][i]
+			case base:
+				y = &r.Runs[fmt.Sprint(seed)][i]
+			}
+		}
+		if x != nil && y != nil && f(*y) > 0 {
+			perSeed = append(perSeed, f(*x)/f(*y)-1)
+		}
+	}
+	if len(perSeed) == 0 {
+		return nil, 0
+	}
+	s := slices.Clone(perSeed)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return perSeed, s[len(s)/2]
+	}
+	return perSeed, (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 func mapsKeys(m map[string]float64) func(func(string) bool) {

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -78,7 +79,9 @@ func summarize(v []float64) Stats {
 	for _, x := range s {
 		sum += x
 	}
-	q := func(p float64) float64 { return s[min(len(s)-1, int(p*float64(len(s))))] }
+	// Nearest rank: the smallest value with at least p of the samples at or
+	// below it.
+	q := func(p float64) float64 { return s[max(0, int(math.Ceil(p*float64(len(s))))-1)] }
 	return Stats{Mean: sum / float64(len(s)), P50: q(0.5), P90: q(0.9), P99: q(0.99)}
 }
 

@@ -100,11 +100,11 @@ func TestBodyIntegrity(t *testing.T) {
 			}
 			checkBody(t, s, body)
 			s.tokenlb.waitIdle()
-			// Three requests: BUFFERED sends headers, the body in one message
-			// and response headers for each (9); full duplex streams the
-			// 2 MiB body as several.
+			// Three requests: BUFFERED sends request headers, the body in one
+			// message, response headers and the (one-chunk) response body for
+			// each (12); full duplex streams the 2 MiB body as several.
 			sent := s.envoy.stat(t, "http.llm.ext_proc.tokenlb.stream_msgs_sent")
-			if tc.duplex && sent <= 9 || !tc.duplex && sent != 9 {
+			if tc.duplex && sent <= 12 || !tc.duplex && sent != 12 {
 				t.Fatalf("envoy sent tokenlb %d messages for 3 requests (duplex %v)", sent, tc.duplex)
 			}
 		})
@@ -136,6 +136,10 @@ func TestSSEStreamsThrough(t *testing.T) {
 			first, err := r.ReadString('\n')
 			if err != nil || !strings.HasPrefix(first, "data: {") || !strings.Contains(first, b.addr) {
 				t.Fatalf("first event %q, %v", first, err)
+			}
+			// Mid-stream the backend is still working: the charge stays.
+			if s.tokenlb.idle() {
+				t.Fatal("charge released while the stream is still running")
 			}
 			b.release("sse")
 			rest, _ := io.ReadAll(r)

@@ -36,7 +36,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descPicks, prometheus.CounterValue, float64(h.Picks), h.Address)
 	}
 	s := c.p.Stats()
-	for _, cause := range []Cause{ResponseHeaders, StreamEnd, ImmediateResponse, Swept} {
+	for _, cause := range []Cause{ResponseHeaders, ResponseEnd, StreamEnd, ImmediateResponse, Swept} {
 		ch <- prometheus.MustNewConstMetric(descReleases, prometheus.CounterValue, float64(s.Releases[cause]), string(cause))
 	}
 	ch <- prometheus.MustNewConstMetric(descSwept, prometheus.CounterValue, float64(s.SweptTokens))

@@ -29,7 +29,8 @@ type Cause string
 
 // Release causes.
 const (
-	ResponseHeaders   Cause = "response_headers"   // the backend answered
+	ResponseHeaders   Cause = "response_headers"   // the backend answered, no body to follow (or none shown)
+	ResponseEnd       Cause = "response_end"       // the response body (or its trailers) ended
 	StreamEnd         Cause = "stream_end"         // the ext_proc stream ended first (client abort, reset, error)
 	ImmediateResponse Cause = "immediate_response" // tokenlb answered the client itself
 	Swept             Cause = "swept"              // the sweeper reclaimed a forgotten lease

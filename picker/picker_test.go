@@ -237,6 +237,7 @@ tokenlb_host_in_flight_tokens{host="10.0.0.1:80"} 0
 # HELP tokenlb_releases_total Leases released, by what released them.
 # TYPE tokenlb_releases_total counter
 tokenlb_releases_total{cause="immediate_response"} 0
+tokenlb_releases_total{cause="response_end"} 0
 tokenlb_releases_total{cause="response_headers"} 0
 tokenlb_releases_total{cause="stream_end"} 1
 tokenlb_releases_total{cause="swept"} 0

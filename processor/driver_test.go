@@ -124,6 +124,8 @@ type fakeEnvoy struct {
 	cancel context.CancelFunc
 	// noProtocolConfig leaves protocol_config off the first message.
 	noProtocolConfig bool
+	// respMode is the response body mode announced (default NONE).
+	respMode filterv3.ProcessingMode_BodySendMode
 }
 
 func (e *testEnv) open(t testing.TB, mode filterv3.ProcessingMode_BodySendMode) *fakeEnvoy {
@@ -153,7 +155,7 @@ func (f *fakeEnvoy) sendHeaders(req httpRequest) error {
 			Headers: &corev3.HeaderMap{Headers: hs}, EndOfStream: len(req.body) == 0}},
 	}
 	if !f.noProtocolConfig {
-		msg.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: f.mode, ResponseBodyMode: filterv3.ProcessingMode_NONE}
+		msg.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: f.mode, ResponseBodyMode: f.respMode}
 	}
 	return f.send(msg)
 }

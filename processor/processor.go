@@ -177,13 +177,24 @@ func (x *exchange) handle(req *extprocv3.ProcessingRequest) (done bool, err erro
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return x.requestTrailers()
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
-		x.release(picker.ResponseHeaders)
+		// The response is complete at its headers when it has no body, or
+		// when Envoy will not show tokenlb the body. Otherwise (a streamed
+		// SSE response, whose headers a server such as vLLM sends before
+		// the first token) the backend is still working: hold the charge
+		// until the body ends.
+		if r.ResponseHeaders.GetEndOfStream() || x.respMode == filterv3.ProcessingMode_NONE {
+			x.release(picker.ResponseHeaders)
+		}
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
 			ResponseHeaders: &extprocv3.HeadersResponse{}}})
 	case *extprocv3.ProcessingRequest_ResponseBody:
+		if r.ResponseBody.GetEndOfStream() {
+			x.release(picker.ResponseEnd)
+		}
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
 			ResponseBody: x.echo(r.ResponseBody, x.respMode)}})
 	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		x.release(picker.ResponseEnd)
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{
 			ResponseTrailers: &extprocv3.TrailersResponse{}}})
 	}

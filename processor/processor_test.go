@@ -577,3 +577,41 @@ func TestFallbackList(t *testing.T) {
 	held.close()
 	f.close()
 }
+
+// TestStreamedResponseHeldUntilBodyEnds: with the response body shown to
+// tokenlb (STREAMED), an SSE response whose headers come before the first
+// token keeps its charge until the body ends.
+func TestStreamedResponseHeldUntilBodyEnds(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	f := env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	routed(t, f, post(chat(100)))
+	step := func(r *extprocv3.ProcessingRequest) {
+		t.Helper()
+		if err := f.send(r); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	step(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: false}}})
+	if tok, _ := env.inFlight(); tok == 0 {
+		t.Fatal("charge released at the headers of a streamed response")
+	}
+	step(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{
+		ResponseBody: &extprocv3.HttpBody{Body: []byte("data: {}\n\n")}}})
+	if tok, _ := env.inFlight(); tok == 0 {
+		t.Fatal("charge released mid-stream")
+	}
+	step(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{
+		ResponseBody: &extprocv3.HttpBody{Body: []byte("data: [DONE]\n\n"), EndOfStream: true}}})
+	if tok, n := env.inFlight(); tok != 0 || n != 0 {
+		t.Fatalf("after the body ended: %d tokens, %d requests", tok, n)
+	}
+	if got := env.picker.Stats().Releases[picker.ResponseEnd]; got != 1 {
+		t.Fatalf("releases by response_end = %d", got)
+	}
+	f.close()
+}

@@ -37,6 +37,7 @@ type engine struct {
 	lru     *list.List        // cached blocks with no user, oldest first
 	blocks  []block
 	inUse   int
+	stopped bool
 }
 
 type block struct {
@@ -74,11 +75,17 @@ func newEngine(cfg Config, m *metrics) *engine {
 // errTooLong is returned for a request that could never fit in KV memory.
 var errTooLong = errors.New("prompt and output exceed the KV cache")
 
+// errStopped is returned once the engine has stopped.
+var errStopped = errors.New("engine stopped")
+
 // submit queues a request with prompt token ids and returns a channel that
 // yields once per output token and closes when the request ends.
 func (e *engine) submit(ctx context.Context, tokens []uint32, maxOut int) (*seq, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.stopped {
+		return nil, errStopped
+	}
 	if maxOut <= 0 {
 		// Open-ended: a log-normal length with the configured median.
 		maxOut = max(1, int(math.Round(float64(e.cfg.OutputMedian)*math.Exp(0.6*e.rng.NormFloat64()))))
@@ -127,6 +134,7 @@ func (e *engine) run(ctx context.Context) {
 		if prefill == 0 && decoding == 0 {
 			select {
 			case <-ctx.Done():
+				e.closeAll()
 				return
 			case <-e.wake:
 			}
@@ -137,6 +145,7 @@ func (e *engine) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			t.Stop()
+			e.closeAll()
 			return
 		case <-t.C:
 		}
@@ -144,6 +153,18 @@ func (e *engine) run(ctx context.Context) {
 		e.finishStep()
 		e.mu.Unlock()
 	}
+}
+
+// closeAll ends every request when the engine stops, so no handler waits
+// forever.
+func (e *engine) closeAll() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, s := range append(e.waiting, e.running...) {
+		close(s.events)
+	}
+	e.waiting, e.running = nil, nil
+	e.stopped = true
 }
 
 func scale(d time.Duration, f float64) time.Duration { return time.Duration(float64(d) * f) }
@@ -198,7 +219,7 @@ func (e *engine) admit() {
 			}
 		}
 		if need > available {
-			return // head-of-line: wait for memory
+			break // head-of-line: wait for memory
 		}
 		for _, h := range s.prompt[:hits] {
 			s.blocks = append(s.blocks, e.ref(e.cached[h]))
@@ -281,6 +302,7 @@ func (e *engine) finishStep() {
 			s.prefilled += n
 			budget -= n
 			e.m.promptTokens.Add(float64(n))
+			e.cacheComputed(s)
 			if s.prefilled == s.nPrompt {
 				emit = append(emit, s) // the first token comes with the last prefill chunk
 				e.m.ttft.Observe(time.Since(s.arrived).Seconds())
@@ -308,17 +330,30 @@ func (e *engine) finishStep() {
 	e.admit()
 }
 
-// release returns a sequence's blocks: its full prompt blocks stay cached
+// cacheComputed enters a sequence's fully computed prompt blocks into the
+// prefix cache as soon as they exist, as vLLM does, so that requests running
+// at the same time share them.
+func (e *engine) cacheComputed(s *seq) {
+	for i, id := range s.blocks {
+		if i >= len(s.prompt) || s.prefilled < (i+1)*e.cfg.BlockSize {
+			return
+		}
+		b := &e.blocks[id]
+		if b.hash != 0 {
+			continue
+		}
+		if _, dup := e.cached[s.prompt[i]]; !dup {
+			b.hash = s.prompt[i]
+			e.cached[b.hash] = b
+		}
+	}
+}
+
+// release returns a sequence's blocks: its cached prompt blocks stay cached
 // (evictable once unused), the rest are freed.
 func (e *engine) release(s *seq) {
-	for i, id := range s.blocks {
+	for _, id := range s.blocks {
 		b := &e.blocks[id]
-		if b.hash == 0 && i < len(s.prompt) && s.prefilled >= (i+1)*e.cfg.BlockSize {
-			if _, dup := e.cached[s.prompt[i]]; !dup {
-				b.hash = s.prompt[i]
-				e.cached[b.hash] = b
-			}
-		}
 		b.refs--
 		if b.refs > 0 {
 			continue

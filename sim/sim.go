@@ -223,6 +223,10 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
 		maxOut = req.MaxTokens
 	}
 	sq, err := s.eng.submit(r.Context(), toks, maxOut)
+	if errors.Is(err, errStopped) {
+		apiError(w, 503, "shutting_down", err.Error())
+		return
+	}
 	if err != nil {
 		apiError(w, 400, "context_length_exceeded", err.Error())
 		return
@@ -262,6 +266,12 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("content-type", "text/event-stream")
 	w.Header().Set("cache-control", "no-cache")
 	fl, _ := w.(http.Flusher)
+	// Like vLLM (a Starlette StreamingResponse), the response headers go out
+	// as soon as the request is queued, before any token exists.
+	w.WriteHeader(http.StatusOK)
+	if fl != nil {
+		fl.Flush()
+	}
 	send := func(v any) {
 		b, _ := json.Marshal(v)
 		fmt.Fprintf(w, "data: %s\n\n", b)
