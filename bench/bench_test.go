@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/tokenlb/tokenlb/sim"
+
+	"github.com/tokenlb/tokenlb/internal/proc"
 )
 
 func TestGenerateIsReproducible(t *testing.T) {
@@ -152,16 +154,12 @@ func TestReport(t *testing.T) {
 // TestRunArm runs every arm briefly through a real Envoy.
 func TestRunArm(t *testing.T) {
 	root, _ := filepath.Abs("..")
-	envoy := os.Getenv("ENVOY_BIN")
-	if envoy == "" {
-		out, err := exec.Command(filepath.Join(root, "scripts", "envoy.sh")).Output()
-		if err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("no Envoy 1.40: %v", err)
-			}
-			t.Skipf("no Envoy 1.40 (%v)", err)
+	envoy, err := proc.FindEnvoy(root)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("no Envoy 1.40: %v", err)
 		}
-		envoy = strings.TrimSpace(string(out))
+		t.Skipf("no Envoy 1.40 (%v); run make tools", err)
 	}
 	bin := t.TempDir()
 	build := exec.Command("go", "build", "-o", bin+"/", "./cmd/tokenlb")

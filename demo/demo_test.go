@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tokenlb/tokenlb/internal/proc"
 )
 
 // TestRun runs a short demo against real binaries and checks what a user
@@ -17,16 +19,12 @@ import (
 // after the clients stop.
 func TestRun(t *testing.T) {
 	root, _ := filepath.Abs("..")
-	envoy := os.Getenv("ENVOY_BIN")
-	if envoy == "" {
-		out, err := exec.Command(filepath.Join(root, "scripts", "envoy.sh")).Output()
-		if err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("no Envoy 1.40: %v", err)
-			}
-			t.Skipf("no Envoy 1.40 (%v); run make tools", err)
+	envoy, err := proc.FindEnvoy(root)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("no Envoy 1.40: %v", err)
 		}
-		envoy = strings.TrimSpace(string(out))
+		t.Skipf("no Envoy 1.40 (%v); run make tools", err)
 	}
 	bin := t.TempDir()
 	build := exec.Command("go", "build", "-o", bin+"/", "./cmd/tokenlb", "./cmd/llmsim")
@@ -35,7 +33,7 @@ func TestRun(t *testing.T) {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
 	var out bytes.Buffer
-	err := Run(context.Background(), Options{
+	err = Run(context.Background(), Options{
 		Envoy: envoy, Tokenlb: filepath.Join(bin, "tokenlb"), Llmsim: filepath.Join(bin, "llmsim"),
 		Config: filepath.Join(root, "deploy", "envoy.yaml"), Duration: 4 * time.Second, Concurrency: 6, Seed: 1, Out: &out,
 	})

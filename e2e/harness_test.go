@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/tokenlb/tokenlb/internal/envoycfg"
+	"github.com/tokenlb/tokenlb/internal/proc"
 )
 
 var (
@@ -54,9 +55,7 @@ func run(m *testing.M) int {
 		return 1
 	}
 	// ENVOY_BIN, else scripts/envoy.sh finds or installs Envoy 1.40.
-	find := exec.Command(filepath.Join(repoRoot, "scripts", "envoy.sh"))
-	find.Stderr = os.Stderr
-	out, err := find.Output()
+	envoyBin, err = proc.FindEnvoy(repoRoot)
 	if err != nil {
 		if os.Getenv("CI") == "true" {
 			fmt.Fprintf(os.Stderr, "e2e: no Envoy 1.40 (%v): failing, as CI must run the e2e suite\n", err)
@@ -65,7 +64,6 @@ func run(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2e: SKIPPED, no Envoy 1.40 (%v); run `make tools`\n", err)
 		return 0
 	}
-	envoyBin = strings.TrimSpace(string(out))
 	return m.Run()
 }
 

@@ -122,3 +122,18 @@ func FreePort() (int, error) {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
+
+// FindEnvoy returns an Envoy 1.40 binary: $ENVOY_BIN, else whatever the
+// repository's scripts/envoy.sh finds or installs. root is the repository.
+func FindEnvoy(root string) (string, error) {
+	if p := os.Getenv("ENVOY_BIN"); p != "" {
+		return p, nil
+	}
+	cmd := exec.Command(filepath.Join(root, "scripts", "envoy.sh"))
+	cmd.Stderr = os.Stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("scripts/envoy.sh: %w", err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
