@@ -4,7 +4,6 @@ import (
 	"context"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -162,10 +161,8 @@ func TestRunArm(t *testing.T) {
 		t.Skipf("no Envoy 1.40 (%v); run make tools", err)
 	}
 	bin := t.TempDir()
-	build := exec.Command("go", "build", "-o", bin+"/", "./cmd/tokenlb")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
+	if err := proc.Build(root, bin, "./cmd/tokenlb"); err != nil {
+		t.Fatal(err)
 	}
 	reqs, _ := Generate("seed", 1, 24)
 	o := Options{Envoy: envoy, Tokenlb: filepath.Join(bin, "tokenlb"), DeployDir: filepath.Join(root, "deploy"),

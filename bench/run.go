@@ -136,9 +136,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 		defer srv.Close()
 		hosts = append(hosts, l.Addr().String())
 	}
-	listen, _ := proc.FreePort()
-	admin, _ := proc.FreePort()
-	eo := envoycfg.Options{ListenPort: listen, AdminPort: admin, Backends: hosts}
+	eo := envoycfg.Options{Backends: hosts}
 	config := "envoy.yaml"
 	switch arm {
 	case "tokenlb":
@@ -158,21 +156,11 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	default:
 		return res, fmt.Errorf("bench: unknown arm %q", arm)
 	}
-	cfg, err := envoycfg.Render(filepath.Join(o.DeployDir, config), eo)
+	eo, err = g.StartEnvoy(ctx, o.Envoy, filepath.Join(o.DeployDir, config), eo, "--concurrency", "1", "-l", "error")
 	if err != nil {
 		return res, err
 	}
-	cfgPath := filepath.Join(dir, "envoy.yaml")
-	if err := os.WriteFile(cfgPath, cfg, 0o600); err != nil {
-		return res, err
-	}
-	if err := g.Start("envoy", o.Envoy, "-c", cfgPath, "--disable-hot-restart", "--concurrency", "1", "-l", "error"); err != nil {
-		return res, err
-	}
-	if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/ready", admin)); err != nil {
-		return res, err
-	}
-	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", listen)
+	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", eo.ListenPort)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, MaxConnsPerHost: 0}}
 	defer client.CloseIdleConnections()
 

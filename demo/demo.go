@@ -14,7 +14,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -72,24 +71,15 @@ func Run(ctx context.Context, o Options) error {
 		"--admin", fmt.Sprintf("127.0.0.1:%d", adminPort), "--hosts", strings.Join(hosts, ",")); err != nil {
 		return err
 	}
-	listenPort, _ := proc.FreePort()
-	envoyAdmin, _ := proc.FreePort()
-	cfg, err := envoycfg.Render(o.Config, envoycfg.Options{ListenPort: listenPort, AdminPort: envoyAdmin, TokenlbPort: grpcPort, Backends: hosts})
+	if err := procs.WaitReady(ctx, admin+"/readyz"); err != nil {
+		return err
+	}
+	eo, err := procs.StartEnvoy(ctx, o.Envoy, o.Config, envoycfg.Options{TokenlbPort: grpcPort, Backends: hosts},
+		"--concurrency", "2", "-l", "warning")
 	if err != nil {
 		return err
 	}
-	cfgPath := filepath.Join(dir, "envoy.yaml")
-	if err := os.WriteFile(cfgPath, cfg, 0o600); err != nil {
-		return err
-	}
-	if err := procs.Start("envoy", o.Envoy, "-c", cfgPath, "--disable-hot-restart", "--concurrency", "2", "-l", "warning"); err != nil {
-		return err
-	}
-	for _, u := range []string{admin + "/readyz", fmt.Sprintf("http://127.0.0.1:%d/ready", envoyAdmin)} {
-		if err := procs.WaitReady(ctx, u); err != nil {
-			return err
-		}
-	}
+	listenPort := eo.ListenPort
 	fmt.Fprintf(o.Out, "Envoy on 127.0.0.1:%d → tokenlb (admin %s) → llmsim %s\n", listenPort, admin, strings.Join(hosts, ", "))
 	fmt.Fprintf(o.Out, "Workload: %d clients; prompts of ~30 (60%%), ~2,750 (25%%) and ~7,500 (15%%) tokens; a third streamed. Ctrl-C stops.\n\n", o.Concurrency)
 

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -27,10 +26,8 @@ func TestRun(t *testing.T) {
 		t.Skipf("no Envoy 1.40 (%v); run make tools", err)
 	}
 	bin := t.TempDir()
-	build := exec.Command("go", "build", "-o", bin+"/", "./cmd/tokenlb", "./cmd/llmsim")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
+	if err := proc.Build(root, bin, "./cmd/tokenlb", "./cmd/llmsim"); err != nil {
+		t.Fatal(err)
 	}
 	var out bytes.Buffer
 	err = Run(context.Background(), Options{

@@ -48,10 +48,8 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	tokenlbBin = filepath.Join(dir, "tokenlb")
-	build := exec.Command("go", "build", "-o", tokenlbBin, "./cmd/tokenlb")
-	build.Dir = repoRoot
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build tokenlb: %v\n%s", err, out)
+	if err := proc.Build(repoRoot, dir, "./cmd/tokenlb"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	// ENVOY_BIN, else scripts/envoy.sh finds or installs Envoy 1.40.

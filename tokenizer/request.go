@@ -127,27 +127,26 @@ func (t *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
 		}
 		return p, ErrNoPrompt
 	}
-	if err := checkDepth(body); err != nil {
-		if p.API == Other {
-			return p, nil
-		}
-		return p, err
-	}
-	if !json.Valid(body) {
-		if p.API == Other {
+	if p.API == Other {
+		if checkDepth(body) != nil || !json.Valid(body) {
 			// Not ours to judge: the backend answers for paths tokenlb does
 			// not model. The request is routed at zero cost.
 			return p, nil
 		}
-		return p, ErrInvalidJSON
-	}
-	if p.API == Other {
 		n, err := t.countJSON(body, nil)
 		p.Tokens = n
 		return p, err
 	}
+	if err := checkDepth(body); err != nil {
+		return p, err
+	}
+	// Unmarshal checks the whole body is valid JSON before decoding it.
 	var r request
 	if err := json.Unmarshal(body, &r); err != nil {
+		var syntax *json.SyntaxError
+		if errors.As(err, &syntax) {
+			return p, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
+		}
 		// Valid JSON of an unexpected shape (a field of another type than
 		// the API documents): count its string values rather than refuse.
 		n, err := t.countJSON(body, skipStructural)

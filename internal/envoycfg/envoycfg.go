@@ -34,14 +34,10 @@ type Options struct {
 
 // Render reads the configuration at path and applies o: every listener and
 // the admin bind to 127.0.0.1.
-func Render(path string, o Options) ([]byte, error) {
-	raw, err := os.ReadFile(path)
+func Render(path string, o Options) (out []byte, err error) {
+	cfg, err := load(path)
 	if err != nil {
 		return nil, err
-	}
-	var cfg map[string]any
-	if err := yaml.Unmarshal(raw, &cfg); err != nil {
-		return nil, fmt.Errorf("envoycfg: %s: %w", path, err)
 	}
 	defer func() {
 		if r := recover(); r != nil {
@@ -130,13 +126,9 @@ func setAddr(addr any, port int) {
 // Ports returns the port of the configuration's first listener and the port
 // at which it expects tokenlb.
 func Ports(path string) (listen, tokenlb int, err error) {
-	raw, err := os.ReadFile(path)
+	cfg, err := load(path)
 	if err != nil {
 		return 0, 0, err
-	}
-	var cfg map[string]any
-	if err := yaml.Unmarshal(raw, &cfg); err != nil {
-		return 0, 0, fmt.Errorf("envoycfg: %s: %w", path, err)
 	}
 	defer func() {
 		if r := recover(); r != nil {
@@ -154,4 +146,17 @@ func Ports(path string) (listen, tokenlb int, err error) {
 		return 0, 0, fmt.Errorf("envoycfg: %s has no tokenlb cluster", path)
 	}
 	return listen, tokenlb, nil
+}
+
+// load reads a configuration as a generic YAML document.
+func load(path string) (map[string]any, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var cfg map[string]any
+	if err := yaml.Unmarshal(raw, &cfg); err != nil {
+		return nil, fmt.Errorf("envoycfg: %s: %w", path, err)
+	}
+	return cfg, nil
 }

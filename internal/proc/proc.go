@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tokenlb/tokenlb/internal/envoycfg"
 )
 
 // Group is a set of started processes, logging into Dir.
@@ -136,4 +138,43 @@ func FindEnvoy(root string) (string, error) {
 		return "", fmt.Errorf("scripts/envoy.sh: %w", err)
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// StartEnvoy renders the deploy configuration at path with o, filling in
+// free ports for a zero ListenPort or AdminPort, starts Envoy on it with
+// args added, and waits until its admin reports ready. It returns o with
+// the ports used.
+func (g *Group) StartEnvoy(ctx context.Context, bin, path string, o envoycfg.Options, args ...string) (envoycfg.Options, error) {
+	for _, p := range []*int{&o.ListenPort, &o.AdminPort} {
+		if *p == 0 {
+			port, err := FreePort()
+			if err != nil {
+				return o, err
+			}
+			*p = port
+		}
+	}
+	cfg, err := envoycfg.Render(path, o)
+	if err != nil {
+		return o, err
+	}
+	cfgPath := filepath.Join(g.Dir, fmt.Sprintf("envoy-%d.yaml", len(g.procs)))
+	if err := os.WriteFile(cfgPath, cfg, 0o600); err != nil {
+		return o, err
+	}
+	if err := g.Start("envoy", bin, append([]string{"-c", cfgPath, "--disable-hot-restart"}, args...)...); err != nil {
+		return o, err
+	}
+	return o, g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/ready", o.AdminPort))
+}
+
+// Build compiles the repository's packages pkgs (./cmd/tokenlb, …) into
+// outDir, for tests that run the real binaries. root is the repository.
+func Build(root, outDir string, pkgs ...string) error {
+	cmd := exec.Command("go", append([]string{"build", "-o", outDir + string(filepath.Separator)}, pkgs...)...)
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build %v: %w\n%s", pkgs, err, out)
+	}
+	return nil
 }
