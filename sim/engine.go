@@ -312,6 +312,11 @@ func (e *engine) finishStep() {
 	for _, s := range emit {
 		s.generated++
 		e.m.generationTokens.Inc()
+		if s.generated >= s.maxOut {
+			// Observed before the last token is handed over, so a client that
+			// has read the whole response also sees it counted.
+			e.m.e2e.Observe(time.Since(s.arrived).Seconds())
+		}
 		s.events <- s.generated
 	}
 	keep := e.running[:0]
@@ -319,7 +324,6 @@ func (e *engine) finishStep() {
 		if s.generated >= s.maxOut {
 			e.release(s)
 			close(s.events)
-			e.m.e2e.Observe(time.Since(s.arrived).Seconds())
 			continue
 		}
 		keep = append(keep, s)
