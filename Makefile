@@ -38,13 +38,18 @@ bench-quick: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" \
 		--profiles seed --seeds 1 --requests 300 --time-scale 0.25 --out bench/out/quick
 
-# The full comparison behind bench/RESULTS.md: every profile open loop, seeds
-# 1-3, 400 requests a run at half real time; the original experiment's closed
+# The full comparison behind bench/RESULTS.md, at half real time, seeds 1-3,
+# 400 requests a run, open loop at 80% utilization: seed, heavy and seed-slow
+# (backend-1 at half speed) against every tokenlb variant (the cost model's
+# pieces switched on in turn, and the three ways of seeing responses); chat
+# and prefix against the shipped tokenlb; the original experiment's closed
 # loops (seed at concurrency 30, heavy at 5, 60 requests); then the overhead
-# run. About 20 minutes.
+# run. About 40 minutes.
+BENCH_ARMS = envoy-round-robin,envoy-least-request,tokenlb-prompt-only,tokenlb-two-phase,tokenlb-estimate-output,tokenlb,tokenlb-streamed,tokenlb-estimate
 bench: build tools
-	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" \
-		--profiles seed,heavy,chat,prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" --arms $(BENCH_ARMS) \
+		--profiles seed,heavy,seed-slow --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --profiles chat,prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles seed --seeds 1,2,3 --requests 60 --concurrency 30 \
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \

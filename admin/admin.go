@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 )
 
@@ -16,8 +17,9 @@ import (
 //	/metrics      Prometheus metrics from reg
 //	/healthz      200 while the process is up
 //	/readyz       200 while ready() is true, else 503 (shutting down)
-//	/debug/hosts  JSON: each host's in-flight tokens and requests
-func Handler(p *picker.Picker, reg *prometheus.Registry, ready func() bool) http.Handler {
+//	/debug/hosts  JSON: each host's in-flight tokens, load and requests, and
+//	              what the cost model believes of its speed
+func Handler(p *picker.Picker, model *cost.Model, reg *prometheus.Registry, ready func() bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -34,9 +36,17 @@ func Handler(p *picker.Picker, reg *prometheus.Registry, ready func() bool) http
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
+		type hostView struct {
+			picker.HostLoad
+			Speed cost.HostSpeed `json:"speed"`
+		}
+		var hosts []hostView
+		for _, h := range p.Hosts() {
+			hosts = append(hosts, hostView{h, model.Speed(h.Address)})
+		}
 		enc.Encode(struct {
-			Hosts []picker.HostLoad `json:"hosts"`
-		}{p.Hosts()})
+			Hosts []hostView `json:"hosts"`
+		}{hosts})
 	})
 	return mux
 }

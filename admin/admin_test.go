@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 )
 
@@ -23,7 +24,7 @@ func TestHandler(t *testing.T) {
 	reg.MustRegister(p.Collector())
 	var ready atomic.Bool
 	ready.Store(true)
-	srv := httptest.NewServer(Handler(p, reg, ready.Load))
+	srv := httptest.NewServer(Handler(p, cost.New(cost.Options{}), reg, ready.Load))
 	defer srv.Close()
 
 	get := func(path string) (int, string) {
@@ -37,7 +38,7 @@ func TestHandler(t *testing.T) {
 		return resp.StatusCode, string(b)
 	}
 
-	l, _ := p.Pick(1234)
+	l, _ := p.Pick(picker.Tokens(1234))
 	code, body := get("/debug/hosts")
 	var v struct{ Hosts []picker.HostLoad }
 	if err := json.Unmarshal([]byte(body), &v); code != 200 || err != nil {

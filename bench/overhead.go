@@ -27,7 +27,7 @@ func Overhead(ctx context.Context, o Options, outDir string) error {
 	o.Concurrency = 0
 	var rows []string
 	var base Result
-	for _, arm := range []string{"envoy-round-robin", "tokenlb"} {
+	for _, arm := range []string{"envoy-round-robin", "tokenlb", "tokenlb-streamed", "tokenlb-estimate"} {
 		var cpu0, cpu1 float64
 		o.onStart = func(pid int) { cpu0 = cpuSeconds(pid) }
 		o.onEnd = func(pid int) { cpu1 = cpuSeconds(pid) }
@@ -37,7 +37,7 @@ func Overhead(ctx context.Context, o Options, outDir string) error {
 			return err
 		}
 		row := fmt.Sprintf("| %s | %d | %.2f | %.2f | %.2f |", arm, r.Errors, r.E2E.P50, r.E2E.P90, r.E2E.P99)
-		if arm == "tokenlb" {
+		if arm != "envoy-round-robin" {
 			row += fmt.Sprintf(" %+.2f / %+.2f | %.2f |", r.E2E.P50-base.E2E.P50, r.E2E.P99-base.E2E.P99, 1000*(cpu1-cpu0)/float64(n))
 		} else {
 			base = r

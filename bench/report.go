@@ -100,8 +100,9 @@ func (r *Report) Table() string {
 			a.TTFT.Mean, a.TTFT.P50, a.TTFT.P90, a.TTFT.P99, a.E2E.Mean, a.E2E.P50, a.E2E.P90, a.E2E.P99, a.Throughput, strings.Join(hs, " / "))
 	}
 	if lr != nil {
-		b.WriteString("\nLatencies in ms, each the median over seeds of that statistic. tokenlb against Envoy least-request, paired by seed:\n\n")
-		for _, d := range []struct {
+		b.WriteString("\nLatencies in ms, each the median over seeds of that statistic. Each tokenlb arm against Envoy " +
+			"least-request, paired by seed: the median of the per-seed changes, then each seed's.\n\n")
+		metrics := []struct {
 			name string
 			f    func(Result) float64
 		}{
@@ -109,16 +110,26 @@ func (r *Report) Table() string {
 			{"TTFT mean", func(x Result) float64 { return x.TTFT.Mean }},
 			{"E2E mean", func(x Result) float64 { return x.E2E.Mean }},
 			{"E2E p90", func(x Result) float64 { return x.E2E.P90 }},
-		} {
-			per, med := r.Paired("tokenlb", "envoy-least-request", d.f)
-			if len(per) == 0 {
+		}
+		b.WriteString("| against envoy-least-request |")
+		for _, m := range metrics {
+			b.WriteString(" " + m.name + " |")
+		}
+		b.WriteString("\n|---|---|---|---|---|\n")
+		for _, a := range r.Arms {
+			if !strings.HasPrefix(a.Arm, "tokenlb") {
 				continue
 			}
-			var ps []string
-			for _, v := range per {
-				ps = append(ps, fmt.Sprintf("%+.0f%%", 100*v))
+			fmt.Fprintf(&b, "| %s |", a.Arm)
+			for _, m := range metrics {
+				per, med := r.Paired(a.Arm, "envoy-least-request", m.f)
+				var ps []string
+				for _, v := range per {
+					ps = append(ps, fmt.Sprintf("%+.0f", 100*v))
+				}
+				fmt.Fprintf(&b, " **%+.0f%%** (%s) |", 100*med, strings.Join(ps, ", "))
 			}
-			fmt.Fprintf(&b, "- %s: median %+.0f%% (seeds: %s)\n", d.name, 100*med, strings.Join(ps, ", "))
+			b.WriteString("\n")
 		}
 	}
 	return b.String()
@@ -190,6 +201,12 @@ var armColors = map[string]color.Color{
 	"envoy-round-robin":   color.RGBA{200, 80, 60, 255},
 	"envoy-least-request": color.RGBA{230, 160, 30, 255},
 	"tokenlb":             color.RGBA{40, 110, 200, 255},
+	// The variants in greys and greens, so the shipped arm stands out.
+	"tokenlb-prompt-only":     color.RGBA{150, 150, 150, 255},
+	"tokenlb-two-phase":       color.RGBA{110, 110, 110, 255},
+	"tokenlb-estimate-output": color.RGBA{60, 60, 60, 255},
+	"tokenlb-streamed":        color.RGBA{60, 170, 90, 255},
+	"tokenlb-estimate":        color.RGBA{150, 200, 80, 255},
 }
 
 func (r *Report) plotCDF(path, which string) error {

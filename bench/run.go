@@ -23,16 +23,45 @@ import (
 	"github.com/tokenlb/tokenlb/sim"
 )
 
-// Arms are the load balancers compared, each through the same Envoy build
-// in front of fresh llmsim instances.
+// Arms are the load balancers compared by default, each through the same
+// Envoy build in front of fresh llmsim instances.
 var Arms = []string{"envoy-round-robin", "envoy-least-request", "tokenlb"}
+
+// Variant is a tokenlb arm: tokenlb flags and how Envoy shows it responses
+// (an envoycfg Response mode; "" is deploy/envoy.yaml as shipped).
+type Variant struct {
+	Flags    []string
+	Response string
+	About    string
+}
+
+// Variants are the tokenlb arms. "tokenlb" is the shipped configuration;
+// the others switch the cost model's pieces on in turn, or see responses
+// another way.
+var Variants = map[string]Variant{
+	"tokenlb": {About: "as shipped: two-phase cost, output estimation, calibration; responses seen by the observer filter"},
+	"tokenlb-prompt-only": {Flags: []string{"--two-phase=false", "--estimate-output=false", "--calibrate=false", "--decode-weight=0"},
+		About: "prompt tokens held until the response ends (the original design)"},
+	"tokenlb-two-phase": {Flags: []string{"--estimate-output=false", "--calibrate=false"},
+		About: "+ two-phase cost: prefill released at the first token, decode (max_tokens) held to the end"},
+	"tokenlb-estimate-output": {Flags: []string{"--calibrate=false"},
+		About: "+ output estimation from usage"},
+	"tokenlb-streamed": {Response: "streamed", Flags: []string{"--observer=false"},
+		About: "as shipped, but the routing filter sees the response body (STREAMED): a round trip per chunk"},
+	"tokenlb-estimate": {Response: "estimate", Flags: []string{"--observer=false", "--estimate-first-token"},
+		About: "as shipped, but no response body: prefill released at the estimated first token, the rest at the end of the stream"},
+}
 
 // Options configure one run of one arm.
 type Options struct {
 	Envoy, Tokenlb string // binaries
 	DeployDir      string // the repository's deploy/ folder
 	Backends       int
-	TimeScale      float64 // llmsim time scale
+	// TokenlbFlags are added to every tokenlb arm's flags (for tuning).
+	TokenlbFlags []string
+	// SlowHosts run at half speed (every cost doubled): the first ones.
+	SlowHosts int
+	TimeScale float64 // llmsim time scale
 	// Open loop: Poisson arrivals at Utilization of the backends' estimated
 	// capacity. Closed loop (Concurrency > 0): that many clients back to back.
 	Utilization float64
@@ -99,13 +128,13 @@ func work(r Request) time.Duration {
 
 // Rate is the open-loop arrival rate (requests per second) that loads the
 // backends to the given utilization.
-func Rate(reqs []Request, backends int, utilization, timeScale float64) float64 {
+func Rate(reqs []Request, backends float64, utilization, timeScale float64) float64 {
 	var total time.Duration
 	for _, r := range reqs {
 		total += work(r)
 	}
 	mean := total.Seconds() / float64(len(reqs)) * timeScale
-	return utilization * float64(backends) / mean
+	return utilization * backends / mean
 }
 
 // RunArm starts llmsim backends, Envoy and (for the tokenlb arm) tokenlb on
@@ -129,7 +158,12 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 			return res, err
 		}
 		name := fmt.Sprintf("backend-%d", i+1)
-		s := sim.New(sim.Config{Name: name, TimeScale: o.TimeScale, Seed: o.Seed + uint64(i)})
+		cfg := sim.Config{Name: name, TimeScale: o.TimeScale, Seed: o.Seed + uint64(i)}
+		if i < o.SlowHosts {
+			d := sim.Defaults
+			cfg.StepOverhead, cfg.PrefillTokenCost, cfg.DecodeSeqCost = 2*d.StepOverhead, 2*d.PrefillTokenCost, 2*d.DecodeSeqCost
+		}
+		s := sim.New(cfg)
 		go s.Run(simCtx)
 		srv := &http.Server{Handler: s}
 		go srv.Serve(l)
@@ -138,19 +172,23 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	}
 	eo := envoycfg.Options{Backends: hosts}
 	config := "envoy.yaml"
-	switch arm {
-	case "tokenlb":
+	variant, isTokenlb := Variants[arm]
+	switch {
+	case isTokenlb:
 		grpcPort, _ := proc.FreePort()
 		tlAdmin, _ := proc.FreePort()
 		eo.TokenlbPort = grpcPort
-		if err := g.Start("tokenlb", o.Tokenlb, "--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
-			"--admin", fmt.Sprintf("127.0.0.1:%d", tlAdmin), "--hosts", strings.Join(hosts, ","), "--log-level", "warn"); err != nil {
+		eo.Response = variant.Response
+		args := append([]string{"--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
+			"--admin", fmt.Sprintf("127.0.0.1:%d", tlAdmin), "--hosts", strings.Join(hosts, ","), "--log-level", "warn"},
+			append(slices.Clone(variant.Flags), o.TokenlbFlags...)...)
+		if err := g.Start("tokenlb", o.Tokenlb, args...); err != nil {
 			return res, err
 		}
 		if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/readyz", tlAdmin)); err != nil {
 			return res, err
 		}
-	case "envoy-round-robin", "envoy-least-request":
+	case arm == "envoy-round-robin" || arm == "envoy-least-request":
 		config = "envoy-override-host.yaml"
 		eo.Policy = map[string]string{"envoy-round-robin": "ROUND_ROBIN", "envoy-least-request": "LEAST_REQUEST"}[arm]
 	default:
@@ -198,7 +236,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	} else {
 		rate := o.fixedRate
 		if rate == 0 {
-			rate = Rate(reqs, o.Backends, o.Utilization, o.TimeScale)
+			rate = Rate(reqs, float64(o.Backends)-float64(o.SlowHosts)/2, o.Utilization, o.TimeScale)
 		}
 		rng := rand.New(rand.NewPCG(o.Seed, 0xa441))
 		start := time.Now()
@@ -240,7 +278,8 @@ type sample struct {
 
 // send streams one request and times its first token and its end.
 func send(ctx context.Context, client *http.Client, url string, r Request) sample {
-	body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": true, "max_tokens": r.MaxTokens, "messages": r.Messages})
+	body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": true, "max_tokens": r.MaxTokens, "messages": r.Messages,
+		"stream_options": map[string]any{"include_usage": true}})
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))

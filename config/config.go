@@ -15,6 +15,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
 	"github.com/tokenlb/tokenlb/tokenizer"
@@ -56,10 +57,56 @@ type Config struct {
 	// DrainTimeout bounds how long in-flight streams may take to finish
 	// after shutdown begins.
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
+	// Cost is the cost model: what a request charges each host, and what
+	// tokenlb learns from responses.
+	Cost Cost `yaml:"cost"`
+	// Response says how tokenlb sees responses.
+	Response Response `yaml:"response"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `yaml:"log_level"`
 	// LogFormat is text or json.
 	LogFormat string `yaml:"log_format"`
+}
+
+// Cost configures the cost model (package cost documents it).
+type Cost struct {
+	// TwoPhase releases a request's prefill load at its first token and
+	// its decode load at its end; off holds both until the end.
+	TwoPhase bool `yaml:"two_phase"`
+	// EstimateOutput learns each model's output length from responses'
+	// usage; off expects max_tokens, or OutputTokens without one.
+	EstimateOutput bool `yaml:"estimate_output"`
+	// Calibrate learns each host's token ratio and speeds; off charges
+	// every host at the prior speeds.
+	Calibrate bool `yaml:"calibrate"`
+	// DecodeWeight is the share of a request's expected decode time
+	// charged to its host (0 charges prompts only).
+	DecodeWeight float64 `yaml:"decode_weight"`
+	// OutputTokens is the prior output length.
+	OutputTokens int `yaml:"output_tokens"`
+	// PrefillTokensPerSecond and DecodeTokensPerSecond (per sequence) are
+	// the prior host speeds.
+	PrefillTokensPerSecond float64 `yaml:"prefill_tokens_per_second"`
+	DecodeTokensPerSecond  float64 `yaml:"decode_tokens_per_second"`
+}
+
+// Options returns the cost model options.
+func (c Cost) Options() cost.Options {
+	return cost.Options{TwoPhase: c.TwoPhase, EstimateOutput: c.EstimateOutput, Calibrate: c.Calibrate,
+		DecodeWeight: c.DecodeWeight, OutputTokens: c.OutputTokens,
+		PrefillTokensPerSecond: c.PrefillTokensPerSecond, DecodeTokensPerSecond: c.DecodeTokensPerSecond}
+}
+
+// Response says how tokenlb learns of a response's first token and end.
+type Response struct {
+	// Observer says an observability-mode ext_proc filter after the
+	// routing one reports responses (deploy/envoy.yaml sets one up).
+	Observer bool `yaml:"observer"`
+	// LeaseHeader is the header that lets the observer find the request.
+	LeaseHeader string `yaml:"lease_header"`
+	// EstimateFirstToken releases the prefill load when the host should
+	// have prefilled the request, without seeing the first token.
+	EstimateFirstToken bool `yaml:"estimate_first_token"`
 }
 
 // Host is one backend.
@@ -80,8 +127,12 @@ func Default() Config {
 		LeaseTTL:          time.Hour,
 		SweepInterval:     time.Minute,
 		DrainTimeout:      30 * time.Second,
-		LogLevel:          "info",
-		LogFormat:         "text",
+		Cost: Cost{TwoPhase: true, EstimateOutput: true, Calibrate: true, DecodeWeight: cost.DefaultDecodeWeight,
+			OutputTokens: cost.DefaultOutputTokens, PrefillTokensPerSecond: cost.DefaultPrefillTokensPerSecond,
+			DecodeTokensPerSecond: cost.DefaultDecodeTokensPerSecond},
+		Response:  Response{Observer: true, LeaseHeader: processor.DefaultLeaseHeader},
+		LogLevel:  "info",
+		LogFormat: "text",
 	}
 }
 
@@ -149,6 +200,22 @@ func (c *Config) Validate() error {
 	if c.MaxBodyBytes <= 0 || c.MaxBodyBytes > 1<<30 {
 		bad("max_body_bytes", "%d is outside 1 B to 1 GiB", c.MaxBodyBytes)
 	}
+	if w := c.Cost.DecodeWeight; w < 0 || w > 1 || w != w {
+		bad("cost.decode_weight", "%g is outside 0 to 1", w)
+	}
+	if c.Cost.OutputTokens <= 0 {
+		bad("cost.output_tokens", "must be positive")
+	}
+	if v := c.Cost.PrefillTokensPerSecond; !(v > 0) {
+		bad("cost.prefill_tokens_per_second", "must be positive")
+	}
+	if v := c.Cost.DecodeTokensPerSecond; !(v > 0) {
+		bad("cost.decode_tokens_per_second", "must be positive")
+	}
+	if h := c.Response.LeaseHeader; h == "" || strings.HasPrefix(h, ":") || strings.ContainsAny(h, " \t\r\n") ||
+		strings.HasPrefix(strings.ToLower(h), "x-envoy-") || strings.EqualFold(h, c.DestinationHeader) {
+		bad("response.lease_header", "%q cannot be set by an ext_proc server or clashes with destination_header", h)
+	}
 	if c.MaxInFlightTokensPerHost < 0 {
 		bad("max_in_flight_tokens_per_host", "must not be negative")
 	}
@@ -203,6 +270,16 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.DurationVar(&f.SweepInterval, "sweep-interval", d.SweepInterval, "how often the sweeper runs")
 	fs.DurationVar(&f.ShutdownDelay, "shutdown-delay", d.ShutdownDelay, "time reported not-ready before draining on SIGTERM")
 	fs.DurationVar(&f.DrainTimeout, "drain-timeout", d.DrainTimeout, "longest wait for in-flight streams on SIGTERM")
+	fs.BoolVar(&f.Cost.TwoPhase, "two-phase", d.Cost.TwoPhase, "release prefill load at the first token, decode load at the end")
+	fs.BoolVar(&f.Cost.EstimateOutput, "estimate-output", d.Cost.EstimateOutput, "learn output lengths from responses' usage")
+	fs.BoolVar(&f.Cost.Calibrate, "calibrate", d.Cost.Calibrate, "learn each host's token ratio and speeds")
+	fs.Float64Var(&f.Cost.DecodeWeight, "decode-weight", d.Cost.DecodeWeight, "share of expected decode time charged (0 to 1)")
+	fs.IntVar(&f.Cost.OutputTokens, "output-tokens", d.Cost.OutputTokens, "prior output length")
+	fs.Float64Var(&f.Cost.PrefillTokensPerSecond, "prefill-tokens-per-second", d.Cost.PrefillTokensPerSecond, "prior prefill speed")
+	fs.Float64Var(&f.Cost.DecodeTokensPerSecond, "decode-tokens-per-second", d.Cost.DecodeTokensPerSecond, "prior decode speed per sequence")
+	fs.BoolVar(&f.Response.Observer, "observer", d.Response.Observer, "an observability-mode ext_proc filter reports responses")
+	fs.StringVar(&f.Response.LeaseHeader, "lease-header", d.Response.LeaseHeader, "header that lets the observer find the request")
+	fs.BoolVar(&f.Response.EstimateFirstToken, "estimate-first-token", d.Response.EstimateFirstToken, "release prefill load at the estimated first token")
 	fs.StringVar(&f.LogLevel, "log-level", d.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&f.LogFormat, "log-format", d.LogFormat, "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -254,6 +331,26 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			c.ShutdownDelay = f.ShutdownDelay
 		case "drain-timeout":
 			c.DrainTimeout = f.DrainTimeout
+		case "two-phase":
+			c.Cost.TwoPhase = f.Cost.TwoPhase
+		case "estimate-output":
+			c.Cost.EstimateOutput = f.Cost.EstimateOutput
+		case "calibrate":
+			c.Cost.Calibrate = f.Cost.Calibrate
+		case "decode-weight":
+			c.Cost.DecodeWeight = f.Cost.DecodeWeight
+		case "output-tokens":
+			c.Cost.OutputTokens = f.Cost.OutputTokens
+		case "prefill-tokens-per-second":
+			c.Cost.PrefillTokensPerSecond = f.Cost.PrefillTokensPerSecond
+		case "decode-tokens-per-second":
+			c.Cost.DecodeTokensPerSecond = f.Cost.DecodeTokensPerSecond
+		case "observer":
+			c.Response.Observer = f.Response.Observer
+		case "lease-header":
+			c.Response.LeaseHeader = f.Response.LeaseHeader
+		case "estimate-first-token":
+			c.Response.EstimateFirstToken = f.Response.EstimateFirstToken
 		case "log-level":
 			c.LogLevel = f.LogLevel
 		case "log-format":

@@ -71,6 +71,9 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"header", func(c *Config) { c.DestinationHeader = "x-envoy-original-dst-host" }, "destination_header"},
 		{"body limit", func(c *Config) { c.MaxBodyBytes = 0 }, "max_body_bytes"},
 		{"cap", func(c *Config) { c.MaxInFlightTokensPerHost = -1 }, "max_in_flight_tokens_per_host"},
+		{"decode weight", func(c *Config) { c.Cost.DecodeWeight = 2 }, "cost.decode_weight"},
+		{"prior speed", func(c *Config) { c.Cost.PrefillTokensPerSecond = 0 }, "cost.prefill_tokens_per_second"},
+		{"lease header", func(c *Config) { c.Response.LeaseHeader = c.DestinationHeader }, "response.lease_header"},
 		{"ttl", func(c *Config) { c.LeaseTTL = 0 }, "lease_ttl"},
 		{"drain", func(c *Config) { c.DrainTimeout = -time.Second }, "drain_timeout"},
 		{"log level", func(c *Config) { c.LogLevel = "verbose" }, "log_level"},
@@ -93,12 +96,40 @@ func TestValidateNamesTheField(t *testing.T) {
 func TestEveryFieldHasAFlag(t *testing.T) {
 	var usage strings.Builder
 	FromArgs("tokenlb", []string{"--help"}, &usage)
-	typ := reflect.TypeOf(Config{})
-	for i := range typ.NumField() {
-		flagName := "-" + strings.ReplaceAll(typ.Field(i).Tag.Get("yaml"), "_", "-")
-		if !strings.Contains(usage.String(), flagName+" ") {
-			t.Errorf("no flag %s", flagName)
+	var check func(typ reflect.Type)
+	check = func(typ reflect.Type) {
+		for i := range typ.NumField() {
+			f := typ.Field(i)
+			if f.Type.Kind() == reflect.Struct && f.Type.PkgPath() == typ.PkgPath() {
+				check(f.Type) // a section: its fields are flags of their own
+				continue
+			}
+			flagName := "-" + strings.ReplaceAll(f.Tag.Get("yaml"), "_", "-")
+			if !strings.Contains(usage.String(), flagName+" ") && !strings.Contains(usage.String(), flagName+"\n") {
+				t.Errorf("no flag %s", flagName)
+			}
 		}
+	}
+	check(reflect.TypeOf(Config{}))
+}
+
+// TestCostSwitches: each piece of the cost model can be switched off in the
+// file and back on with a flag.
+func TestCostSwitches(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	doc := "hosts: [{address: 10.0.0.1:80}]\ncost: {two_phase: false, estimate_output: false, calibrate: false, decode_weight: 0.2}\n" +
+		"response: {observer: true}\n"
+	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := FromArgs("tokenlb", []string{"--config", path, "--calibrate"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := c.Cost.Options()
+	if o.TwoPhase || o.EstimateOutput || !o.Calibrate || o.DecodeWeight != 0.2 || !c.Response.Observer ||
+		o.OutputTokens != Default().Cost.OutputTokens {
+		t.Errorf("cost options = %+v, response = %+v", o, c.Response)
 	}
 }
 

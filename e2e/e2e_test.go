@@ -100,12 +100,17 @@ func TestBodyIntegrity(t *testing.T) {
 			}
 			checkBody(t, s, body)
 			s.tokenlb.waitIdle()
-			// Three requests: BUFFERED sends request headers, the body in one
-			// message, response headers and the (one-chunk) response body for
-			// each (12); full duplex streams the 2 MiB body as several.
+			// Three requests: BUFFERED sends the routing filter request
+			// headers, the body in one message and the response headers for
+			// each (9); full duplex streams the 2 MiB body as several. The
+			// observer gets request headers, response headers, the
+			// (one-chunk) body and its end for each.
 			sent := s.envoy.stat(t, "http.llm.ext_proc.tokenlb.stream_msgs_sent")
-			if tc.duplex && sent <= 12 || !tc.duplex && sent != 12 {
+			if tc.duplex && sent <= 9 || !tc.duplex && sent != 9 {
 				t.Fatalf("envoy sent tokenlb %d messages for 3 requests (duplex %v)", sent, tc.duplex)
+			}
+			if got := s.tokenlb.metric(`tokenlb_observer_claims_total{result="claimed"}`); got != 3 {
+				t.Fatalf("observer claimed %v requests, want 3", got)
 			}
 		})
 	}
@@ -120,10 +125,24 @@ func checkBody(t *testing.T, s *stack, body []byte) {
 	}
 }
 
+// TestSSEStreamsThrough: the first event reaches the client before the
+// backend finishes, and tokenlb follows the response: the prefill part of
+// the charge goes at the first event, the rest at the end. Both deploy
+// configs see responses through the observer filter; envoy.yaml is also
+// run the other ways tokenlb can see them.
 func TestSSEStreamsThrough(t *testing.T) {
-	for _, c := range configs {
-		t.Run(c, func(t *testing.T) {
-			s := startStack(t, envoyOpts{config: c})
+	for _, tc := range []struct {
+		name, config, response string
+		tokenlb                []string
+	}{
+		{"envoy.yaml", "envoy.yaml", "", nil},
+		{"envoy-override-host.yaml", "envoy-override-host.yaml", "", nil},
+		{"envoy.yaml streamed", "envoy.yaml", "streamed", []string{"--observer=false"}},
+		{"envoy.yaml estimate", "envoy.yaml", "estimate", []string{"--observer=false", "--estimate-first-token"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: tc.config, tokenlb: tc.tokenlb,
+				Options: envoycfg.Options{Response: tc.response}})
 			resp, err := s.send(context.Background(), chatBody(50, true), "sse", nil)
 			if err != nil {
 				t.Fatal(err)
@@ -137,7 +156,15 @@ func TestSSEStreamsThrough(t *testing.T) {
 			if err != nil || !strings.HasPrefix(first, "data: {") || !strings.Contains(first, b.addr) {
 				t.Fatalf("first event %q, %v", first, err)
 			}
-			// Mid-stream the backend is still working: the charge stays.
+			// Past the first token the prompt is prefilled: only the decode
+			// part stays charged until the end.
+			waitFor(t, 5*time.Second, "the prefill part released", func() bool {
+				var prefilling int64
+				for _, h := range s.tokenlb.hostLoads() {
+					prefilling += h.PrefillingTokens
+				}
+				return prefilling == 0
+			})
 			if s.tokenlb.idle() {
 				t.Fatal("charge released while the stream is still running")
 			}

@@ -127,13 +127,14 @@ func lastLines(s string, n int) string {
 type tokenlb struct {
 	grpcPort, adminPort int
 	hosts               []string
+	args                []string // extra flags
 	proc                *process
 	t                   testing.TB
 }
 
-func startTokenlb(t testing.TB, hosts []string) *tokenlb {
+func startTokenlb(t testing.TB, hosts []string, args ...string) *tokenlb {
 	t.Helper()
-	tl := &tokenlb{grpcPort: freePort(t), adminPort: freePort(t), hosts: hosts, t: t}
+	tl := &tokenlb{grpcPort: freePort(t), adminPort: freePort(t), hosts: hosts, t: t, args: args}
 	tl.start()
 	return tl
 }
@@ -141,11 +142,11 @@ func startTokenlb(t testing.TB, hosts []string) *tokenlb {
 func (tl *tokenlb) start() {
 	t := tl.t
 	t.Helper()
-	tl.proc = startProcess(t, tokenlbBin,
+	tl.proc = startProcess(t, tokenlbBin, append([]string{
 		"--listen", fmt.Sprintf("127.0.0.1:%d", tl.grpcPort),
 		"--admin", fmt.Sprintf("127.0.0.1:%d", tl.adminPort),
 		"--hosts", strings.Join(tl.hosts, ","),
-		"--log-level", "debug")
+		"--log-level", "debug"}, tl.args...)...)
 	waitFor(t, 10*time.Second, "tokenlb ready", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", tl.adminPort))
 		if err != nil {
@@ -159,6 +160,7 @@ func (tl *tokenlb) start() {
 type hostLoad struct {
 	Address          string `json:"address"`
 	InFlightTokens   int64  `json:"in_flight_tokens"`
+	PrefillingTokens int64  `json:"prefilling_tokens"`
 	InFlightRequests int64  `json:"in_flight_requests"`
 	Picks            int64  `json:"picks"`
 }
@@ -210,7 +212,8 @@ func (tl *tokenlb) metric(name string) float64 {
 
 // envoyOpts say how to turn a deploy config into a test config.
 type envoyOpts struct {
-	config string // file under deploy/
+	config  string   // file under deploy/
+	tokenlb []string // extra tokenlb flags
 	envoycfg.Options
 }
 
@@ -403,7 +406,7 @@ func startStack(t testing.TB, o envoyOpts) *stack {
 		s.byAddr[b.addr] = b
 		addrs = append(addrs, b.addr)
 	}
-	s.tokenlb = startTokenlb(t, addrs)
+	s.tokenlb = startTokenlb(t, addrs, o.tokenlb...)
 	o.TokenlbPort, o.Backends = s.tokenlb.grpcPort, addrs
 	s.envoy = startEnvoy(t, o)
 	return s

@@ -5,6 +5,10 @@ import "github.com/prometheus/client_golang/prometheus"
 var (
 	descTokens = prometheus.NewDesc("tokenlb_host_in_flight_tokens",
 		"Prompt tokens charged to a host and not yet released.", []string{"host"}, nil)
+	descPrefilling = prometheus.NewDesc("tokenlb_host_prefilling_tokens",
+		"In-flight prompt tokens whose first token has not come back yet.", []string{"host"}, nil)
+	descLoad = prometheus.NewDesc("tokenlb_host_load_microseconds",
+		"Charged load not yet released: expected backend work, in microseconds.", []string{"host"}, nil)
 	descRequests = prometheus.NewDesc("tokenlb_host_in_flight_requests",
 		"Requests routed to a host and not yet released.", []string{"host"}, nil)
 	descPicks = prometheus.NewDesc("tokenlb_host_picks_total",
@@ -24,7 +28,7 @@ func (p *Picker) Collector() prometheus.Collector { return collector{p} }
 type collector struct{ p *Picker }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descTokens, descRequests, descPicks, descReleases, descSwept, descNoCapacity} {
+	for _, d := range []*prometheus.Desc{descTokens, descPrefilling, descLoad, descRequests, descPicks, descReleases, descSwept, descNoCapacity} {
 		ch <- d
 	}
 }
@@ -32,6 +36,8 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for _, h := range c.p.Hosts() {
 		ch <- prometheus.MustNewConstMetric(descTokens, prometheus.GaugeValue, float64(h.InFlightTokens), h.Address)
+		ch <- prometheus.MustNewConstMetric(descPrefilling, prometheus.GaugeValue, float64(h.PrefillingTokens), h.Address)
+		ch <- prometheus.MustNewConstMetric(descLoad, prometheus.GaugeValue, float64(h.Load), h.Address)
 		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.GaugeValue, float64(h.InFlightRequests), h.Address)
 		ch <- prometheus.MustNewConstMetric(descPicks, prometheus.CounterValue, float64(h.Picks), h.Address)
 	}

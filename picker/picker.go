@@ -1,12 +1,17 @@
-// Package picker keeps the in-flight token ledger of a set of backend hosts
-// and picks the least-loaded one for each request.
+// Package picker keeps the in-flight ledger of a set of backend hosts and
+// picks the least-loaded one for each request.
 //
 // Pick chooses a host and charges it in one critical section, so concurrent
 // requests see each other's charges and spread out instead of piling onto the
-// host that looked idle a moment ago. It returns a Lease; releasing the lease
-// subtracts exactly what was charged, once, whichever release comes first. A
-// sweeper reclaims leases nobody released: the last guard against leaks, which
-// should never fire.
+// host that looked idle a moment ago. A charge has two parts: load held until
+// the request's first token (its prefill) and load held until its end (its
+// decode). It returns a Lease; FirstToken releases the first part and Release
+// whatever is left, each exactly once, whichever call comes first. A sweeper
+// reclaims leases nobody released: the last guard against leaks, which should
+// never fire.
+//
+// What a request costs on each host is the caller's business (see package
+// cost); the picker only adds, compares and subtracts.
 package picker
 
 import (
@@ -42,6 +47,14 @@ type Options struct {
 	// host with nothing in flight always accepts, so one request larger than
 	// the cap still runs.
 	MaxInFlightTokens int64
+	// Tolerance makes hosts whose load after adding the request is above
+	// the lowest by less than this fraction of the request's own cost
+	// count as tied: among them the one with the fewest in-flight requests
+	// wins, then one at random. A request's cost on each host is an
+	// estimate; without a tolerance, a host whose speed estimate is a hair
+	// better would take every request while the fleet is idle. 0 compares
+	// exactly.
+	Tolerance float64
 	// Seed seeds tie-breaking; 0 picks a random seed.
 	Seed uint64
 	// Now is the clock used for lease ages; nil means time.Now.
@@ -64,19 +77,46 @@ type Picker struct {
 }
 
 type host struct {
-	addr     string
-	tokens   int64
-	requests int64
-	picks    uint64
+	addr       string
+	tokens     int64 // prompt tokens in flight
+	prefilling int64 // prompt tokens of requests still waiting for their first token
+	load       int64 // charged load not yet released
+	requests   int64
+	picks      uint64
+}
+
+// Charge is what one request costs on one host.
+type Charge struct {
+	// Tokens are the request's prompt tokens: shown as in-flight tokens and
+	// held against MaxInFlightTokens until the end.
+	Tokens int64
+	// UntilFirstToken is load released when the first token comes back.
+	UntilFirstToken int64
+	// UntilEnd is load released when the response ends.
+	UntilEnd int64
+}
+
+// Cost says what a request would cost on a host. Pick calls it once per
+// host, with the picker locked: it must be quick and must not call back into
+// the picker.
+type Cost func(host string) Charge
+
+// Tokens is the simplest cost: n prompt tokens on any host, held until the
+// end.
+func Tokens(n int64) Cost {
+	return func(string) Charge { return Charge{Tokens: n, UntilEnd: n} }
 }
 
 // Lease is one request's charge on one host.
 type Lease struct {
-	p     *Picker
-	h     *host
-	cost  int64
-	start time.Time
-	done  bool // guarded by p.mu
+	p      *Picker
+	h      *host
+	charge Charge
+	start  time.Time
+	ahead  int64 // the host's prefilling tokens when the lease was taken
+	// Guarded by p.mu.
+	first bool // the first-token part is released
+	done  bool
 }
 
 // New returns a Picker over hosts, each a literal "ip:port" as Envoy's
@@ -128,40 +168,63 @@ func ParseAddr(s string) (string, error) {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String(), nil
 }
 
-// Pick chooses the host with the lowest in-flight tokens after adding cost
-// (fewest in-flight requests next, then at random) and charges it cost, all in
-// one step. The caller must Release the lease.
-func (p *Picker) Pick(cost int64) (*Lease, error) {
-	if cost < 0 {
-		cost = 0
-	}
+// DefaultTolerance is the Tolerance tokenlb uses: idle hosts whose speed
+// estimates differ by a few percent of noise still share the work, while a
+// host half as fast never ties with a full-speed one.
+const DefaultTolerance = 0.1
+
+// Pick charges the host with the lowest load after adding the request's cost
+// on it (within Tolerance; fewest in-flight requests next, then at random),
+// all in one step. The caller must Release the lease.
+func (p *Picker) Pick(cost Cost) (*Lease, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	var best *host
-	ties := 0
+	type option struct {
+		h      *host
+		charge Charge
+		load   int64
+	}
+	opts := make([]option, 0, len(p.hosts))
+	lowest, own := int64(-1), int64(0)
 	for _, h := range p.hosts {
-		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+cost > p.opts.MaxInFlightTokens {
+		c := cost(h.addr)
+		c.Tokens, c.UntilFirstToken, c.UntilEnd = max(c.Tokens, 0), max(c.UntilFirstToken, 0), max(c.UntilEnd, 0)
+		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+c.Tokens > p.opts.MaxInFlightTokens {
 			continue
 		}
-		switch {
-		case best == nil || h.tokens < best.tokens || (h.tokens == best.tokens && h.requests < best.requests):
-			best, ties = h, 1
-		case h.tokens == best.tokens && h.requests == best.requests:
-			// Reservoir sampling: each of the tied hosts wins with equal odds.
-			ties++
-			if p.rng.IntN(ties) == 0 {
-				best = h
-			}
+		load := h.load + c.UntilFirstToken + c.UntilEnd
+		opts = append(opts, option{h, c, load})
+		if lowest < 0 || load < lowest {
+			lowest, own = load, c.UntilFirstToken+c.UntilEnd
 		}
 	}
-	if best == nil {
+	if len(opts) == 0 {
 		p.rejectedPicks++
 		return nil, ErrNoCapacity
 	}
-	best.tokens += cost
-	best.requests++
-	best.picks++
-	l := &Lease{p: p, h: best, cost: cost, start: p.opts.Now()}
+	limit := lowest + int64(float64(own)*p.opts.Tolerance)
+	var best option
+	ties := 0
+	for _, o := range opts {
+		switch {
+		case o.load > limit:
+		case ties == 0 || o.h.requests < best.h.requests:
+			best, ties = o, 1
+		case o.h.requests == best.h.requests:
+			// Reservoir sampling: each of the tied hosts wins with equal odds.
+			ties++
+			if p.rng.IntN(ties) == 0 {
+				best = o
+			}
+		}
+	}
+	h := best.h
+	l := &Lease{p: p, h: h, charge: best.charge, start: p.opts.Now(), ahead: h.prefilling}
+	h.tokens += best.charge.Tokens
+	h.prefilling += best.charge.Tokens
+	h.load += best.charge.UntilFirstToken + best.charge.UntilEnd
+	h.requests++
+	h.picks++
 	p.leases[l] = struct{}{}
 	return l, nil
 }
@@ -182,7 +245,7 @@ func (l *Lease) Fallbacks(n int) []string {
 			others = append(others, h)
 		}
 	}
-	slices.SortStableFunc(others, func(a, b *host) int { return cmp.Compare(a.tokens, b.tokens) })
+	slices.SortStableFunc(others, func(a, b *host) int { return cmp.Compare(a.load, b.load) })
 	out := make([]string, 0, n)
 	for _, h := range others[:min(n, len(others))] {
 		out = append(out, h.addr)
@@ -190,11 +253,38 @@ func (l *Lease) Fallbacks(n int) []string {
 	return out
 }
 
-// Cost returns the tokens charged.
-func (l *Lease) Cost() int64 { return l.cost }
+// Charge returns what the lease charged.
+func (l *Lease) Charge() Charge { return l.charge }
 
-// Release returns the lease's tokens to its host. Only the first call has an
-// effect; it reports whether this call was the one.
+// Start returns when the lease was taken.
+func (l *Lease) Start() time.Time { return l.start }
+
+// Ahead returns the prompt tokens that were waiting for their first token on
+// the host when the lease was taken: the prefill queued in front of it.
+func (l *Lease) Ahead() int64 { return l.ahead }
+
+// FirstToken records that the request's first token came back: it releases
+// the UntilFirstToken part of the charge. Only the first call, and only
+// before Release, has an effect; it reports whether this call was the one.
+func (l *Lease) FirstToken() bool {
+	p := l.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if l.first || l.done {
+		return false
+	}
+	p.firstLocked(l)
+	return true
+}
+
+func (p *Picker) firstLocked(l *Lease) {
+	l.first = true
+	l.h.prefilling -= l.charge.Tokens
+	l.h.load -= l.charge.UntilFirstToken
+}
+
+// Release returns whatever the lease still holds to its host. Only the first
+// call has an effect; it reports whether this call was the one.
 func (l *Lease) Release(cause Cause) bool {
 	p := l.p
 	p.mu.Lock()
@@ -206,8 +296,12 @@ func (p *Picker) releaseLocked(l *Lease, cause Cause) bool {
 	if l.done {
 		return false
 	}
+	if !l.first {
+		p.firstLocked(l)
+	}
 	l.done = true
-	l.h.tokens -= l.cost
+	l.h.tokens -= l.charge.Tokens
+	l.h.load -= l.charge.UntilEnd
 	l.h.requests--
 	delete(p.leases, l)
 	p.releases[cause]++
@@ -225,7 +319,7 @@ func (p *Picker) Sweep(ttl time.Duration) (leases int, tokens int64) {
 		if l.start.Before(cutoff) {
 			p.releaseLocked(l, Swept)
 			leases++
-			tokens += l.cost
+			tokens += l.charge.Tokens
 		}
 	}
 	p.sweptTokens += tokens
@@ -248,8 +342,13 @@ func (p *Picker) RunSweeper(stop <-chan struct{}, interval, ttl time.Duration) {
 
 // HostLoad is one host's share of the ledger.
 type HostLoad struct {
-	Address          string `json:"address"`
-	InFlightTokens   int64  `json:"in_flight_tokens"`
+	Address        string `json:"address"`
+	InFlightTokens int64  `json:"in_flight_tokens"`
+	// PrefillingTokens are the in-flight prompt tokens whose first token has
+	// not come back yet.
+	PrefillingTokens int64 `json:"prefilling_tokens"`
+	// Load is the charged load not yet released, in the cost's unit.
+	Load             int64  `json:"load"`
 	InFlightRequests int64  `json:"in_flight_requests"`
 	Picks            uint64 `json:"picks"`
 }
@@ -261,7 +360,8 @@ func (p *Picker) Hosts() []HostLoad {
 	defer p.mu.Unlock()
 	out := make([]HostLoad, len(p.hosts))
 	for i, h := range p.hosts {
-		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, InFlightRequests: h.requests, Picks: h.picks}
+		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, PrefillingTokens: h.prefilling, Load: h.load,
+			InFlightRequests: h.requests, Picks: h.picks}
 	}
 	return out
 }

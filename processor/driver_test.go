@@ -24,6 +24,7 @@ import (
 
 // testEnv is a tokenlb Server on a loopback port with a client connected.
 type testEnv struct {
+	s      *Server
 	picker *picker.Picker
 	client extprocv3.ExternalProcessorClient
 	// ended receives one value each time a Process call returns.
@@ -78,7 +79,7 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 		conn.Close()
 		gs.Stop()
 	})
-	return &testEnv{picker: p, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
+	return &testEnv{s: srv, picker: p, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
 }
 
 // waitEnded waits until n Process calls have returned.

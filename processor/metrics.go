@@ -10,6 +10,9 @@ type Metrics struct {
 	tokenizeSeconds prometheus.Histogram
 	pickSeconds     prometheus.Histogram
 	rejections      *prometheus.CounterVec
+	outputTokens    prometheus.Histogram
+	usageSeen       *prometheus.CounterVec
+	observerClaims  *prometheus.CounterVec
 }
 
 // NewMetrics returns unregistered metrics.
@@ -28,10 +31,20 @@ func NewMetrics() *Metrics {
 			Buckets: prometheus.ExponentialBuckets(1e-7, 4, 10)}),
 		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenlb_rejections_total", Help: "Requests tokenlb answered itself, by reason."}, []string{"reason"}),
+		outputTokens: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tokenlb_request_expected_output_tokens", Help: "Output tokens the cost model expected per routed request.",
+			Buckets: prometheus.ExponentialBuckets(4, 2, 14)}),
+		usageSeen: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenlb_responses_usage_total", Help: "Successful responses followed to their end, by whether they reported usage."},
+			[]string{"usage"}),
+		observerClaims: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenlb_observer_claims_total", Help: "Observer streams by what their correlation header found: " +
+				"claimed, late (the routing stream follows the response itself) or unknown; none counts requests nobody claimed in time."}, []string{"result"}),
 	}
 }
 
 // Collectors returns the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.streams, m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.rejections}
+	return []prometheus.Collector{m.streams, m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.rejections,
+		m.outputTokens, m.usageSeen, m.observerClaims}
 }

@@ -5,8 +5,12 @@
 // and tells Envoy where to send the request: it sets the destination header
 // (x-gateway-destination-endpoint by default) and the same key in the
 // "envoy.lb" dynamic metadata namespace, as the Endpoint Picker Protocol does.
-// The host's tokens are released when the response headers come back, or when
-// the stream ends first (client abort, upstream reset, timeout).
+// The charge's prefill part is released at the response's first token and
+// the rest at its end, or everything when the stream ends first (client abort,
+// upstream reset, timeout). The response is seen either on the same stream
+// (response body STREAMED) or by a second ext_proc filter in observability
+// mode, which opens its own stream and finds the request by a correlation
+// header.
 //
 // Two request body modes are supported: BUFFERED, where Envoy sends the whole
 // body in one message and holds the headers until the body reply, and
@@ -16,11 +20,14 @@ package processor
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"io"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -28,9 +35,11 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
@@ -41,6 +50,11 @@ const (
 	DefaultMetadataNamespace = "envoy.lb"
 	DefaultMaxBodyBytes      = 8 << 20
 	DefaultRetryAfter        = time.Second
+	DefaultLeaseHeader       = "x-tokenlb-lease"
+	DefaultObserverGrace     = 2 * time.Second
+	// ObserverMetadata is the gRPC initial metadata key that marks a stream
+	// from the observability-mode filter; its value is "observer".
+	ObserverMetadata = "x-tokenlb-role"
 	// ChunkBytes is the largest body chunk streamed back in
 	// FULL_DUPLEX_STREAMED mode; Envoy advises staying below 64 KiB.
 	ChunkBytes = 62000
@@ -60,6 +74,24 @@ type Config struct {
 	// Fallbacks is how many other hosts follow the chosen one in the
 	// destination metadata, for a proxy to retry on.
 	Fallbacks int
+	// Cost prices requests per host and learns from responses; nil means
+	// cost.New with zero options (prompt tokens held until the end).
+	Cost *cost.Model
+	// Observer says that an observability-mode ext_proc filter after this
+	// one watches responses: routed requests get a LeaseHeader that lets
+	// its stream take over following the response.
+	Observer bool
+	// LeaseHeader is the correlation header for the observer.
+	LeaseHeader string
+	// ObserverGrace is how long a routed request waits, after its
+	// response headers, for an observer stream to claim it: the
+	// observer's stream opens on its own and may be overtaken by the
+	// response headers on the routing stream.
+	ObserverGrace time.Duration
+	// EstimateFirstToken releases the prefill part when the host should
+	// have prefilled the request, by the cost model's speed, instead of
+	// waiting to see the first token (for responses tokenlb never sees).
+	EstimateFirstToken bool
 	// Logger receives per-request debug logs and errors; nil discards them.
 	Logger *slog.Logger
 	// Metrics records request metrics; nil records nothing.
@@ -72,8 +104,12 @@ type Server struct {
 	cfg    Config
 	picker *picker.Picker
 	tok    *tokenizer.Tokenizer
+	cost   *cost.Model
 	log    *slog.Logger
 	m      *Metrics
+
+	mu      sync.Mutex
+	pending map[string]*tracker // routed requests an observer may claim, by lease id
 }
 
 // New returns a Server that routes with p and counts with tok.
@@ -88,6 +124,16 @@ func New(p *picker.Picker, tok *tokenizer.Tokenizer, cfg Config) *Server {
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = DefaultMaxBodyBytes
 	}
+	if cfg.LeaseHeader == "" {
+		cfg.LeaseHeader = DefaultLeaseHeader
+	}
+	cfg.LeaseHeader = strings.ToLower(cfg.LeaseHeader)
+	if cfg.ObserverGrace <= 0 {
+		cfg.ObserverGrace = DefaultObserverGrace
+	}
+	if cfg.Cost == nil {
+		cfg.Cost = cost.New(cost.Options{})
+	}
 	if cfg.RetryAfter <= 0 {
 		cfg.RetryAfter = DefaultRetryAfter
 	}
@@ -99,7 +145,7 @@ func New(p *picker.Picker, tok *tokenizer.Tokenizer, cfg Config) *Server {
 	if m == nil {
 		m = NewMetrics()
 	}
-	return &Server{cfg: cfg, picker: p, tok: tok, log: log, m: m}
+	return &Server{cfg: cfg, picker: p, tok: tok, cost: cfg.Cost, log: log, m: m, pending: make(map[string]*tracker)}
 }
 
 // Process serves one HTTP request's stream. It answers every message Envoy
@@ -107,10 +153,13 @@ func New(p *picker.Picker, tok *tokenizer.Tokenizer, cfg Config) *Server {
 // early makes Envoy skip the response phase) except after an immediate
 // response, and releases the request's lease exactly once on the way out.
 func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
+	if md, _ := metadata.FromIncomingContext(stream.Context()); slices.Contains(md.Get(ObserverMetadata), "observer") {
+		return s.observe(stream)
+	}
 	s.m.streams.Inc()
 	defer s.m.streams.Dec()
 	x := &exchange{s: s, stream: stream, reqMode: filterv3.ProcessingMode_BUFFERED, contentLength: -1}
-	defer x.release(picker.StreamEnd)
+	defer x.end()
 	for {
 		req, err := stream.Recv()
 		if err != nil {
@@ -158,12 +207,25 @@ type exchange struct {
 
 	body     []byte // request body so far (FULL_DUPLEX_STREAMED)
 	bodyDone bool   // the request has been routed or rejected
-	lease    *picker.Lease
+	t        *tracker
+	handed   bool // an observer follows the response
 }
 
-func (x *exchange) release(cause picker.Cause) {
-	if x.lease != nil {
-		x.lease.Release(cause)
+// end runs when the stream ends: unless an observer took the response over,
+// whatever the request still holds is released.
+func (x *exchange) end() {
+	if x.t != nil && !x.handed {
+		x.s.forget(x.t)
+		x.t.abort()
+	}
+}
+
+// forget removes t from the requests an observer may claim.
+func (s *Server) forget(t *tracker) {
+	if t.id != "" {
+		s.mu.Lock()
+		delete(s.pending, t.id)
+		s.mu.Unlock()
 	}
 }
 
@@ -177,29 +239,68 @@ func (x *exchange) handle(req *extprocv3.ProcessingRequest) (done bool, err erro
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return x.requestTrailers()
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
-		// The response is complete at its headers when it has no body, or
-		// when Envoy will not show tokenlb the body. Otherwise (a streamed
-		// SSE response, whose headers a server such as vLLM sends before
-		// the first token) the backend is still working: hold the charge
-		// until the body ends.
-		if r.ResponseHeaders.GetEndOfStream() || x.respMode == filterv3.ProcessingMode_NONE {
-			x.release(picker.ResponseHeaders)
-		}
+		x.responseHeaders(r.ResponseHeaders)
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
 			ResponseHeaders: &extprocv3.HeadersResponse{}}})
 	case *extprocv3.ProcessingRequest_ResponseBody:
-		if r.ResponseBody.GetEndOfStream() {
-			x.release(picker.ResponseEnd)
+		if x.t != nil && !x.handed {
+			x.t.responseBody(r.ResponseBody.GetBody(), r.ResponseBody.GetEndOfStream())
 		}
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{
 			ResponseBody: x.echo(r.ResponseBody, x.respMode)}})
 	case *extprocv3.ProcessingRequest_ResponseTrailers:
-		x.release(picker.ResponseEnd)
+		if x.t != nil && !x.handed {
+			x.t.finish(picker.ResponseEnd)
+		}
 		return false, x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{
 			ResponseTrailers: &extprocv3.TrailersResponse{}}})
 	}
 	// An unknown message type from a newer Envoy: nothing to answer.
 	return false, nil
+}
+
+// responseHeaders decides who follows the response. This stream does when it
+// will see the rest (no body, or response body STREAMED). Otherwise an
+// observer stream does, if one is configured: one that already claimed the
+// request, or one that claims it within Config.ObserverGrace. With
+// EstimateFirstToken and no observer, the charge is held until this stream
+// ends (Envoy keeps it open to the end of the response when response
+// trailers are SEND). Otherwise the headers are the last thing tokenlb
+// sees, and everything is released now.
+func (x *exchange) responseHeaders(h *extprocv3.HttpHeaders) {
+	t, s := x.t, x.s
+	if t == nil || x.handed {
+		return
+	}
+	eos := h.GetEndOfStream()
+	if !eos && x.respMode == filterv3.ProcessingMode_NONE && s.cfg.Observer {
+		x.handed = true
+		t.responseHeaders(h.GetHeaders(), false)
+		if t.owner.Load() != ownerRouter {
+			return // claimed already
+		}
+		time.AfterFunc(s.cfg.ObserverGrace, func() {
+			if !t.owner.CompareAndSwap(ownerRouter, ownerKept) {
+				return
+			}
+			s.forget(t)
+			s.m.observerClaims.WithLabelValues("none").Inc()
+			s.log.Warn("no observer stream claimed a routed request; is the observer filter configured?",
+				"request_id", x.requestID, "grace", s.cfg.ObserverGrace)
+			t.finish(picker.ResponseHeaders)
+		})
+		return
+	}
+	if !t.owner.CompareAndSwap(ownerRouter, ownerKept) {
+		// An observer claimed it and sees the same response.
+		x.handed = true
+		return
+	}
+	s.forget(t)
+	t.responseHeaders(h.GetHeaders(), eos)
+	if !eos && x.respMode == filterv3.ProcessingMode_NONE && !s.cfg.EstimateFirstToken {
+		t.finish(picker.ResponseHeaders)
+	}
 }
 
 func (x *exchange) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
@@ -326,19 +427,34 @@ func (x *exchange) pick(prompt tokenizer.Prompt, in replyIn, body []byte) (bool,
 	s := x.s
 	s.m.requestTokens.WithLabelValues(string(prompt.API)).Observe(float64(prompt.Tokens))
 	start := time.Now()
-	lease, err := s.picker.Pick(int64(prompt.Tokens))
+	req := cost.Request{Model: prompt.Model, Route: string(prompt.API), PromptTokens: prompt.Tokens,
+		MaxOutputTokens: prompt.MaxOutputTokens}
+	output := s.cost.Output(req)
+	lease, err := s.picker.Pick(s.cost.Cost(req, output))
 	s.m.pickSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return x.reject(errNoCapacity(s.cfg.RetryAfter))
 	}
-	x.lease = lease
+	x.t = newTracker(s, lease, req)
+	s.m.outputTokens.Observe(float64(output))
 	s.log.Debug("routed", "path", x.path, "request_id", x.requestID, "api", prompt.API, "model", prompt.Model,
-		"tokens", prompt.Tokens, "host", lease.Host())
+		"tokens", prompt.Tokens, "expected_output", output, "host", lease.Host())
 
-	common := &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{{
+	set := []*corev3.HeaderValueOption{{
 		Header:       &corev3.HeaderValue{Key: s.cfg.DestinationHeader, RawValue: []byte(lease.Host())},
 		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
-	}}}}
+	}}
+	if s.cfg.Observer {
+		x.t.id = rand.Text()
+		s.mu.Lock()
+		s.pending[x.t.id] = x.t
+		s.mu.Unlock()
+		set = append(set, &corev3.HeaderValueOption{
+			Header:       &corev3.HeaderValue{Key: s.cfg.LeaseHeader, RawValue: []byte(x.t.id)},
+			AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+		})
+	}
+	common := &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: set}}
 	// The metadata carries the Endpoint Picker Protocol's ordered list: the
 	// chosen host, then fallbacks that override_host tries on a retry. The
 	// header stays a single address, as ORIGINAL_DST requires.
@@ -394,7 +510,9 @@ func (x *exchange) reject(e *apiError) (bool, error) {
 	x.s.log.Debug("rejected", "path", x.path, "request_id", x.requestID, "status", e.status, "reason", e.reason, "message", e.message)
 	err := x.stream.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
 		ImmediateResponse: e.immediateResponse()}})
-	x.release(picker.ImmediateResponse)
+	if x.t != nil {
+		x.t.finish(picker.ImmediateResponse)
+	}
 	return true, err
 }
 

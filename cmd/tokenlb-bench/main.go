@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,13 +29,15 @@ func main() {
 	flag.Float64Var(&o.TimeScale, "time-scale", 0.5, "llmsim time scale (latencies are reported in real ms)")
 	flag.Float64Var(&o.Utilization, "utilization", 0.8, "open loop: offered load as a fraction of estimated backend capacity")
 	flag.IntVar(&o.Concurrency, "concurrency", 0, "closed loop with this many clients (0: open loop)")
-	profiles := flag.String("profiles", "seed,heavy,chat,prefix", "workload profiles")
+	profiles := flag.String("profiles", "seed,heavy,chat,prefix", "workload profiles; a -slow suffix (seed-slow) runs backend-1 at half speed")
 	seeds := flag.String("seeds", "1,2,3", "workload seeds; each profile runs once per seed and arm")
-	arms := flag.String("arms", strings.Join(bench.Arms, ","), "arms to run")
+	arms := flag.String("arms", strings.Join(bench.Arms, ","), "arms to run: envoy-round-robin, envoy-least-request, and the tokenlb variants "+variants())
 	n := flag.Int("requests", 400, "requests per run")
 	out := flag.String("out", "bench/out", "output folder")
 	overhead := flag.Bool("overhead", false, "run the overhead measurement instead")
+	tokenlbFlags := flag.String("tokenlb-flags", "", "space-separated flags added to every tokenlb arm (e.g. --decode-weight=0.2)")
 	flag.Parse()
+	o.TokenlbFlags = strings.Fields(*tokenlbFlags)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	o.Log = os.Stderr
@@ -49,14 +52,22 @@ func main() {
 		mode = fmt.Sprintf("closed loop, concurrency %d, time scale %g", o.Concurrency, o.TimeScale)
 	}
 	for _, profile := range strings.Split(*profiles, ",") {
-		rep := bench.Report{Profile: profile, Mode: mode, Requests: *n, Runs: map[string][]bench.Result{}}
+		// A "-slow" profile runs the first backend at half speed.
+		workload, slow := strings.CutSuffix(profile, "-slow")
+		o.SlowHosts = 0
+		m := mode
+		if slow {
+			o.SlowHosts = 1
+			m += ", backend-1 at half speed"
+		}
+		rep := bench.Report{Profile: profile, Mode: m, Requests: *n, Runs: map[string][]bench.Result{}}
 		for _, s := range strings.Split(*seeds, ",") {
 			seed, err := strconv.ParseUint(s, 10, 64)
 			if err != nil {
 				fail(fmt.Errorf("seed %q: %w", s, err))
 			}
 			rep.Seeds = append(rep.Seeds, seed)
-			reqs, err := bench.Generate(profile, seed, *n)
+			reqs, err := bench.Generate(workload, seed, *n)
 			if err != nil {
 				fail(err)
 			}
@@ -78,6 +89,15 @@ func main() {
 		}
 		fmt.Println(rep.Table())
 	}
+}
+
+func variants() string {
+	var names []string
+	for name := range bench.Variants {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return strings.Join(names, ", ")
 }
 
 func fail(err error) {

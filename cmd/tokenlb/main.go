@@ -29,6 +29,7 @@ import (
 
 	"github.com/tokenlb/tokenlb/admin"
 	"github.com/tokenlb/tokenlb/config"
+	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
 	"github.com/tokenlb/tokenlb/tokenizer"
@@ -83,7 +84,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	if err != nil {
 		return err
 	}
-	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost})
+	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost, Tolerance: picker.DefaultTolerance})
 	if err != nil {
 		return err
 	}
@@ -92,13 +93,18 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	reg.MustRegister(p.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(metrics.Collectors()...)
 
+	model := cost.New(cfg.Cost.Options())
 	srv := processor.New(p, tok, processor.Config{
-		DestinationHeader: cfg.DestinationHeader,
-		MaxBodyBytes:      cfg.MaxBodyBytes,
-		RetryAfter:        cfg.RetryAfter,
-		Fallbacks:         cfg.FallbackHosts,
-		Logger:            log,
-		Metrics:           metrics,
+		DestinationHeader:  cfg.DestinationHeader,
+		MaxBodyBytes:       cfg.MaxBodyBytes,
+		RetryAfter:         cfg.RetryAfter,
+		Fallbacks:          cfg.FallbackHosts,
+		Cost:               model,
+		Observer:           cfg.Response.Observer,
+		LeaseHeader:        cfg.Response.LeaseHeader,
+		EstimateFirstToken: cfg.Response.EstimateFirstToken,
+		Logger:             log,
+		Metrics:            metrics,
 	})
 	gs := grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
 	extprocv3.RegisterExternalProcessorServer(gs, srv)
@@ -108,7 +114,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 
 	var ready atomic.Bool
 	ready.Store(true)
-	adminSrv := &http.Server{Handler: admin.Handler(p, reg, ready.Load), ReadHeaderTimeout: 10 * time.Second}
+	adminSrv := &http.Server{Handler: admin.Handler(p, model, reg, ready.Load), ReadHeaderTimeout: 10 * time.Second}
 
 	stopSweeper := make(chan struct{})
 	defer close(stopSweeper)

@@ -22,6 +22,13 @@ type Options struct {
 	// Duplex switches the request body to FULL_DUPLEX_STREAMED (with request
 	// trailers SEND, which Envoy requires for it).
 	Duplex bool
+	// Response, when set, changes how tokenlb sees responses: "streamed"
+	// drops the observer filter and shows the routing filter the response
+	// body (STREAMED); "estimate" drops the observer and shows the routing
+	// filter no body, only the end of the stream (response trailers SEND
+	// keep the stream open until then); "headers" drops the observer and
+	// shows only the response headers.
+	Response string
 	// Unsanitised drops the filter that strips a client's destination
 	// header, leaving tokenlb's overwrite as the only defence.
 	Unsanitised bool
@@ -89,8 +96,26 @@ func Render(path string, o Options) (out []byte, err error) {
 			if o.Policy != "" {
 				continue
 			}
+			tc := get(f, "typed_config").(map[string]any)
+			if tc["observability_mode"] == true {
+				if o.Response != "" {
+					continue
+				}
+				break
+			}
+			pm := get(f, "typed_config", "processing_mode").(map[string]any)
+			switch o.Response {
+			case "":
+			case "streamed":
+				pm["response_body_mode"] = "STREAMED"
+			case "estimate":
+				pm["response_body_mode"], pm["response_trailer_mode"] = "NONE", "SEND"
+			case "headers":
+				pm["response_body_mode"], pm["response_trailer_mode"] = "NONE", "SKIP"
+			default:
+				return nil, fmt.Errorf("envoycfg: unknown response mode %q", o.Response)
+			}
 			if o.Duplex {
-				pm := get(f, "typed_config", "processing_mode").(map[string]any)
 				pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"
 				pm["request_trailer_mode"] = "SEND"
 			}

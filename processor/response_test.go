@@ -1,0 +1,316 @@
+package processor
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/tokenlb/tokenlb/cost"
+	"github.com/tokenlb/tokenlb/picker"
+)
+
+func TestParseUsage(t *testing.T) {
+	for _, tc := range []struct {
+		name, tail string
+		want       usage
+		ok         bool
+	}{
+		{"json body", `{"choices":[{"text":"x"}],"usage":{"prompt_tokens":12,"total_tokens":19,"completion_tokens":7}}`,
+			usage{12, 7}, true},
+		{"sse usage chunk", "data: {\"choices\":[]}\n\ndata: {\"choices\":[],\"usage\": {\"prompt_tokens\" : 300, \"completion_tokens\":\n45}}\n\ndata: [DONE]\n\n",
+			usage{300, 45}, true},
+		{"last usage wins", `{"usage":{"prompt_tokens":1,"completion_tokens":1}} {"usage":{"prompt_tokens":2,"completion_tokens":3}}`,
+			usage{2, 3}, true},
+		{"no usage", "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n", usage{}, false},
+		{"usage null", `{"usage":null}`, usage{}, false},
+		{"cut off", `{"usage":{"prompt_tokens":12,"compl`, usage{}, false},
+		{"negative", `{"usage":{"prompt_tokens":-3,"completion_tokens":4}}`, usage{}, false},
+		{"overflowing", `{"usage":{"prompt_tokens":99999999999999999999,"completion_tokens":4}}`, usage{}, false},
+		{"fields of another object", `{"usage":{},"x":{"prompt_tokens":1,"completion_tokens":2}}`, usage{}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := parseUsage([]byte(tc.tail))
+			if got != tc.want || ok != tc.ok {
+				t.Fatalf("parseUsage = %+v, %v; want %+v, %v", got, ok, tc.want, tc.ok)
+			}
+		})
+	}
+}
+
+// step sends one message and waits for tokenlb's reply.
+func step(t *testing.T, f *fakeEnvoy, r *extprocv3.ProcessingRequest) {
+	t.Helper()
+	if err := f.send(r); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func respHeaders(status string, eos bool) *extprocv3.ProcessingRequest {
+	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+			{Key: ":status", RawValue: []byte(status)}}}, EndOfStream: eos}}}
+}
+
+func respBody(b string, eos bool) *extprocv3.ProcessingRequest {
+	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{
+		ResponseBody: &extprocv3.HttpBody{Body: []byte(b), EndOfStream: eos}}}
+}
+
+// ledger sums the picker's view of every host.
+func (e *testEnv) ledger() (h picker.HostLoad) {
+	for _, x := range e.picker.Hosts() {
+		h.InFlightTokens += x.InFlightTokens
+		h.PrefillingTokens += x.PrefillingTokens
+		h.Load += x.Load
+		h.InFlightRequests += x.InFlightRequests
+	}
+	return h
+}
+
+// eventually polls cond: for effects of messages tokenlb does not answer
+// (an observer stream's), which give the test no event to wait on.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+var twoPhase = cost.Options{TwoPhase: true, EstimateOutput: true, DecodeWeight: 0.5}
+
+const usageChunk = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n"
+
+// TestTwoPhaseOnTheRoutingStream: with the response body shown to the
+// routing stream, the prefill part goes at the first chunk, the rest at the
+// end, and the usage teaches the output estimate.
+func TestTwoPhaseOnTheRoutingStream(t *testing.T) {
+	model := cost.New(twoPhase)
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: model})
+	f := env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	routed(t, f, post(chat(100)))
+	full := env.ledger()
+	if full.PrefillingTokens == 0 || full.Load == 0 {
+		t.Fatalf("after routing: %+v", full)
+	}
+	step(t, f, respHeaders("200", false))
+	if got := env.ledger(); got != full {
+		t.Fatalf("the headers of a streamed response changed the ledger: %+v, was %+v", got, full)
+	}
+	step(t, f, respBody("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false))
+	mid := env.ledger()
+	if mid.PrefillingTokens != 0 || mid.InFlightTokens != full.InFlightTokens || mid.Load >= full.Load || mid.Load == 0 {
+		t.Fatalf("after the first token: %+v, was %+v", mid, full)
+	}
+	step(t, f, respBody("data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n", false))
+	if got := env.ledger(); got != mid {
+		t.Fatalf("a later token changed the ledger: %+v, was %+v", got, mid)
+	}
+	step(t, f, respBody(usageChunk, true))
+	if got := env.ledger(); got != (picker.HostLoad{}) {
+		t.Fatalf("after the end: %+v", got)
+	}
+	f.close()
+	if got := model.Output(cost.Request{Model: "m", Route: "chat_completions"}); got >= cost.DefaultOutputTokens {
+		t.Fatalf("output estimate %d after a 3-token response, want below the prior %d", got, cost.DefaultOutputTokens)
+	}
+}
+
+// TestErrorResponseTeachesNothing: a 500's body is not a first token, and
+// its length is not an output length.
+func TestErrorResponseTeachesNothing(t *testing.T) {
+	model := cost.New(twoPhase)
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: model})
+	f := env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	routed(t, f, post(chat(100)))
+	step(t, f, respHeaders("500", false))
+	step(t, f, respBody(`{"error":{"message":"boom"},"usage":{"prompt_tokens":1,"completion_tokens":1}}`, false))
+	if got := env.ledger(); got.PrefillingTokens == 0 {
+		t.Fatalf("an error body released the prefill part: %+v", got)
+	}
+	step(t, f, respBody("", true))
+	f.close()
+	if got := env.ledger(); got != (picker.HostLoad{}) {
+		t.Fatalf("after the end: %+v", got)
+	}
+	if got := model.Output(cost.Request{Model: "m", Route: "chat_completions"}); got != cost.DefaultOutputTokens {
+		t.Fatalf("output estimate %d, want the prior", got)
+	}
+}
+
+// openObserver opens a stream as the observability-mode filter does.
+func (e *testEnv) openObserver(t *testing.T) *fakeEnvoy {
+	t.Helper()
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), ObserverMetadata, "observer"))
+	stream, err := e.client.Process(ctx)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(cancel)
+	return &fakeEnvoy{t: t, stream: stream, cancel: cancel}
+}
+
+func observerHeaders(lease string) *extprocv3.ProcessingRequest {
+	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: DefaultLeaseHeader, RawValue: []byte(lease)}}}}}}
+}
+
+// TestObserverFollowsResponse: the routing stream hands the response over to
+// the observer stream that claimed the request by its lease header; the
+// routing stream's end (right after the response headers) releases nothing.
+func TestObserverFollowsResponse(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true})
+	f := env.open(t, buffered)
+	out := routed(t, f, post(chat(100)))
+	lease := out.headers[DefaultLeaseHeader]
+	if len(lease) < 16 {
+		t.Fatalf("lease header %q", lease)
+	}
+	full := env.ledger()
+	o := env.openObserver(t)
+	o.send(observerHeaders(lease))
+	eventually(t, "the observer's claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
+	if err := f.respond200Streaming(); err != nil {
+		t.Fatal(err)
+	}
+	f.close()
+	env.waitEnded(t, 1)
+	if got := env.ledger(); got != full {
+		t.Fatalf("the routing stream's end changed the ledger: %+v, was %+v", got, full)
+	}
+	o.send(respHeaders("200", false))
+	o.send(respBody("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false))
+	eventually(t, "the prefill part's release", func() bool { return env.ledger().PrefillingTokens == 0 })
+	if got := env.ledger(); got.InFlightTokens != full.InFlightTokens || got.Load == 0 {
+		t.Fatalf("after the first token: %+v", got)
+	}
+	o.send(respBody(usageChunk, true))
+	eventually(t, "the release at the end", func() bool { return env.ledger() == picker.HostLoad{} })
+	if got := env.picker.Stats().Releases[picker.ResponseEnd]; got != 1 {
+		t.Fatalf("releases by response_end: %d", got)
+	}
+}
+
+// respond200Streaming delivers streaming response headers (more to come)
+// and reads tokenlb's reply.
+func (f *fakeEnvoy) respond200Streaming() error {
+	if err := f.send(respHeaders("200", false)); err != nil {
+		return err
+	}
+	_, err := f.stream.Recv()
+	return err
+}
+
+// TestObserverAbort: an observer stream that ends before the response did
+// (the client went away) releases everything.
+func TestObserverAbort(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true})
+	f := env.open(t, buffered)
+	out := routed(t, f, post(chat(100)))
+	o := env.openObserver(t)
+	o.send(observerHeaders(out.headers[DefaultLeaseHeader]))
+	eventually(t, "the observer's claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
+	f.respond200Streaming()
+	f.close()
+	o.abort()
+	eventually(t, "the release", func() bool { return env.ledger() == picker.HostLoad{} })
+	if got := env.picker.Stats().Releases[picker.StreamEnd]; got != 1 {
+		t.Fatalf("releases by stream_end: %d", got)
+	}
+}
+
+// TestObserverUnknownOrLate: a lease header that names nothing (a client's
+// guess) claims nothing; an observer that claims after the routing stream
+// saw the response headers still takes over; a request nobody claims within
+// the grace period is released then.
+func TestObserverUnknownOrLate(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true,
+		ObserverGrace: 200 * time.Millisecond})
+	f := env.open(t, buffered)
+	req := post(chat(100))
+	req.headers[DefaultLeaseHeader] = "guessed"
+	out := routed(t, f, req)
+	if out.headers[DefaultLeaseHeader] == "guessed" {
+		t.Fatal("the client's lease header survived")
+	}
+	o := env.openObserver(t)
+	o.send(observerHeaders("guessed"))
+	eventually(t, "the unknown claim", func() bool { return counter(t, env.s.m.observerClaims, "unknown") == 1 })
+	f.respond200Streaming()
+	f.close()
+	if got := env.ledger(); got.InFlightRequests != 1 {
+		t.Fatalf("released at the response headers while an observer may still claim it: %+v", got)
+	}
+	// The real id, after the response headers: the observer takes over.
+	late := env.openObserver(t)
+	late.send(observerHeaders(out.headers[DefaultLeaseHeader]))
+	eventually(t, "the late claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
+	late.send(respBody(usageChunk, true))
+	eventually(t, "the release at the end", func() bool { return env.ledger() == picker.HostLoad{} })
+
+	// Nobody claims this one: released when the grace period ends.
+	f = env.open(t, buffered)
+	routed(t, f, post(chat(100)))
+	f.respond200Streaming()
+	f.close()
+	eventually(t, "the release after the grace period", func() bool { return env.ledger() == picker.HostLoad{} })
+	if got := counter(t, env.s.m.observerClaims, "none"); got != 1 {
+		t.Fatalf("unclaimed requests counted: %v", got)
+	}
+	if got := env.picker.Stats().Releases[picker.ResponseHeaders]; got != 1 {
+		t.Fatalf("releases by response_headers: %v", got)
+	}
+}
+
+// TestEstimateFirstToken: without seeing the response, the prefill part
+// goes when the host should have prefilled the prompt, and the rest when
+// the stream ends (Envoy holds it open to the end of the response when
+// response trailers are SEND).
+func TestEstimateFirstToken(t *testing.T) {
+	// 10 tokens a second: a 1-word prompt (about 9 tokens with the chat
+	// template) takes about 1 s by the estimate; a 100-word one queued
+	// behind it about 12 s.
+	slow := cost.Options{TwoPhase: true, DecodeWeight: 0.5, PrefillTokensPerSecond: 10}
+	env := startEnv(t, threeHosts[:1], picker.Options{}, Config{Cost: cost.New(slow), EstimateFirstToken: true})
+	short := env.open(t, buffered)
+	routed(t, short, post(chat(1)))
+	long := env.open(t, buffered)
+	routed(t, long, post(chat(100)))
+	full := env.ledger()
+	eventually(t, "the short request's estimated first token", func() bool {
+		return env.ledger().PrefillingTokens < full.PrefillingTokens
+	})
+	if got := env.ledger(); got.PrefillingTokens < 100 {
+		t.Fatalf("the long request's prefill released early: %+v", got)
+	}
+	short.respond200Streaming()
+	if got := env.ledger(); got.InFlightRequests != 2 {
+		t.Fatalf("released at the response headers: %+v", got)
+	}
+	short.close()
+	long.close()
+	env.waitEnded(t, 2)
+	if got := env.ledger(); got != (picker.HostLoad{}) {
+		t.Fatalf("after both streams ended: %+v", got)
+	}
+}
+
+func counter(t *testing.T, v *prometheus.CounterVec, label string) float64 {
+	t.Helper()
+	return testutil.ToFloat64(v.WithLabelValues(label))
+}
