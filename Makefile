@@ -41,11 +41,12 @@ bench-quick: build tools
 # The full comparison behind bench/RESULTS.md, at half real time, seeds 1-3,
 # 400 requests a run, open loop at 80% utilization: seed, heavy and seed-slow
 # (backend-1 at half speed) against every tokenlb variant (the cost model's
-# pieces switched on in turn, and the three ways of seeing responses); chat
+# pieces switched on in turn, the stall term, and the three ways of seeing
+# responses); chat
 # and prefix against the shipped tokenlb; the original experiment's closed
 # loops (seed at concurrency 30, heavy at 5, 60 requests); then the overhead
 # run. About 40 minutes.
-BENCH_ARMS = envoy-round-robin,envoy-least-request,tokenlb-prompt-only,tokenlb-two-phase,tokenlb-estimate-output,tokenlb,tokenlb-streamed,tokenlb-estimate
+BENCH_ARMS = envoy-round-robin,envoy-least-request,tokenlb-prompt-only,tokenlb-two-phase,tokenlb-estimate-output,tokenlb,tokenlb-stall,tokenlb-streamed,tokenlb-estimate
 bench: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" --arms $(BENCH_ARMS) \
 		--profiles seed,heavy,seed-slow --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \

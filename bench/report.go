@@ -205,6 +205,7 @@ var armColors = map[string]color.Color{
 	"tokenlb-prompt-only":     color.RGBA{150, 150, 150, 255},
 	"tokenlb-two-phase":       color.RGBA{110, 110, 110, 255},
 	"tokenlb-estimate-output": color.RGBA{60, 60, 60, 255},
+	"tokenlb-stall":           color.RGBA{150, 90, 190, 255},
 	"tokenlb-streamed":        color.RGBA{60, 170, 90, 255},
 	"tokenlb-estimate":        color.RGBA{150, 200, 80, 255},
 }

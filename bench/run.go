@@ -46,6 +46,8 @@ var Variants = map[string]Variant{
 		About: "+ two-phase cost: prefill released at the first token, decode (max_tokens) held to the end"},
 	"tokenlb-estimate-output": {Flags: []string{"--calibrate=false"},
 		About: "+ output estimation from usage"},
+	"tokenlb-stall": {Flags: []string{"--stall-weight=1"},
+		About: "as shipped, plus the stall term: long prompts kept away from hosts with many decoding requests"},
 	"tokenlb-streamed": {Response: "streamed", Flags: []string{"--observer=false"},
 		About: "as shipped, but the routing filter sees the response body (STREAMED): a round trip per chunk"},
 	"tokenlb-estimate": {Response: "estimate", Flags: []string{"--observer=false", "--estimate-first-token"},

@@ -82,6 +82,9 @@ type Cost struct {
 	// DecodeWeight is the share of a request's expected decode time
 	// charged to its host (0 charges prompts only).
 	DecodeWeight float64 `yaml:"decode_weight"`
+	// StallWeight steers long prompts away from hosts with many decoding
+	// requests, which a prefill stalls (0 leaves it out).
+	StallWeight float64 `yaml:"stall_weight"`
 	// OutputTokens is the prior output length.
 	OutputTokens int `yaml:"output_tokens"`
 	// PrefillTokensPerSecond and DecodeTokensPerSecond (per sequence) are
@@ -104,6 +107,9 @@ type Response struct {
 	Observer bool `yaml:"observer"`
 	// LeaseHeader is the header that lets the observer find the request.
 	LeaseHeader string `yaml:"lease_header"`
+	// ObserverGrace is how long a request waits, after its response
+	// headers, for the observer to claim it before it is released.
+	ObserverGrace time.Duration `yaml:"observer_grace"`
 	// EstimateFirstToken releases the prefill load when the host should
 	// have prefilled the request, without seeing the first token.
 	EstimateFirstToken bool `yaml:"estimate_first_token"`
@@ -130,7 +136,8 @@ func Default() Config {
 		Cost: Cost{TwoPhase: true, EstimateOutput: true, Calibrate: true, DecodeWeight: cost.DefaultDecodeWeight,
 			OutputTokens: cost.DefaultOutputTokens, PrefillTokensPerSecond: cost.DefaultPrefillTokensPerSecond,
 			DecodeTokensPerSecond: cost.DefaultDecodeTokensPerSecond},
-		Response:  Response{Observer: true, LeaseHeader: processor.DefaultLeaseHeader},
+		Response: Response{Observer: true, LeaseHeader: processor.DefaultLeaseHeader,
+			ObserverGrace: processor.DefaultObserverGrace},
 		LogLevel:  "info",
 		LogFormat: "text",
 	}
@@ -203,6 +210,9 @@ func (c *Config) Validate() error {
 	if w := c.Cost.DecodeWeight; w < 0 || w > 1 || w != w {
 		bad("cost.decode_weight", "%g is outside 0 to 1", w)
 	}
+	if w := c.Cost.StallWeight; w < 0 || w > 1 || w != w {
+		bad("cost.stall_weight", "%g is outside 0 to 1", w)
+	}
 	if c.Cost.OutputTokens <= 0 {
 		bad("cost.output_tokens", "must be positive")
 	}
@@ -224,7 +234,7 @@ func (c *Config) Validate() error {
 		v    time.Duration
 		zero bool // zero allowed
 	}{{"retry_after", c.RetryAfter, false}, {"lease_ttl", c.LeaseTTL, false}, {"sweep_interval", c.SweepInterval, false},
-		{"shutdown_delay", c.ShutdownDelay, true}, {"drain_timeout", c.DrainTimeout, true}} {
+		{"shutdown_delay", c.ShutdownDelay, true}, {"response.observer_grace", c.Response.ObserverGrace, false}, {"drain_timeout", c.DrainTimeout, true}} {
 		if d.v < 0 || (d.v == 0 && !d.zero) {
 			bad(d.name, "%s must be positive", d.v)
 		}
@@ -274,11 +284,13 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.BoolVar(&f.Cost.EstimateOutput, "estimate-output", d.Cost.EstimateOutput, "learn output lengths from responses' usage")
 	fs.BoolVar(&f.Cost.Calibrate, "calibrate", d.Cost.Calibrate, "learn each host's token ratio and speeds")
 	fs.Float64Var(&f.Cost.DecodeWeight, "decode-weight", d.Cost.DecodeWeight, "share of expected decode time charged (0 to 1)")
+	fs.Float64Var(&f.Cost.StallWeight, "stall-weight", d.Cost.StallWeight, "weight of the stall a prompt's prefill imposes on a host's decoding requests (0 to 1)")
 	fs.IntVar(&f.Cost.OutputTokens, "output-tokens", d.Cost.OutputTokens, "prior output length")
 	fs.Float64Var(&f.Cost.PrefillTokensPerSecond, "prefill-tokens-per-second", d.Cost.PrefillTokensPerSecond, "prior prefill speed")
 	fs.Float64Var(&f.Cost.DecodeTokensPerSecond, "decode-tokens-per-second", d.Cost.DecodeTokensPerSecond, "prior decode speed per sequence")
 	fs.BoolVar(&f.Response.Observer, "observer", d.Response.Observer, "an observability-mode ext_proc filter reports responses")
 	fs.StringVar(&f.Response.LeaseHeader, "lease-header", d.Response.LeaseHeader, "header that lets the observer find the request")
+	fs.DurationVar(&f.Response.ObserverGrace, "observer-grace", d.Response.ObserverGrace, "wait for the observer to claim a request after its response headers")
 	fs.BoolVar(&f.Response.EstimateFirstToken, "estimate-first-token", d.Response.EstimateFirstToken, "release prefill load at the estimated first token")
 	fs.StringVar(&f.LogLevel, "log-level", d.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&f.LogFormat, "log-format", d.LogFormat, "text or json")
@@ -339,6 +351,8 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			c.Cost.Calibrate = f.Cost.Calibrate
 		case "decode-weight":
 			c.Cost.DecodeWeight = f.Cost.DecodeWeight
+		case "stall-weight":
+			c.Cost.StallWeight = f.Cost.StallWeight
 		case "output-tokens":
 			c.Cost.OutputTokens = f.Cost.OutputTokens
 		case "prefill-tokens-per-second":
@@ -349,6 +363,8 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			c.Response.Observer = f.Response.Observer
 		case "lease-header":
 			c.Response.LeaseHeader = f.Response.LeaseHeader
+		case "observer-grace":
+			c.Response.ObserverGrace = f.Response.ObserverGrace
 		case "estimate-first-token":
 			c.Response.EstimateFirstToken = f.Response.EstimateFirstToken
 		case "log-level":

@@ -55,6 +55,13 @@ type Options struct {
 	// better would take every request while the fleet is idle. 0 compares
 	// exactly.
 	Tolerance float64
+	// StallWeight adds to a host's score the wait a request's prefill
+	// imposes on the requests decoding there: its UntilFirstToken part
+	// times the host's decoding requests, times StallWeight. A
+	// continuous-batching server runs a prefill chunk in the same step as
+	// every decoding sequence, so a long prompt stalls them all. The term
+	// only steers the pick; nothing is charged for it. 0 leaves it out.
+	StallWeight float64
 	// Seed seeds tie-breaking; 0 picks a random seed.
 	Seed uint64
 	// Now is the clock used for lease ages; nil means time.Now.
@@ -82,6 +89,7 @@ type host struct {
 	prefilling int64 // prompt tokens of requests still waiting for their first token
 	load       int64 // charged load not yet released
 	requests   int64
+	decoding   int64 // requests past their first token
 	picks      uint64
 }
 
@@ -192,7 +200,8 @@ func (p *Picker) Pick(cost Cost) (*Lease, error) {
 		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+c.Tokens > p.opts.MaxInFlightTokens {
 			continue
 		}
-		load := h.load + c.UntilFirstToken + c.UntilEnd
+		load := h.load + c.UntilFirstToken + c.UntilEnd +
+			int64(float64(c.UntilFirstToken)*float64(h.decoding)*p.opts.StallWeight)
 		opts = append(opts, option{h, c, load})
 		if lowest < 0 || load < lowest {
 			lowest, own = load, c.UntilFirstToken+c.UntilEnd
@@ -274,6 +283,7 @@ func (l *Lease) FirstToken() bool {
 		return false
 	}
 	p.firstLocked(l)
+	l.h.decoding++
 	return true
 }
 
@@ -298,6 +308,8 @@ func (p *Picker) releaseLocked(l *Lease, cause Cause) bool {
 	}
 	if !l.first {
 		p.firstLocked(l)
+	} else {
+		l.h.decoding--
 	}
 	l.done = true
 	l.h.tokens -= l.charge.Tokens
@@ -348,8 +360,10 @@ type HostLoad struct {
 	// not come back yet.
 	PrefillingTokens int64 `json:"prefilling_tokens"`
 	// Load is the charged load not yet released, in the cost's unit.
-	Load             int64  `json:"load"`
-	InFlightRequests int64  `json:"in_flight_requests"`
+	Load             int64 `json:"load"`
+	InFlightRequests int64 `json:"in_flight_requests"`
+	// DecodingRequests are the in-flight requests past their first token.
+	DecodingRequests int64  `json:"decoding_requests"`
 	Picks            uint64 `json:"picks"`
 }
 
@@ -361,7 +375,7 @@ func (p *Picker) Hosts() []HostLoad {
 	out := make([]HostLoad, len(p.hosts))
 	for i, h := range p.hosts {
 		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, PrefillingTokens: h.prefilling, Load: h.load,
-			InFlightRequests: h.requests, Picks: h.picks}
+			InFlightRequests: h.requests, DecodingRequests: h.decoding, Picks: h.picks}
 	}
 	return out
 }

@@ -376,3 +376,40 @@ func TestToleranceSpreadsNearTies(t *testing.T) {
 		}
 	}
 }
+
+// TestStallWeight: with a stall weight, a long prompt avoids the host whose
+// requests are decoding, since its prefill would stall them; a request with
+// no prefill part is not affected.
+func TestStallWeight(t *testing.T) {
+	for _, tc := range []struct {
+		weight float64
+		want   string
+	}{{0, "10.0.0.1:80"}, {1, "10.0.0.2:80"}} {
+		p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80"}, Options{StallWeight: tc.weight})
+		// .1: two decoding requests holding 100 each; .2: one request
+		// still prefilling, holding 300.
+		for range 2 {
+			l, _ := p.Pick(func(h string) Charge {
+				if h == "10.0.0.1:80" {
+					return Charge{UntilEnd: 100}
+				}
+				return Charge{UntilEnd: 1000}
+			})
+			l.FirstToken()
+		}
+		p.Pick(func(h string) Charge {
+			if h == "10.0.0.2:80" {
+				return Charge{UntilFirstToken: 300}
+			}
+			return Charge{UntilFirstToken: 1000}
+		})
+		if h := p.Hosts(); h[0].DecodingRequests != 2 || h[1].DecodingRequests != 0 {
+			t.Fatalf("decoding requests %d, %d; want 2, 0", h[0].DecodingRequests, h[1].DecodingRequests)
+		}
+		// A 150 prefill: .1 scores 200 + 150 (+ 2 × 150 × weight), .2 300 + 150.
+		l, _ := p.Pick(func(string) Charge { return Charge{UntilFirstToken: 150} })
+		if l.Host() != tc.want {
+			t.Errorf("stall weight %v: picked %s, want %s", tc.weight, l.Host(), tc.want)
+		}
+	}
+}

@@ -84,7 +84,8 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	if err != nil {
 		return err
 	}
-	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost, Tolerance: picker.DefaultTolerance})
+	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost, Tolerance: picker.DefaultTolerance,
+		StallWeight: cfg.Cost.StallWeight})
 	if err != nil {
 		return err
 	}
@@ -102,6 +103,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 		Cost:               model,
 		Observer:           cfg.Response.Observer,
 		LeaseHeader:        cfg.Response.LeaseHeader,
+		ObserverGrace:      cfg.Response.ObserverGrace,
 		EstimateFirstToken: cfg.Response.EstimateFirstToken,
 		Logger:             log,
 		Metrics:            metrics,
