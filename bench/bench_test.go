@@ -122,12 +122,13 @@ func TestReport(t *testing.T) {
 			HostShare: map[string]float64{"backend-1": 0.5, "backend-2": 0.5}, ttfts: []float64{ttft}, e2es: []float64{e2e}}
 	}
 	r := Report{Profile: "seed", Mode: "test", Seeds: []uint64{1, 2, 3}, Requests: 10, Runs: map[string][]Result{
-		"1": {run("envoy-least-request", 100, 1000), run("tokenlb", 50, 900)},
-		"2": {run("envoy-least-request", 300, 3000), run("tokenlb", 60, 950)},
-		"3": {run("envoy-least-request", 200, 2000), run("tokenlb", 70, 5000)},
+		"1": {run("envoy-least-request", 100, 1000), run("tokenlb", 50, 900), run("tokenlb-two-phase", 80, 1000)},
+		"2": {run("envoy-least-request", 300, 3000), run("tokenlb", 60, 950), run("tokenlb-two-phase", 80, 1000)},
+		"3": {run("envoy-least-request", 200, 2000), run("tokenlb", 70, 5000), run("tokenlb-two-phase", 80, 1000)},
 	}}
 	r.Median()
-	if len(r.Arms) != 2 || r.Arms[0].TTFT.P90 != 200 || r.Arms[1].E2E.Mean != 950 || r.Arms[1].Requests != 10 {
+	if len(r.Arms) != 3 || r.Arms[0].TTFT.P90 != 200 || r.Arms[1].E2E.Mean != 950 || r.Arms[1].Requests != 10 ||
+		r.Arms[2].Arm != "tokenlb-two-phase" {
 		t.Fatalf("medians %+v", r.Arms)
 	}
 	// Paired by seed: TTFT 50/100, 60/300, 70/200 → -50%, -80%, -65%;
@@ -146,6 +147,15 @@ func TestReport(t *testing.T) {
 		if st, err := os.Stat(filepath.Join(dir, f)); err != nil || st.Size() == 0 {
 			t.Errorf("%s: %v", f, err)
 		}
+	}
+	// The JSON renders the same tables again.
+	back, err := ReadReport(filepath.Join(dir, "seed.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	back.Median()
+	if back.Table() != r.Table() {
+		t.Fatalf("table from JSON:\n%s\nwant:\n%s", back.Table(), r.Table())
 	}
 }
 

@@ -25,10 +25,19 @@ type Report struct {
 	Runs     map[string][]Result `json:"runs"` // seed → arms
 }
 
-// Median builds the per-arm medians over the runs.
+// Median builds the per-arm medians over the runs, for every arm that ran,
+// in the order they ran.
 func (r *Report) Median() {
 	r.Arms = nil
-	for _, arm := range Arms {
+	var arms []string
+	for _, seed := range r.Seeds {
+		for _, x := range r.Runs[fmt.Sprint(seed)] {
+			if !slices.Contains(arms, x.Arm) {
+				arms = append(arms, x.Arm)
+			}
+		}
+	}
+	for _, arm := range arms {
 		var rs []Result
 		for _, seed := range r.Seeds {
 			for _, x := range r.Runs[fmt.Sprint(seed)] {
@@ -175,6 +184,20 @@ func mapsKeys(m map[string]float64) func(func(string) bool) {
 
 // Write stores <profile>.json, <profile>.md and the latency CDFs
 // <profile>-ttft.png and <profile>-e2e.png in dir.
+// ReadReport reads a report that Write wrote, without the raw latencies
+// (its tables can be rendered again, not its plots).
+func ReadReport(path string) (*Report, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var r Report
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &r, nil
+}
+
 func (r *Report) Write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err

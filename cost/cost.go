@@ -44,7 +44,7 @@ const (
 	DefaultDecodeTokensPerSecond  = 100
 	// DefaultDecodeWeight is the share of a decoding second charged to its
 	// host, chosen by make bench (see bench/RESULTS.md).
-	DefaultDecodeWeight = 0.05
+	DefaultDecodeWeight = 0.1
 	// DefaultOutputTokens is the prior for a model's output length.
 	DefaultOutputTokens = 256
 	// DefaultMemory is how many observations the learned averages remember:
@@ -261,10 +261,16 @@ func (m *Model) Learn(o Outcome) {
 	if o.TTFT > 0 {
 		// The first token comes once the host has prefilled what was
 		// queued ahead and this prompt (in its own tokens).
+		// A short prefill says little of the host's speed: its time to
+		// first token is mostly a decode step and the network. Each
+		// observation counts in proportion to its work, up to
+		// prefillWorkFull tokens, so that a host sent many short prompts
+		// does not look slow.
 		work := float64(o.Ahead+int64(o.Request.PromptTokens)) * ratio
 		x := math.Log(clamp(o.TTFT.Seconds()/work, 1e-8, 1))
-		h.logPrefill.add(x, m.alpha)
-		m.fleet.logPrefill.add(x, fa)
+		share := min(work/prefillWorkFull, 1)
+		h.logPrefill.add(x, m.alpha*share)
+		m.fleet.logPrefill.add(x, fa*share)
 		if o.OutputTokens > 1 && o.Duration > o.TTFT {
 			per := (o.Duration - o.TTFT).Seconds() / float64(o.OutputTokens-1)
 			x := math.Log(clamp(per, 1e-6, 10))
@@ -273,6 +279,10 @@ func (m *Model) Learn(o Outcome) {
 		}
 	}
 }
+
+// prefillWorkFull is how many tokens of prefill make a full observation of
+// a host's prefill speed.
+const prefillWorkFull = 1024
 
 func clamp(x, lo, hi float64) float64 { return min(max(x, lo), hi) }
 

@@ -161,3 +161,26 @@ func TestCalibrationIgnoresWildSamples(t *testing.T) {
 		t.Fatalf("one wild sample: %+v", s)
 	}
 }
+
+// TestCalibrationShortPrompts: two hosts of the same speed, one of them also
+// sent many short prompts whose time to first token is mostly a fixed
+// overhead (a decode step, the network), are believed about as fast.
+func TestCalibrationShortPrompts(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true }))
+	long := Outcome{Request: Request{PromptTokens: 1000}, TTFT: 55 * time.Millisecond, Duration: 100 * time.Millisecond}
+	short := Outcome{Request: Request{PromptTokens: 20}, TTFT: 6 * time.Millisecond, Duration: 50 * time.Millisecond}
+	for range 200 {
+		long.Host = "a"
+		m.Learn(long)
+		long.Host = "b"
+		m.Learn(long)
+		short.Host = "b"
+		for range 4 {
+			m.Learn(short)
+		}
+	}
+	a, b := m.Speed("a").PrefillTokensPerSecond, m.Speed("b").PrefillTokensPerSecond
+	if b < a*0.8 {
+		t.Fatalf("host sent short prompts too: %.0f prefill tokens/s, the other %.0f; want within 20%%", b, a)
+	}
+}

