@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build run demo tools test vet bench bench-quick clean
+.PHONY: all build run demo tools test vet bench bench-quick bench-tokenizer fuzz-tokenizer clean
 
 all: build
 
@@ -56,6 +56,22 @@ bench: build tools
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out
+
+# Counting throughput and allocations, tiktoken-go against the fast engine,
+# on the committed corpus (tokenizer/testdata/corpus) and both encodings, ten
+# runs each, compared side by side by benchstat. About 4 minutes.
+BENCHSTAT = golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da
+bench-tokenizer:
+	mkdir -p bench/out
+	$(GO) test -run '^$$' -bench 'Count$$' -count 10 ./tokenizer | tee bench/out/tokenizer.txt
+	$(GO) run $(BENCHSTAT) -col /engine bench/out/tokenizer.txt
+
+# The fast engine against tiktoken-go on generated inputs, for FUZZTIME (ten
+# minutes by default). A finding is written to tokenizer/testdata/fuzz and
+# then runs in make test.
+FUZZTIME ?= 10m
+fuzz-tokenizer:
+	$(GO) test -run '^$$' -fuzz '^FuzzCount$$' -fuzztime $(FUZZTIME) -timeout 0 ./tokenizer
 
 clean:
 	rm -rf bin .tools

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,6 +33,8 @@ type Config struct {
 	Hosts []Host `yaml:"hosts"`
 	// Encoding is the tiktoken encoding used to count tokens.
 	Encoding string `yaml:"encoding"`
+	// Tokenizer says how tokens are counted.
+	Tokenizer Tokenizer `yaml:"tokenizer"`
 	// DestinationHeader is the header (and envoy.lb metadata key) that
 	// carries the chosen host.
 	DestinationHeader string `yaml:"destination_header"`
@@ -100,6 +103,32 @@ func (c Cost) Options() cost.Options {
 		PrefillTokensPerSecond: c.PrefillTokensPerSecond, DecodeTokensPerSecond: c.DecodeTokensPerSecond}
 }
 
+// Tokenizer configures token counting (package tokenizer documents it).
+type Tokenizer struct {
+	// Engine is fast (tokenlb's own counter) or tiktoken (tiktoken-go,
+	// the reference it is tested against); both count the same.
+	Engine string `yaml:"engine"`
+	// CacheEntries bounds the cache of counts of repeated texts; 0 turns
+	// it off. Texts shorter than CacheMinBytes are not cached.
+	CacheEntries  int `yaml:"cache_entries"`
+	CacheMinBytes int `yaml:"cache_min_bytes"`
+	// ExactBytes and TimeLimit bound exact counting per request; past
+	// either, the rest of the request is estimated from a part counted
+	// exactly.
+	ExactBytes int           `yaml:"exact_bytes"`
+	TimeLimit  time.Duration `yaml:"time_limit"`
+}
+
+// Options returns the tokenizer options for encoding.
+func (t Tokenizer) Options(encoding string) tokenizer.Options {
+	entries := t.CacheEntries
+	if entries == 0 {
+		entries = -1 // off
+	}
+	return tokenizer.Options{Encoding: encoding, Engine: t.Engine, CacheEntries: entries,
+		CacheMinBytes: t.CacheMinBytes, ExactBytes: t.ExactBytes, TimeLimit: t.TimeLimit}
+}
+
 // Response says how tokenlb learns of a response's first token and end.
 type Response struct {
 	// Observer says an observability-mode ext_proc filter after the
@@ -123,9 +152,12 @@ type Host struct {
 // Default returns the configuration used for fields a file leaves out.
 func Default() Config {
 	return Config{
-		Listen:            "127.0.0.1:9002",
-		Admin:             "127.0.0.1:9090",
-		Encoding:          "cl100k_base",
+		Listen:   "127.0.0.1:9002",
+		Admin:    "127.0.0.1:9090",
+		Encoding: "cl100k_base",
+		Tokenizer: Tokenizer{Engine: tokenizer.DefaultEngine, CacheEntries: tokenizer.DefaultCacheEntries,
+			CacheMinBytes: tokenizer.DefaultCacheMinBytes, ExactBytes: tokenizer.DefaultExactBytes,
+			TimeLimit: tokenizer.DefaultTimeLimit},
 		DestinationHeader: processor.DefaultDestinationHeader,
 		FallbackHosts:     2,
 		MaxBodyBytes:      processor.DefaultMaxBodyBytes,
@@ -197,6 +229,18 @@ func (c *Config) Validate() error {
 	if !known {
 		bad("encoding", "unknown encoding %q (want one of %s)", c.Encoding, strings.Join(tokenizer.Encodings, ", "))
 	}
+	if !slices.Contains(tokenizer.Engines, c.Tokenizer.Engine) {
+		bad("tokenizer.engine", "unknown engine %q (want one of %s)", c.Tokenizer.Engine, strings.Join(tokenizer.Engines, ", "))
+	}
+	if n := c.Tokenizer.CacheEntries; n < 0 || n > 1<<24 {
+		bad("tokenizer.cache_entries", "%d is outside 0 to %d", n, 1<<24)
+	}
+	if c.Tokenizer.CacheMinBytes <= 0 {
+		bad("tokenizer.cache_min_bytes", "must be positive")
+	}
+	if c.Tokenizer.ExactBytes < 1<<10 {
+		bad("tokenizer.exact_bytes", "%d is below 1 KiB", c.Tokenizer.ExactBytes)
+	}
 	if h := c.DestinationHeader; h == "" || strings.HasPrefix(h, ":") || strings.ContainsAny(h, " \t\r\n") ||
 		strings.EqualFold(h, "host") || strings.HasPrefix(strings.ToLower(h), "x-envoy-") {
 		bad("destination_header", "%q cannot be set by an ext_proc server", h)
@@ -234,7 +278,7 @@ func (c *Config) Validate() error {
 		v    time.Duration
 		zero bool // zero allowed
 	}{{"retry_after", c.RetryAfter, false}, {"lease_ttl", c.LeaseTTL, false}, {"sweep_interval", c.SweepInterval, false},
-		{"shutdown_delay", c.ShutdownDelay, true}, {"response.observer_grace", c.Response.ObserverGrace, false}, {"drain_timeout", c.DrainTimeout, true}} {
+		{"shutdown_delay", c.ShutdownDelay, true}, {"tokenizer.time_limit", c.Tokenizer.TimeLimit, false}, {"response.observer_grace", c.Response.ObserverGrace, false}, {"drain_timeout", c.DrainTimeout, true}} {
 		if d.v < 0 || (d.v == 0 && !d.zero) {
 			bad(d.name, "%s must be positive", d.v)
 		}
@@ -271,6 +315,11 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.StringVar(&f.Admin, "admin", d.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
 	fs.StringVar(&hosts, "hosts", "", "comma-separated backend ip:port list (replaces the file's hosts)")
 	fs.StringVar(&f.Encoding, "encoding", d.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
+	fs.StringVar(&f.Tokenizer.Engine, "tokenizer-engine", d.Tokenizer.Engine, "token counter: "+strings.Join(tokenizer.Engines, " or "))
+	fs.IntVar(&f.Tokenizer.CacheEntries, "tokenizer-cache-entries", d.Tokenizer.CacheEntries, "bound of the cache of counts of repeated texts, 0 for none")
+	fs.IntVar(&f.Tokenizer.CacheMinBytes, "tokenizer-cache-min-bytes", d.Tokenizer.CacheMinBytes, "shortest text cached")
+	fs.IntVar(&f.Tokenizer.ExactBytes, "tokenizer-exact-bytes", d.Tokenizer.ExactBytes, "text per request counted exactly; the rest is estimated from a sample")
+	fs.DurationVar(&f.Tokenizer.TimeLimit, "tokenizer-time-limit", d.Tokenizer.TimeLimit, "counting time per request; the rest is estimated")
 	fs.StringVar(&f.DestinationHeader, "destination-header", d.DestinationHeader, "header carrying the chosen host")
 	fs.IntVar(&f.FallbackHosts, "fallback-hosts", d.FallbackHosts, "other hosts listed after the chosen one in the envoy.lb metadata, for retries")
 	fs.Int64Var(&f.MaxBodyBytes, "max-body-bytes", d.MaxBodyBytes, "largest request body accepted")
@@ -325,6 +374,16 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			}
 		case "encoding":
 			c.Encoding = f.Encoding
+		case "tokenizer-engine":
+			c.Tokenizer.Engine = f.Tokenizer.Engine
+		case "tokenizer-cache-entries":
+			c.Tokenizer.CacheEntries = f.Tokenizer.CacheEntries
+		case "tokenizer-cache-min-bytes":
+			c.Tokenizer.CacheMinBytes = f.Tokenizer.CacheMinBytes
+		case "tokenizer-exact-bytes":
+			c.Tokenizer.ExactBytes = f.Tokenizer.ExactBytes
+		case "tokenizer-time-limit":
+			c.Tokenizer.TimeLimit = f.Tokenizer.TimeLimit
 		case "destination-header":
 			c.DestinationHeader = f.DestinationHeader
 		case "fallback-hosts":

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
 func TestExampleFileIsTheDefaults(t *testing.T) {
@@ -68,6 +70,11 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"host name", func(c *Config) { c.Hosts[1].Address = "vllm-0:8000" }, "hosts[1].address"},
 		{"duplicate", func(c *Config) { c.Hosts[1].Address = c.Hosts[0].Address }, "hosts[1].address: 10.0.0.1:80 duplicates hosts[0]"},
 		{"encoding", func(c *Config) { c.Encoding = "gpt2" }, "encoding: unknown encoding \"gpt2\""},
+		{"engine", func(c *Config) { c.Tokenizer.Engine = "regex" }, "tokenizer.engine: unknown engine \"regex\""},
+		{"cache", func(c *Config) { c.Tokenizer.CacheEntries = -1 }, "tokenizer.cache_entries"},
+		{"cache min", func(c *Config) { c.Tokenizer.CacheMinBytes = 0 }, "tokenizer.cache_min_bytes"},
+		{"exact bytes", func(c *Config) { c.Tokenizer.ExactBytes = 10 }, "tokenizer.exact_bytes"},
+		{"time limit", func(c *Config) { c.Tokenizer.TimeLimit = 0 }, "tokenizer.time_limit"},
 		{"header", func(c *Config) { c.DestinationHeader = "x-envoy-original-dst-host" }, "destination_header"},
 		{"body limit", func(c *Config) { c.MaxBodyBytes = 0 }, "max_body_bytes"},
 		{"cap", func(c *Config) { c.MaxInFlightTokensPerHost = -1 }, "max_in_flight_tokens_per_host"},
@@ -130,6 +137,29 @@ func TestCostSwitches(t *testing.T) {
 	if o.TwoPhase || o.EstimateOutput || !o.Calibrate || o.DecodeWeight != 0.2 || !c.Response.Observer ||
 		o.OutputTokens != Default().Cost.OutputTokens {
 		t.Errorf("cost options = %+v, response = %+v", o, c.Response)
+	}
+}
+
+// TestTokenizerOptions: the file's tokenizer section and its flags reach
+// the tokenizer, and a cache of 0 entries is off.
+func TestTokenizerOptions(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	doc := "hosts: [{address: 10.0.0.1:80}]\nencoding: o200k_base\ntokenizer: {engine: tiktoken, cache_entries: 0, exact_bytes: 2048}\n"
+	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := FromArgs("tokenlb", []string{"--config", path, "--tokenizer-time-limit", "5ms"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := c.Tokenizer.Options(c.Encoding)
+	want := tokenizer.Options{Encoding: "o200k_base", Engine: "tiktoken", CacheEntries: -1,
+		CacheMinBytes: tokenizer.DefaultCacheMinBytes, ExactBytes: 2048, TimeLimit: 5 * time.Millisecond}
+	if o != want {
+		t.Errorf("tokenizer options = %+v, want %+v", o, want)
+	}
+	if d := Default().Tokenizer.Options("cl100k_base"); d.Engine != "fast" || d.CacheEntries != tokenizer.DefaultCacheEntries {
+		t.Errorf("default tokenizer options = %+v, want the fast engine with the cache on", d)
 	}
 }
 

@@ -46,7 +46,7 @@ var sharedTokenizer *tokenizer.Tokenizer
 func testTokenizer(t testing.TB) *tokenizer.Tokenizer {
 	t.Helper()
 	if sharedTokenizer == nil {
-		tk, err := tokenizer.New("cl100k_base")
+		tk, err := tokenizer.New(tokenizer.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}

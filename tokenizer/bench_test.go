@@ -1,24 +1,61 @@
 package tokenizer
 
 import (
-	"strings"
 	"testing"
+	"time"
 )
 
-// Texts of about 20 KB: English prose, source code, and CJK.
-var benchTexts = map[string]string{
-	"prose": strings.Repeat("The committee reviewed the quarterly report, noting that revenue grew 12% while costs fell. ", 220),
-	"code":  strings.Repeat("func (s *Server) Handle(w http.ResponseWriter, r *http.Request) {\n\tif err := s.check(r); err != nil {\n\t\treturn\n\t}\n}\n", 180),
-	"cjk":   strings.Repeat("東京の天気は晴れで、気温は二十度です。明日は雨が降るでしょう。", 220),
+// BenchmarkCount counts each text of the corpus (testdata/corpus) with both
+// engines and both encodings, without the cache. Compare the engines with
+//
+//	go test -run '^$' -bench Count -count 10 ./tokenizer > bench.txt
+//	benchstat -col /engine bench.txt
+//
+// (make bench-tokenizer does both).
+func BenchmarkCount(b *testing.B) {
+	texts := corpus(b)
+	for _, enc := range Encodings {
+		for _, eng := range Engines {
+			tk, err := New(Options{Encoding: enc, Engine: eng, CacheEntries: -1})
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, name := range []string{"prose", "code", "chat", "cjk", "mixed"} {
+				text := texts[name]
+				b.Run("enc="+enc+"/text="+name+"/engine="+eng, func(b *testing.B) {
+					b.SetBytes(int64(len(text)))
+					b.ReportAllocs()
+					for b.Loop() {
+						tk.engine.count(text, time.Time{})
+					}
+				})
+			}
+		}
+	}
 }
 
-func BenchmarkCount(b *testing.B) {
-	tk := newTokenizer(b, "cl100k_base")
-	for name, text := range benchTexts {
+// BenchmarkCountRequest counts a chat request body whole, JSON decoding
+// included, with the cache off and on (every body after the first is a hit
+// for its long texts).
+func BenchmarkCountRequest(b *testing.B) {
+	body := []byte(corpus(b)["chat"])
+	for _, cached := range []bool{false, true} {
+		opts := Options{CacheEntries: -1}
+		name := "cache=off"
+		if cached {
+			opts.CacheEntries, name = 0, "cache=on"
+		}
+		tk, err := New(opts)
+		if err != nil {
+			b.Fatal(err)
+		}
 		b.Run(name, func(b *testing.B) {
-			b.SetBytes(int64(len(text)))
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
 			for b.Loop() {
-				tk.Count(text)
+				if _, err := tk.CountRequest("/v1/chat/completions", body); err != nil {
+					b.Fatal(err)
+				}
 			}
 		})
 	}

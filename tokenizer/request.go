@@ -55,6 +55,9 @@ type Prompt struct {
 	MaxOutputTokens int
 	// Tokens is the prompt's token count, template overheads included.
 	Tokens int
+	// Estimated is "" when Tokens is exact, else why part of it was
+	// estimated: EstimatedSize or EstimatedTime.
+	Estimated string
 }
 
 // APIFor returns the request shape served at path (query string ignored).
@@ -119,7 +122,18 @@ type toolCall struct {
 // JSON is ErrInvalidJSON and one nesting deeper than MaxDepth is ErrTooDeep.
 // On Other paths the string values of a JSON body are counted and any other
 // body costs zero: the backend judges requests tokenlb does not model.
-func (t *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
+//
+// Counting stays within the Tokenizer's budget (Options.ExactBytes and
+// TimeLimit); past it, the rest is estimated and Prompt.Estimated says why.
+func (tk *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
+	t := tk.newBudget()
+	p, err := t.request(path, body)
+	t.done()
+	p.Estimated = t.estimated
+	return p, err
+}
+
+func (t *budget) request(path string, body []byte) (Prompt, error) {
 	p := Prompt{API: APIFor(path)}
 	if len(bytes.TrimSpace(body)) == 0 {
 		if p.API == Other {
@@ -181,15 +195,15 @@ func firstPositive(vs ...int) int {
 	return 0
 }
 
-func (t *Tokenizer) countChat(r *request) (int, error) {
+func (t *budget) countChat(r *request) (int, error) {
 	if len(r.Messages) == 0 {
 		return 0, fmt.Errorf("%w: \"messages\" is missing or empty", ErrNoPrompt)
 	}
 	n := ReplyPriming
 	for _, m := range r.Messages {
-		n += MessageOverhead + t.Count(m.Role) + t.Count(m.ToolCallID) + t.Count(m.Refusal) + t.Count(m.Reasoning)
+		n += MessageOverhead + t.text(m.Role) + t.text(m.ToolCallID) + t.text(m.Refusal) + t.text(m.Reasoning)
 		if m.Name != "" {
-			n += NameOverhead + t.Count(m.Name)
+			n += NameOverhead + t.text(m.Name)
 		}
 		c, err := t.countContent(m.Content)
 		if err != nil {
@@ -201,14 +215,14 @@ func (t *Tokenizer) countChat(r *request) (int, error) {
 			if err != nil {
 				return 0, err
 			}
-			n += t.Count(tc.Function.Name) + args
+			n += t.text(tc.Function.Name) + args
 		}
 	}
 	tools, err := t.countCompact(r.Tools, r.Functions)
 	return n + tools, err
 }
 
-func (t *Tokenizer) countResponses(r *request) (int, error) {
+func (t *budget) countResponses(r *request) (int, error) {
 	if isNull(r.Input) && isNull(r.Instructions) {
 		return 0, fmt.Errorf("%w: \"input\" is missing", ErrNoPrompt)
 	}
@@ -227,7 +241,7 @@ func (t *Tokenizer) countResponses(r *request) (int, error) {
 		if err := json.Unmarshal(r.Input, &s); err != nil {
 			return 0, fmt.Errorf("%w: input: %v", ErrInvalidJSON, err)
 		}
-		n += MessageOverhead + t.Count(s)
+		n += MessageOverhead + t.text(s)
 	case '[':
 		var items []json.RawMessage
 		if err := json.Unmarshal(r.Input, &items); err != nil {
@@ -245,7 +259,7 @@ func (t *Tokenizer) countResponses(r *request) (int, error) {
 				if err != nil {
 					return 0, err
 				}
-				n += MessageOverhead + t.Count(m.Role) + c
+				n += MessageOverhead + t.text(m.Role) + c
 				continue
 			}
 			// function_call, function_call_output, reasoning and other items.
@@ -262,7 +276,7 @@ func (t *Tokenizer) countResponses(r *request) (int, error) {
 	return n + tools, err
 }
 
-func (t *Tokenizer) countAnthropic(r *request) (int, error) {
+func (t *budget) countAnthropic(r *request) (int, error) {
 	if len(r.Messages) == 0 {
 		return 0, fmt.Errorf("%w: \"messages\" is missing or empty", ErrNoPrompt)
 	}
@@ -279,7 +293,7 @@ func (t *Tokenizer) countAnthropic(r *request) (int, error) {
 		if err != nil {
 			return 0, err
 		}
-		n += MessageOverhead + t.Count(m.Role) + c
+		n += MessageOverhead + t.text(m.Role) + c
 	}
 	tools, err := t.countCompact(r.Tools)
 	return n + tools, err
@@ -296,7 +310,7 @@ type part struct {
 
 // countContent counts a message's content: a string, null, or an array of
 // parts (text, images, tool use and tool results).
-func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
+func (t *budget) countContent(raw json.RawMessage) (int, error) {
 	switch kind(raw) {
 	case 0:
 		return 0, nil
@@ -305,7 +319,7 @@ func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
 		if err := json.Unmarshal(raw, &s); err != nil {
 			return 0, fmt.Errorf("%w: content: %v", ErrInvalidJSON, err)
 		}
-		return t.Count(s), nil
+		return t.text(s), nil
 	case '[':
 	case '{':
 		// A JSON object where text was expected (tool arguments sent as an
@@ -328,7 +342,7 @@ func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
 		}
 		switch {
 		case p.Text != nil:
-			n += t.Count(*p.Text)
+			n += t.text(*p.Text)
 		case p.Type == "image_url" || p.Type == "image" || p.Type == "input_image":
 			n += ImageTokens
 		case p.Type == "tool_use":
@@ -336,7 +350,7 @@ func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
 			if err != nil {
 				return 0, err
 			}
-			n += t.Count(p.Name) + c
+			n += t.text(p.Name) + c
 		case p.Type == "tool_result":
 			c, err := t.countContent(p.Content)
 			if err != nil {
@@ -357,7 +371,7 @@ func (t *Tokenizer) countContent(raw json.RawMessage) (int, error) {
 // countInput counts a completions prompt or an embeddings input: a string, an
 // array of strings, an array of token ids, or an array of token-id arrays.
 // Token ids are counted as they are: one id, one token.
-func (t *Tokenizer) countInput(raw json.RawMessage) (int, error) {
+func (t *budget) countInput(raw json.RawMessage) (int, error) {
 	switch kind(raw) {
 	case 0:
 		return 0, fmt.Errorf("%w: the prompt or input is missing", ErrNoPrompt)
@@ -370,7 +384,7 @@ func (t *Tokenizer) countInput(raw json.RawMessage) (int, error) {
 
 // countCompact counts JSON values (tool definitions, tool inputs) as the
 // compact JSON text a chat template renders them into.
-func (t *Tokenizer) countCompact(raws ...json.RawMessage) (int, error) {
+func (t *budget) countCompact(raws ...json.RawMessage) (int, error) {
 	n := 0
 	var buf bytes.Buffer
 	for _, raw := range raws {
@@ -381,7 +395,7 @@ func (t *Tokenizer) countCompact(raws ...json.RawMessage) (int, error) {
 		if err := json.Compact(&buf, raw); err != nil {
 			return 0, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
 		}
-		n += t.Count(buf.String())
+		n += t.text(buf.String())
 	}
 	return n, nil
 }
@@ -400,7 +414,7 @@ func skipStructural(key string) bool {
 // string values (object keys excluded, and values under keys for which skip
 // reports true) plus one token per number, so that token-id arrays count as
 // their length. The value must already be valid JSON.
-func (t *Tokenizer) countJSON(raw []byte, skip func(string) bool) (int, error) {
+func (t *budget) countJSON(raw []byte, skip func(string) bool) (int, error) {
 	type frame struct{ object, wantKey bool }
 	var stack []frame
 	valueDone := func() {
@@ -441,7 +455,7 @@ func (t *Tokenizer) countJSON(raw []byte, skip func(string) bool) (int, error) {
 			}
 		case string:
 			if !skipNext {
-				n += t.Count(v)
+				n += t.text(v)
 			}
 			valueDone()
 		case json.Number:

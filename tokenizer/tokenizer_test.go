@@ -15,7 +15,7 @@ import (
 
 func newTokenizer(t testing.TB, encoding string) *Tokenizer {
 	t.Helper()
-	tk, err := New(encoding)
+	tk, err := New(Options{Encoding: encoding})
 	if err != nil {
 		t.Fatalf("New(%q): %v", encoding, err)
 	}
@@ -62,7 +62,7 @@ func TestCount(t *testing.T) {
 }
 
 func TestNewUnknownEncoding(t *testing.T) {
-	if _, err := New("p51k_base"); err == nil || !strings.Contains(err.Error(), "p51k_base") {
+	if _, err := New(Options{Encoding: "p51k_base"}); err == nil || !strings.Contains(err.Error(), "p51k_base") {
 		t.Fatalf("New(p51k_base) error = %v, want one naming the encoding", err)
 	}
 }
@@ -72,7 +72,7 @@ func TestNewUnknownEncoding(t *testing.T) {
 func TestOffline(t *testing.T) {
 	if os.Getenv("TOKENLB_OFFLINE_CHILD") == "1" {
 		for _, e := range Encodings {
-			tk, err := New(e)
+			tk, err := New(Options{Encoding: e})
 			if err != nil {
 				t.Fatalf("New(%s) offline: %v", e, err)
 			}

@@ -80,7 +80,7 @@ func listenAndServe(ctx context.Context, cfg config.Config, log *slog.Logger) er
 // down: not ready, wait ShutdownDelay, stop accepting streams, drain the
 // in-flight ones for up to DrainTimeout.
 func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, adminLis net.Listener) error {
-	tok, err := tokenizer.New(cfg.Encoding)
+	tok, err := tokenizer.New(cfg.Tokenizer.Options(cfg.Encoding))
 	if err != nil {
 		return err
 	}
@@ -91,7 +91,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	}
 	metrics := processor.NewMetrics()
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(p.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(p.Collector(), tok.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(metrics.Collectors()...)
 
 	model := cost.New(cfg.Cost.Options())
@@ -126,7 +126,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	go func() { errc <- gs.Serve(grpcLis) }()
 	go func() { errc <- adminSrv.Serve(adminLis) }()
 	log.Info("tokenlb serving", "ext_proc", grpcLis.Addr().String(), "admin", adminLis.Addr().String(),
-		"hosts", cfg.HostAddresses(), "encoding", cfg.Encoding, "destination_header", cfg.DestinationHeader)
+		"hosts", cfg.HostAddresses(), "encoding", cfg.Encoding, "tokenizer", cfg.Tokenizer.Engine, "destination_header", cfg.DestinationHeader)
 
 	var serveErr error
 	select {

@@ -1,0 +1,347 @@
+package tokenizer
+
+import (
+	"fmt"
+	"math"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	tiktokenloader "github.com/pkoukk/tiktoken-go-loader"
+)
+
+// encodingFiles names the BPE rank files as tiktoken-go asks its loader for
+// them; the offline loader serves them from its embedded copies.
+var encodingFiles = map[string]string{
+	"cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+	"o200k_base":  "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+
+// fastEncoding counts tokens without building them: a hand-written
+// pre-tokenizer (split.go) and byte-pair merging by rank that only counts
+// the parts left. It returns exactly what tiktoken-go's EncodeOrdinary
+// returns the length of.
+type fastEncoding struct {
+	split func(s string, i int) int
+	ranks *rankTable
+	// pairs holds the rank of every two-byte token, noRank for the pairs
+	// that are not tokens: the first merges of a piece look here.
+	pairs *[1 << 16]uint32
+	// longest is the length of the longest token: no longer union has a
+	// rank, which spares hashing it.
+	longest int
+	// scratch holds the buffers for pieces too long for the stack.
+	scratch sync.Pool
+}
+
+const noRank = math.MaxUint32
+
+func newFastEncoding(name string) (*fastEncoding, error) {
+	file, ok := encodingFiles[name]
+	if !ok {
+		return nil, fmt.Errorf("no fast path for %s", name)
+	}
+	loaded, err := tiktokenloader.NewOfflineLoader().LoadTiktokenBpe(file)
+	if err != nil {
+		return nil, fmt.Errorf("load %s ranks: %w", name, err)
+	}
+	e := &fastEncoding{
+		split: splitCL100K,
+		ranks: newRankTable(loaded),
+		pairs: new([1 << 16]uint32),
+	}
+	if name == "o200k_base" {
+		e.split = splitO200K
+	}
+	for i := range e.pairs {
+		e.pairs[i] = noRank
+	}
+	for tok, rank := range loaded {
+		e.longest = max(e.longest, len(tok))
+		if len(tok) == 2 {
+			e.pairs[uint16(tok[0])<<8|uint16(tok[1])] = uint32(rank)
+		}
+	}
+	for b := range 256 {
+		if e.ranks.get(string([]byte{byte(b)})) == noRank {
+			return nil, fmt.Errorf("%s ranks lack byte %#x", name, b)
+		}
+	}
+	return e, nil
+}
+
+// count returns the number of tokens in s, stopping at a piece boundary
+// once the deadline (when not zero) has passed; covered is how much of s the
+// tokens are of.
+func (e *fastEncoding) count(s string, deadline time.Time) (tokens, covered int) {
+	orig := len(s)
+	if !utf8.ValidString(s) {
+		// tiktoken-go matches on runes: each invalid byte becomes U+FFFD.
+		s = string([]rune(s))
+	}
+	check := deadlineEvery
+	i := 0
+	for i < len(s) {
+		if !deadline.IsZero() && i >= check {
+			if time.Now().After(deadline) {
+				break
+			}
+			check = i + deadlineEvery
+		}
+		j := e.split(s, i)
+		if j <= i { // cannot happen; never loop forever if it does
+			_, n := utf8.DecodeRuneInString(s[i:])
+			j = i + n
+		}
+		n, ok := e.pieceTokens(s[i:j], deadline)
+		if !ok {
+			break
+		}
+		tokens += n
+		i = j
+	}
+	if i == len(s) {
+		return tokens, orig
+	}
+	return tokens, int(int64(i) * int64(orig) / int64(len(s)))
+}
+
+// countAll returns the number of tokens in s.
+func (e *fastEncoding) countAll(s string) int {
+	n, _ := e.count(s, time.Time{})
+	return n
+}
+
+// deadlineEvery is how many bytes count goes between looks at the clock.
+const deadlineEvery = 64 << 10
+
+// pieceTokens returns the number of tokens of one pre-tokenizer piece; ok
+// is false when the deadline passed before a long piece was merged.
+func (e *fastEncoding) pieceTokens(p string, deadline time.Time) (n int, ok bool) {
+	if len(p) == 1 {
+		return 1, true
+	}
+	if len(p) <= e.longest && e.ranks.get(p) != noRank {
+		return 1, true
+	}
+	if len(p) <= smallPiece {
+		return e.mergeSmall(p), true
+	}
+	if !deadline.IsZero() && len(p) > maxBudgetPiece {
+		return 0, false
+	}
+	return e.mergeLarge(p, deadline)
+}
+
+// maxBudgetPiece is the longest piece merged under a deadline: a longer
+// unbroken run (of letters, punctuation or spaces) is hostile rather than
+// text, and costs tens of milliseconds before the first look at the clock.
+const maxBudgetPiece = 256 << 10
+
+// rank returns the rank of p[a:b], or noRank.
+func (e *fastEncoding) rank(p string, a, b int) uint32 {
+	if b-a == 2 {
+		return e.pairs[uint16(p[a])<<8|uint16(p[a+1])]
+	}
+	if b-a > e.longest {
+		return noRank
+	}
+	return e.ranks.get(p[a:b])
+}
+
+// smallPiece is the longest piece merged on the stack by repeated scans,
+// which cost O(n²) but beat a heap for short pieces.
+const smallPiece = 64
+
+// mergeSmall is tiktoken's byte-pair merge: repeatedly join the adjacent
+// parts whose union has the lowest rank, the leftmost on ties, until no
+// union is a token. start[k] is where part k begins; rank[k] the rank of
+// parts k and k+1 joined.
+func (e *fastEncoding) mergeSmall(p string) int {
+	var start [smallPiece + 1]int32
+	var rank [smallPiece + 1]uint32
+	n := len(p)
+	for k := range n + 1 {
+		start[k] = int32(k)
+	}
+	for k := 0; k+1 < n; k++ {
+		rank[k] = e.pairs[uint16(p[k])<<8|uint16(p[k+1])]
+	}
+	parts := n // parts left; start[parts] == n
+	for parts > 1 {
+		best, at := uint32(noRank), -1
+		for k := 0; k+1 < parts; k++ {
+			if rank[k] < best {
+				best, at = rank[k], k
+			}
+		}
+		if at < 0 {
+			break
+		}
+		// Join parts at and at+1, then re-rank the unions that changed.
+		copy(start[at+1:parts], start[at+2:parts+1])
+		copy(rank[at+1:parts-1], rank[at+2:parts])
+		parts--
+		if at+1 < parts {
+			rank[at] = e.rank(p, int(start[at]), int(start[at+2]))
+		} else {
+			rank[at] = noRank
+		}
+		if at > 0 {
+			rank[at-1] = e.rank(p, int(start[at-1]), int(start[at+1]))
+		}
+	}
+	return parts
+}
+
+// largeScratch holds mergeLarge's buffers between calls.
+type largeScratch struct {
+	next, prev []int32  // linked list of parts by start byte
+	rank       []uint32 // rank of the union of a part and the next
+	heap       []heapItem
+}
+
+type heapItem struct {
+	rank  uint32
+	start int32
+}
+
+func (a heapItem) less(b heapItem) bool {
+	return a.rank < b.rank || a.rank == b.rank && a.start < b.start
+}
+
+// mergeLarge merges as mergeSmall does, in O(n log n): the candidate unions
+// sit in a heap ordered by rank and then position, which picks the same
+// union the scan would (the lowest rank, the leftmost on ties); entries that
+// a merge made stale are skipped when popped. A piece of a megabyte takes
+// on the order of 100 ms, so mergeLarge looks at the deadline (when not
+// zero) as it goes and gives up (ok false) once it has passed.
+func (e *fastEncoding) mergeLarge(p string, deadline time.Time) (parts int, ok bool) {
+	n := len(p)
+	sc, _ := e.scratch.Get().(*largeScratch)
+	if sc == nil {
+		sc = new(largeScratch)
+	}
+	if n <= maxBudgetPiece {
+		defer e.scratch.Put(sc) // larger buffers are not kept
+	}
+	sc.next = grow(sc.next, n)
+	sc.prev = grow(sc.prev, n)
+	sc.rank = growRank(sc.rank, n)
+	sc.heap = sc.heap[:0]
+	next, prev, rank := sc.next, sc.prev, sc.rank
+	for k := range n {
+		next[k] = int32(k + 1)
+		prev[k] = int32(k - 1)
+		rank[k] = noRank
+		if k+1 < n {
+			rank[k] = e.pairs[uint16(p[k])<<8|uint16(p[k+1])]
+			if rank[k] != noRank {
+				sc.heap = append(sc.heap, heapItem{rank[k], int32(k)})
+			}
+		}
+	}
+	h := sc.heap
+	for i := len(h)/2 - 1; i >= 0; i-- {
+		down(h, i)
+	}
+	parts = n
+	end := func(k int32) int32 { // end of the part after k, or n
+		if nk := next[k]; nk < int32(n) {
+			return next[nk]
+		}
+		return int32(n)
+	}
+	for pops := 1; len(h) > 0; pops++ {
+		if pops%mergeDeadlineEvery == 0 && !deadline.IsZero() && time.Now().After(deadline) {
+			sc.heap = h[:0]
+			return 0, false
+		}
+		top := h[0]
+		last := len(h) - 1
+		h[0] = h[last]
+		h = h[:last]
+		if len(h) > 0 {
+			down(h, 0)
+		}
+		k := top.start
+		if prev[k] == -2 || rank[k] != top.rank || next[k] >= int32(n) {
+			continue // stale: k was merged away or its union changed
+		}
+		// Join part k and the next one.
+		gone := next[k]
+		next[k] = next[gone]
+		if next[gone] < int32(n) {
+			prev[next[gone]] = k
+		}
+		prev[gone] = -2
+		rank[gone] = noRank
+		parts--
+		if next[k] < int32(n) {
+			rank[k] = e.rank(p, int(k), int(end(k)))
+			if rank[k] != noRank {
+				h = push(h, heapItem{rank[k], k})
+			}
+		} else {
+			rank[k] = noRank
+		}
+		if pk := prev[k]; pk >= 0 {
+			rank[pk] = e.rank(p, int(pk), int(next[k]))
+			if rank[pk] != noRank {
+				h = push(h, heapItem{rank[pk], pk})
+			}
+		}
+	}
+	sc.heap = h[:0]
+	return parts, true
+}
+
+// mergeDeadlineEvery is how many merges mergeLarge makes between looks at
+// the clock.
+const mergeDeadlineEvery = 1 << 14
+
+func grow(s []int32, n int) []int32 {
+	if cap(s) < n {
+		return make([]int32, n)
+	}
+	return s[:n]
+}
+
+func growRank(s []uint32, n int) []uint32 {
+	if cap(s) < n {
+		return make([]uint32, n)
+	}
+	return s[:n]
+}
+
+func down(h []heapItem, i int) {
+	for {
+		l := 2*i + 1
+		if l >= len(h) {
+			return
+		}
+		m := l
+		if r := l + 1; r < len(h) && h[r].less(h[l]) {
+			m = r
+		}
+		if !h[m].less(h[i]) {
+			return
+		}
+		h[i], h[m] = h[m], h[i]
+		i = m
+	}
+}
+
+func push(h []heapItem, x heapItem) []heapItem {
+	h = append(h, x)
+	i := len(h) - 1
+	for i > 0 {
+		parent := (i - 1) / 2
+		if !h[i].less(h[parent]) {
+			break
+		}
+		h[i], h[parent] = h[parent], h[i]
+		i = parent
+	}
+	return h
+}

@@ -1,0 +1,288 @@
+package tokenizer
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// chatBody returns a chat request whose user message is text.
+func chatBody(t testing.TB, system, text string) []byte {
+	t.Helper()
+	b, err := json.Marshal(map[string]any{"model": "m", "messages": []map[string]string{
+		{"role": "system", "content": system}, {"role": "user", "content": text}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// manyBody returns a chat request of n user messages, each text.
+func manyBody(t testing.TB, n int, text string) []byte {
+	t.Helper()
+	msgs := make([]map[string]string, n)
+	for i := range msgs {
+		// Each message differs, so that the cache cannot help.
+		msgs[i] = map[string]string{"role": "user", "content": fmt.Sprintf("%d %s", i, text)}
+	}
+	b, err := json.Marshal(map[string]any{"model": "m", "messages": msgs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// meter is an engine that adds up the bytes it is asked to count.
+type meter struct {
+	engine
+	bytes int
+}
+
+func (m *meter) count(s string, deadline time.Time) (int, int) {
+	m.bytes += len(s)
+	return m.engine.count(s, deadline)
+}
+
+func TestCacheCountsRepeatedTexts(t *testing.T) {
+	tk, err := New(Options{CacheEntries: 1024, CacheMinBytes: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := New(Options{CacheEntries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	system := strings.Repeat("You are a careful assistant; answer briefly. ", 10)
+	for i := range 5 {
+		body := chatBody(t, system, fmt.Sprintf("Question %d: what is %d squared?", i, i))
+		got, err := tk.CountRequest("/v1/chat/completions", body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := ref.CountRequest("/v1/chat/completions", body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Fatalf("request %d with the cache = %+v, without = %+v", i, got, want)
+		}
+	}
+	// The system prompt is long enough to cache, the questions are not:
+	// one miss, then four hits.
+	if s := tk.Stats(); s.CacheHits != 4 || s.CacheMisses != 1 || s.CacheEntries != 1 {
+		t.Fatalf("stats = %+v, want 4 hits, 1 miss, 1 entry", s)
+	}
+	if s := ref.Stats(); s.CacheHits != 0 || s.CacheMisses != 0 {
+		t.Fatalf("stats without a cache = %+v", s)
+	}
+}
+
+// TestCacheIsBounded fills the cache with far more texts than it may hold.
+func TestCacheIsBounded(t *testing.T) {
+	const limit = 256
+	tk, err := New(Options{CacheEntries: limit, CacheMinBytes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 100 * limit {
+		tk.Count(fmt.Sprintf("text number %d", i))
+	}
+	if s := tk.Stats(); s.CacheEntries > limit || s.CacheEntries < limit/4 {
+		t.Fatalf("%d entries after %d texts, want at most %d (and a useful share of it)", s.CacheEntries, 100*limit, limit)
+	}
+	// A text used all along stays while the others age out.
+	hot := "the text every request repeats"
+	want := tk.Count(hot)
+	for i := range 100 * limit {
+		tk.Count(fmt.Sprintf("other text %d", i))
+		if i%(limit/8) == 0 {
+			tk.Count(hot)
+		}
+	}
+	before := tk.Stats().CacheHits
+	if got := tk.Count(hot); got != want || tk.Stats().CacheHits != before+1 {
+		t.Fatalf("hot text: count %d (want %d), hits %d → %d: it was evicted", got, want, before, tk.Stats().CacheHits)
+	}
+}
+
+func TestCacheConcurrent(t *testing.T) {
+	tk, err := New(Options{CacheEntries: 64, CacheMinBytes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	texts := []string{"alpha beta gamma", "日本語のテキスト", "x = f(y) + 1", "🚀 launch"}
+	want := make([]int, len(texts))
+	for i, s := range texts {
+		want[i] = tk.engine.(*fastEncoding).countAll(s)
+	}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 500 {
+				k := (g + i) % len(texts)
+				if got := tk.Count(texts[k]); got != want[k] {
+					t.Errorf("Count(%q) = %d, want %d", texts[k], got, want[k])
+					return
+				}
+				tk.Count(fmt.Sprintf("filler %d %d", g, i)) // forces generations to turn over
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// TestBudget: a request past ExactBytes or TimeLimit is counted in part and
+// estimated for the rest, close to the exact count, and says so.
+func TestBudget(t *testing.T) {
+	big := strings.Repeat(corpus(t)["prose"], 8) // about 240 KB
+	system := "You are a helpful assistant."
+	body := chatBody(t, system, big)
+	exact, err := New(Options{CacheEntries: -1, ExactBytes: 64 << 20, TimeLimit: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := exact.CountRequest("/v1/chat/completions", body)
+	if err != nil || want.Estimated != "" {
+		t.Fatalf("exact count: %+v, %v", want, err)
+	}
+	if ref := exact.Count(big); ref < 40000 {
+		t.Fatalf("the big text counts only %d tokens", ref)
+	}
+	cases := []struct {
+		name string
+		opts Options
+		why  string
+	}{
+		// The time limit is generous where time is not what is tested, so
+		// that a busy machine does not turn the case into an estimate.
+		{"under both", Options{TimeLimit: time.Hour}, ""},
+		{"over size", Options{ExactBytes: 16 << 10, TimeLimit: time.Hour}, EstimatedSize},
+		{"over time", Options{TimeLimit: time.Nanosecond}, EstimatedTime},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			c.opts.CacheEntries = -1
+			tk, err := New(c.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := tk.CountRequest("/v1/chat/completions", body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Estimated != c.why {
+				t.Fatalf("Estimated = %q, want %q", got.Estimated, c.why)
+			}
+			s := tk.Stats()
+			if c.why == "" {
+				if got != want || s.EstimatedSize+s.EstimatedTime != 0 {
+					t.Fatalf("count %+v (stats %+v), want exactly %+v", got, s, want)
+				}
+				return
+			}
+			if e := math.Abs(float64(got.Tokens-want.Tokens)) / float64(want.Tokens); e > 0.05 {
+				t.Fatalf("estimate %d is %.1f%% off the exact %d", got.Tokens, 100*e, want.Tokens)
+			}
+			if n := map[string]uint64{EstimatedSize: s.EstimatedSize, EstimatedTime: s.EstimatedTime}[c.why]; n != 1 ||
+				s.EstimatedSize+s.EstimatedTime != 1 {
+				t.Fatalf("stats %+v, want one request estimated for %s", s, c.why)
+			}
+			// The estimated text must not be cached as if exact.
+			if s.CacheEntries != 0 {
+				t.Fatalf("estimated count cached: %+v", s)
+			}
+		})
+	}
+}
+
+// TestBudgetBoundsTime: with the time limit, counting a body that would take
+// far longer stops early, on both engines, also inside one huge
+// pre-tokenizer piece. The bound on the duration is generous: this checks
+// that counting stops, not how fast the machine is.
+func TestBudgetBoundsTime(t *testing.T) {
+	bodies := map[string][]byte{
+		"code":        chatBody(t, "sys", strings.Repeat(corpus(t)["code"], 60)), // 2 MB: seconds with tiktoken-go
+		"one piece":   chatBody(t, "sys", strings.Repeat("[", 4<<20)),            // one 4 MB piece
+		"four pieces": chatBody(t, "sys", strings.Repeat(strings.Repeat(" ", 1<<20)+"x", 4)),
+		// Many texts, each too short for a look at the clock inside it.
+		"many texts": manyBody(t, 400, corpus(t)["cjk"]+corpus(t)["code"][:8<<10]),
+	}
+	for _, engine := range Engines {
+		for name, body := range bodies {
+			if engine == "tiktoken" && name != "code" {
+				continue // tiktoken-go cannot be interrupted inside a chunk
+			}
+			t.Run(engine+"/"+name, func(t *testing.T) {
+				tk, err := New(Options{Engine: engine, CacheEntries: -1, ExactBytes: 64 << 20, TimeLimit: 5 * time.Millisecond})
+				if err != nil {
+					t.Fatal(err)
+				}
+				start := time.Now()
+				p, err := tk.CountRequest("/v1/chat/completions", body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d := time.Since(start); p.Estimated != EstimatedTime || d > time.Second || p.Tokens <= 0 {
+					t.Fatalf("counted %d tokens in %s, Estimated %q; want an estimate cut at the time limit", p.Tokens, d, p.Estimated)
+				}
+			})
+		}
+	}
+}
+
+// TestBudgetBoundsBytes: past ExactBytes, a request of many small texts is
+// not counted in full text by text: at most ExactBytes and SampleBytes of it
+// (and a text) are counted, and the estimate stays close.
+func TestBudgetBoundsBytes(t *testing.T) {
+	body := manyBody(t, 2000, corpus(t)["prose"][:2<<10]) // 4 MB in 2 KiB texts
+	exact, err := New(Options{CacheEntries: -1, ExactBytes: 64 << 20, TimeLimit: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := exact.CountRequest("/v1/chat/completions", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{CacheEntries: -1, ExactBytes: 16 << 10, SampleBytes: 32 << 10, TimeLimit: time.Hour}
+	tk, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &meter{engine: tk.engine}
+	tk.engine = m
+	got, err := tk.CountRequest("/v1/chat/completions", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if limit := opts.ExactBytes + opts.SampleBytes + 4<<10; m.bytes > limit {
+		t.Errorf("counted %d bytes of a %d-byte request; want at most %d", m.bytes, len(body), limit)
+	}
+	if got.Estimated != EstimatedSize || tk.Stats().EstimatedSize != 1 {
+		t.Errorf("Estimated %q, stats %+v; want one request estimated for size", got.Estimated, tk.Stats())
+	}
+	if e := math.Abs(float64(got.Tokens-want.Tokens)) / float64(want.Tokens); e > 0.05 {
+		t.Errorf("estimate %d is %.1f%% off the exact %d", got.Tokens, 100*e, want.Tokens)
+	}
+}
+
+func TestAlignRune(t *testing.T) {
+	for _, c := range []struct {
+		s       string
+		i, want int
+	}{
+		{"abc", 1, 1},
+		{"a世b", 2, 1},                      // inside 世 (bytes 1-3): back to its start
+		{"a世b", 4, 4},                      // at b
+		{"a世b", 9, 5},                      // past the end
+		{"\x80\x80\x80\x80\x80\x80", 5, 2}, // no rune start: at most 3 bytes back
+		{"", 0, 0},
+	} {
+		if got := alignRune(c.s, c.i); got != c.want {
+			t.Errorf("alignRune(%q, %d) = %d, want %d", c.s, c.i, got, c.want)
+		}
+	}
+}

@@ -1,0 +1,294 @@
+package tokenizer
+
+import (
+	"sync"
+	"unicode"
+	"unicode/utf8"
+)
+
+// The pre-tokenizers below split text exactly as the regular expressions of
+// cl100k_base and o200k_base do under a backtracking engine (leftmost
+// alternative first, greedy quantifiers giving back one rune at a time):
+//
+//	cl100k_base: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//	             ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//	o200k_base:  [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+//	             [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+//	             \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//
+// \s is unicode.IsSpace and the classes are Go's unicode tables, as in the
+// regexp2 engine tiktoken-go runs them with; (?i) compares unicode.ToLower
+// of the text with the lower-case pattern, which only the ASCII capitals
+// satisfy for these letters. Each function returns the end of the piece that
+// starts at byte i of valid UTF-8 text s; every rune belongs to exactly one
+// piece, as with the regular expressions.
+
+// Rune classes, as bits.
+const (
+	cLetter  uint16 = 1 << iota // \p{L}
+	cNumber                     // \p{N}
+	cSpace                      // \s (unicode.IsSpace)
+	cNewline                    // \r or \n
+	cUpper                      // [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]
+	cLower                      // [\p{Ll}\p{Lm}\p{Lo}\p{M}]
+	cMark                       // \p{M}
+)
+
+// asciiClass holds the classes of the ASCII runes.
+var asciiClass = func() (t [utf8.RuneSelf]uint16) {
+	for r := range rune(utf8.RuneSelf) {
+		t[r] = classOf(r)
+	}
+	return t
+}()
+
+func classOf(r rune) uint16 {
+	var c uint16
+	switch {
+	case unicode.IsLetter(r):
+		c |= cLetter
+		if unicode.In(r, unicode.Lu, unicode.Lt, unicode.Lm, unicode.Lo) {
+			c |= cUpper
+		}
+		if unicode.In(r, unicode.Ll, unicode.Lm, unicode.Lo) {
+			c |= cLower
+		}
+	case unicode.IsNumber(r):
+		c |= cNumber
+	case unicode.IsMark(r):
+		c |= cMark | cUpper | cLower
+	case unicode.IsSpace(r):
+		c |= cSpace
+		if r == '\r' || r == '\n' {
+			c |= cNewline
+		}
+	}
+	return c
+}
+
+// class returns the classes of the rune at s[i] and its size in bytes.
+func class(s string, i int) (uint16, int) {
+	if b := s[i]; b < utf8.RuneSelf {
+		return asciiClass[b], 1
+	}
+	r, n := utf8.DecodeRuneInString(s[i:])
+	if r < 1<<16 {
+		return bmpClasses()[r], n
+	}
+	return classOf(r), n
+}
+
+// bmpClasses holds the classes of the Basic Multilingual Plane, where
+// nearly all text is, built on first use (about 5 ms).
+var bmpClasses = sync.OnceValue(func() *[1 << 16]uint16 {
+	t := new([1 << 16]uint16)
+	for r := range rune(1 << 16) {
+		t[r] = classOf(r)
+	}
+	return t
+})
+
+// isP reports the class [^\r\n\p{L}\p{N}].
+func isP(c uint16) bool { return c&(cNewline|cLetter|cNumber) == 0 }
+
+// isQ reports the class [^\s\p{L}\p{N}].
+func isQ(c uint16) bool { return c&(cSpace|cLetter|cNumber) == 0 }
+
+// contraction returns the length of (?i:'s|'t|'re|'ve|'m|'ll|'d) at s[i:],
+// or 0.
+func contraction(s string, i int) int {
+	if i+1 >= len(s) || s[i] != '\'' {
+		return 0
+	}
+	switch lower(s[i+1]) {
+	case 's', 't', 'm', 'd':
+		return 2
+	case 'r', 'v', 'l':
+		if i+2 < len(s) {
+			want := byte('e')
+			if lower(s[i+1]) == 'l' {
+				want = 'l'
+			}
+			if lower(s[i+2]) == want {
+				return 3
+			}
+		}
+	}
+	return 0
+}
+
+func lower(b byte) byte {
+	if 'A' <= b && b <= 'Z' {
+		return b + 'a' - 'A'
+	}
+	return b
+}
+
+// run returns the end of the longest run of runes from i that have any of
+// the classes in want.
+func run(s string, i int, want uint16) int {
+	for i < len(s) {
+		if b := s[i]; b < utf8.RuneSelf { // most text: no decoding
+			if asciiClass[b]&want == 0 {
+				break
+			}
+			i++
+			continue
+		}
+		c, n := class(s, i)
+		if c&want == 0 {
+			break
+		}
+		i += n
+	}
+	return i
+}
+
+// numbers returns the end of \p{N}{1,3} at i, or i.
+func numbers(s string, i int) int {
+	for k := 0; k < 3 && i < len(s); k++ {
+		c, n := class(s, i)
+		if c&cNumber == 0 {
+			break
+		}
+		i += n
+	}
+	return i
+}
+
+// punct returns the end of ' '?[^\s\p{L}\p{N}]+ followed by a run of the
+// bytes in tail, or i when there is none at i.
+func punct(s string, i int, tail string) int {
+	j := i
+	if s[j] == ' ' {
+		j++
+	}
+	if j >= len(s) {
+		return i
+	}
+	if c, _ := class(s, j); !isQ(c) {
+		return i
+	}
+	for j < len(s) {
+		c, n := class(s, j)
+		if !isQ(c) {
+			break
+		}
+		j += n
+	}
+	for j < len(s) && (s[j] == '\r' || s[j] == '\n' || tail != "" && s[j] == tail[0]) {
+		j++
+	}
+	return j
+}
+
+// spaces returns the end of \s*[\r\n]+|\s+(?!\S)|\s+ at i, which holds a
+// space.
+func spaces(s string, i int) int {
+	j, lastNL, last := i, -1, i
+	for j < len(s) {
+		c, n := class(s, j)
+		if c&cSpace == 0 {
+			break
+		}
+		if c&cNewline != 0 {
+			lastNL = j
+		}
+		last = j
+		j += n
+	}
+	switch {
+	case lastNL >= 0: // \s*[\r\n]+ backs up to the last newline
+		return lastNL + 1
+	case j == len(s) || last == i: // \s+(?!\S) at the end, or \s+
+		return j
+	default: // \s+(?!\S) leaves the last space to the next piece
+		return last
+	}
+}
+
+// splitCL100K returns the end of the cl100k_base piece at i.
+func splitCL100K(s string, i int) int {
+	if n := contraction(s, i); n > 0 {
+		return i + n
+	}
+	c, n := class(s, i)
+	if c&cLetter != 0 {
+		return run(s, i+n, cLetter)
+	}
+	if isP(c) && i+n < len(s) {
+		if c2, n2 := class(s, i+n); c2&cLetter != 0 {
+			return run(s, i+n+n2, cLetter)
+		}
+	}
+	if c&cNumber != 0 {
+		return numbers(s, i)
+	}
+	if j := punct(s, i, ""); j > i {
+		return j
+	}
+	return spaces(s, i)
+}
+
+// splitO200K returns the end of the o200k_base piece at i.
+func splitO200K(s string, i int) int {
+	c, n := class(s, i)
+	// The two word alternatives, each first with the optional leading
+	// rune and then without it.
+	if isP(c) && i+n < len(s) {
+		if j := wordLower(s, i+n); j > 0 {
+			return j + contraction(s, j)
+		}
+	}
+	if j := wordLower(s, i); j > 0 {
+		return j + contraction(s, j)
+	}
+	if isP(c) && i+n < len(s) {
+		if j := wordUpper(s, i+n); j > 0 {
+			return j + contraction(s, j)
+		}
+	}
+	if j := wordUpper(s, i); j > 0 {
+		return j + contraction(s, j)
+	}
+	if c&cNumber != 0 {
+		return numbers(s, i)
+	}
+	if j := punct(s, i, "/"); j > i {
+		return j
+	}
+	return spaces(s, i)
+}
+
+// wordLower returns the end of [Upper]*[Lower]+ at p, or 0. The upper run
+// is greedy and gives back one rune at a time until a lower run can follow.
+func wordLower(s string, p int) int {
+	j, lastLower := p, 0
+	for j < len(s) {
+		c, n := class(s, j)
+		if c&cUpper == 0 {
+			break
+		}
+		j += n
+		if c&cLower != 0 {
+			lastLower = j
+		}
+	}
+	if j < len(s) {
+		if c, n := class(s, j); c&cLower != 0 {
+			return run(s, j+n, cLower)
+		}
+	}
+	// Given back: the lower run is the last lower rune of the upper run
+	// alone, since the runes after it are not lower.
+	return lastLower
+}
+
+// wordUpper returns the end of [Upper]+[Lower]* at p, or 0.
+func wordUpper(s string, p int) int {
+	j := run(s, p, cUpper)
+	if j == p {
+		return 0
+	}
+	return run(s, j, cLower)
+}
