@@ -413,10 +413,16 @@ func startStack(t testing.TB, o envoyOpts) *stack {
 }
 
 // chatBody is a chat request whose prompt has about words tokens.
+//
+// It asks for at most 16 output tokens, as clients usually bound theirs: the
+// decode part of its charge is then small beside the prefill of a long
+// prompt, which is what the routing tests look at (without a bound, each
+// request would be charged the 256-token output prior).
 func chatBody(words int, stream bool) []byte {
 	b, _ := json.Marshal(map[string]any{
-		"model":    "m",
-		"stream":   stream,
+		"model":      "m",
+		"stream":     stream,
+		"max_tokens": 16,
 		"messages": []map[string]string{{"role": "user", "content": strings.Repeat("hello ", words)}},
 	})
 	return b
