@@ -423,7 +423,7 @@ func chatBody(words int, stream bool) []byte {
 		"model":      "m",
 		"stream":     stream,
 		"max_tokens": 16,
-		"messages": []map[string]string{{"role": "user", "content": strings.Repeat("hello ", words)}},
+		"messages":   []map[string]string{{"role": "user", "content": strings.Repeat("hello ", words)}},
 	})
 	return b
 }
