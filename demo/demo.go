@@ -81,7 +81,9 @@ func Run(ctx context.Context, o Options) error {
 	}
 	listenPort := eo.ListenPort
 	fmt.Fprintf(o.Out, "Envoy on 127.0.0.1:%d → tokenlb (admin %s) → llmsim %s\n", listenPort, admin, strings.Join(hosts, ", "))
-	fmt.Fprintf(o.Out, "Workload: %d clients; prompts of ~30 (60%%), ~2,750 (25%%) and ~7,500 (15%%) tokens; a third streamed. Ctrl-C stops.\n\n", o.Concurrency)
+	fmt.Fprintf(o.Out, "Workload: %d clients; prompts of ~30 (60%%), ~2,750 (25%%) and ~7,500 (15%%) tokens; a third streamed. Ctrl-C stops.\n", o.Concurrency)
+	fmt.Fprintf(o.Out, "load: the expected work tokenlb balances on (a prompt's prefill until its first token, decode_weight of its decode until its end);\n"+
+		"prefilling / in flight: prompt tokens waiting for their first token / of every request in flight.\n\n")
 
 	st := &stats{}
 	var wg sync.WaitGroup
@@ -118,6 +120,22 @@ loop:
 	return ctx.Err()
 }
 
+// demoWords are the words prompts are drawn from.
+var demoWords = strings.Fields("time work life hand part case week home fact area room game book word side kind head team line name")
+
+// prompt returns words random words: prompts that share no long prefix, so
+// the backends' prefix caches do not make every prefill free.
+func prompt(rng *rand.Rand, words int) string {
+	var b strings.Builder
+	for i := range words {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(demoWords[rng.IntN(len(demoWords))])
+	}
+	return b.String()
+}
+
 // client sends requests back to back until ctx is done.
 func client(ctx context.Context, url string, seed uint64, st *stats) {
 	rng := rand.New(rand.NewPCG(seed, 42))
@@ -132,7 +150,7 @@ func client(ctx context.Context, url string, seed uint64, st *stats) {
 		words = int(float64(words) * (0.8 + 0.4*rng.Float64())) // ±20%
 		stream := rng.IntN(3) == 0
 		body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": stream, "max_tokens": 16 + rng.IntN(48),
-			"messages": []map[string]string{{"role": "user", "content": strings.Repeat("lorem ", words)}}})
+			"messages": []map[string]string{{"role": "user", "content": prompt(rng, words)}}})
 		start := time.Now()
 		req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
 		req.Header.Set("content-type", "application/json")
@@ -177,10 +195,14 @@ func (s *stats) record(d time.Duration, err error) {
 }
 
 type hostLoad struct {
-	Address          string `json:"address"`
-	InFlightTokens   int64  `json:"in_flight_tokens"`
-	InFlightRequests int64  `json:"in_flight_requests"`
-	Picks            int64  `json:"picks"`
+	Address string `json:"address"`
+	// Load is what tokenlb balances on: expected microseconds of the
+	// host's work not yet released (see the README's cost model).
+	Load             int64 `json:"load"`
+	PrefillingTokens int64 `json:"prefilling_tokens"`
+	InFlightTokens   int64 `json:"in_flight_tokens"`
+	InFlightRequests int64 `json:"in_flight_requests"`
+	Picks            int64 `json:"picks"`
 }
 
 func hostLoads(admin string) []hostLoad {
@@ -220,8 +242,10 @@ func view(w io.Writer, elapsed time.Duration, admin string, st *stats) {
 	}
 	fmt.Fprintf(w, "t=%3.0fs  done %d  errors %d  latency p50 %v p90 %v\n", elapsed.Seconds(), done, errs, pct(0.5), pct(0.9))
 	for _, h := range hosts {
-		bar := strings.Repeat("█", int(min(40, h.InFlightTokens/500)))
-		fmt.Fprintf(w, "  %-21s in flight %6d tokens %3d reqs  routed %5d  %s\n", h.Address, h.InFlightTokens, h.InFlightRequests, h.Picks, bar)
+		// The bar is the load tokenlb balances on, a block per 50 ms.
+		bar := strings.Repeat("█", int(min(40, h.Load/50_000)))
+		fmt.Fprintf(w, "  %-21s load %5d ms  prefilling %6d tokens  in flight %6d tokens %3d reqs  routed %5d  %s\n",
+			h.Address, h.Load/1000, h.PrefillingTokens, h.InFlightTokens, h.InFlightRequests, h.Picks, bar)
 	}
 	if lastErr != "" {
 		fmt.Fprintf(w, "  last error: %s\n", lastErr)

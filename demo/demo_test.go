@@ -39,12 +39,12 @@ func TestRun(t *testing.T) {
 	}
 	s := out.String()
 	final := s[strings.LastIndex(s, "every charge should now return to 0"):]
-	hosts := regexp.MustCompile(`in flight +(\d+) tokens +(\d+) reqs +routed +(\d+)`).FindAllStringSubmatch(final, -1)
+	hosts := regexp.MustCompile(`load +(\d+) ms +prefilling +(\d+) tokens +in flight +(\d+) tokens +(\d+) reqs +routed +(\d+)`).FindAllStringSubmatch(final, -1)
 	if len(hosts) != 3 {
 		t.Fatalf("final view shows %d hosts:\n%s", len(hosts), s)
 	}
 	for _, h := range hosts {
-		if h[1] != "0" || h[2] != "0" || h[3] == "0" {
+		if h[1] != "0" || h[2] != "0" || h[3] != "0" || h[4] != "0" || h[5] == "0" {
 			t.Fatalf("final view: a host still charged or never used: %q\n%s", h[0], s)
 		}
 	}

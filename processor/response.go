@@ -3,6 +3,7 @@ package processor
 import (
 	"bytes"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,7 +40,10 @@ type tracker struct {
 
 	mu sync.Mutex
 
-	status   int
+	status int
+	// streamed: the response is an event stream, so its first bytes are
+	// its first token. A whole response's first bytes come at its end.
+	streamed bool
 	ttft     time.Duration
 	events   int    // SSE data events seen
 	tail     []byte // the response body's last tailBytes
@@ -63,8 +67,11 @@ func (t *tracker) responseHeaders(hs *corev3.HeaderMap, eos bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, hv := range hs.GetHeaders() {
-		if hv.GetKey() == ":status" {
+		switch strings.ToLower(hv.GetKey()) {
+		case ":status":
 			t.status, _ = strconv.Atoi(headerValue(hv))
+		case "content-type":
+			t.streamed = strings.HasPrefix(strings.ToLower(headerValue(hv)), "text/event-stream")
 		}
 	}
 	if eos {
@@ -118,8 +125,14 @@ func (t *tracker) finishLocked(cause picker.Cause) {
 	if !t.ok() || (cause != picker.ResponseEnd && cause != picker.ResponseHeaders) {
 		return
 	}
-	o := cost.Outcome{Host: t.lease.Host(), Request: t.req, Ahead: t.lease.Ahead(), TTFT: t.ttft,
+	o := cost.Outcome{Host: t.lease.Host(), Request: t.req, Ahead: t.lease.Ahead(),
 		Duration: time.Since(t.lease.Start())}
+	if t.streamed {
+		// Only a stream's first event times the prefill and splits the
+		// response into prefill and decode: a whole response would teach
+		// that prefill takes all of it and decoding no time at all.
+		o.TTFT = t.ttft
+	}
 	if u, ok := parseUsage(t.tail); ok {
 		o.PromptTokens, o.OutputTokens = u.prompt, u.completion
 		t.s.m.usageSeen.WithLabelValues("yes").Inc()

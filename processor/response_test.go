@@ -314,3 +314,47 @@ func counter(t *testing.T, v *prometheus.CounterVec, label string) float64 {
 	t.Helper()
 	return testutil.ToFloat64(v.WithLabelValues(label))
 }
+
+func respHeadersTyped(status, contentType string) *extprocv3.ProcessingRequest {
+	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+			{Key: ":status", RawValue: []byte(status)}, {Key: "content-type", RawValue: []byte(contentType)}}}}}}
+}
+
+// TestSpeedsLearnedFromStreamsOnly: a whole (non-streamed) response's first
+// bytes come with its last, so it teaches the output length and the token
+// ratio but nothing of the host's speeds; a streamed one teaches them too.
+func TestSpeedsLearnedFromStreamsOnly(t *testing.T) {
+	opts := twoPhase
+	opts.Calibrate = true
+	model := cost.New(opts)
+	env := startEnv(t, threeHosts[:1], picker.Options{}, Config{Cost: model})
+	host := threeHosts[0]
+	prior := model.Speed(host)
+
+	f := env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	routed(t, f, post(chat(100)))
+	step(t, f, respHeadersTyped("200", "application/json"))
+	step(t, f, respBody(`{"choices":[{"message":{"content":"a b c"}}],"usage":{"prompt_tokens":200,"completion_tokens":3}}`, true))
+	f.close()
+	got := model.Speed(host)
+	if got.PrefillTokensPerSecond != prior.PrefillTokensPerSecond || got.DecodeTokensPerSecond != prior.DecodeTokensPerSecond {
+		t.Fatalf("a whole response taught speeds: %+v, prior %+v", got, prior)
+	}
+	if got.TokenRatio <= prior.TokenRatio {
+		t.Fatalf("token ratio %v after a response reporting more prompt tokens, prior %v", got.TokenRatio, prior.TokenRatio)
+	}
+
+	f = env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	routed(t, f, post(chat(100)))
+	step(t, f, respHeadersTyped("200", "text/event-stream; charset=utf-8"))
+	step(t, f, respBody("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false))
+	step(t, f, respBody("data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n", false))
+	step(t, f, respBody(usageChunk, true))
+	f.close()
+	if s := model.Speed(host); s.PrefillTokensPerSecond == got.PrefillTokensPerSecond {
+		t.Fatalf("a streamed response taught no prefill speed: %+v", s)
+	}
+}
