@@ -21,7 +21,7 @@ func Overhead(ctx context.Context, o Options, outDir string) error {
 		return err
 	}
 	for i := range reqs {
-		reqs[i] = Request{Messages: []Message{{"user", text(rngFor(uint64(i)), 1000)}}, MaxTokens: 8}
+		reqs[i] = Request{Messages: []Message{{"user", Text(rngFor(uint64(i)), 1000)}}, MaxTokens: 8}
 	}
 	o.TimeScale = 1e-4 // backends answer at once
 	o.Concurrency = 0

@@ -33,7 +33,10 @@ area room game book word side kind head team girl line name city body face
 door food tree land wind fire rain road ship king hope mind idea plan rule
 love help view test data form note list file code unit rate cost risk goal`)
 
-func text(rng *rand.Rand, words int) string {
+// Text returns words random words of the vocabulary: text that costs about
+// as many tokens to tiktoken and to llmsim, and shares no long prefix with
+// other such text, so that backends' prefix caches do not make prefills free.
+func Text(rng *rand.Rand, words int) string {
 	var b strings.Builder
 	for i := range words {
 		if i > 0 {
@@ -66,10 +69,10 @@ func Generate(profile string, seed uint64, n int) ([]Request, error) {
 	shared := rand.New(rand.NewPCG(seed, 0x5a3e))
 	var systems, docs []string
 	for range 4 {
-		systems = append(systems, text(shared, 400))
+		systems = append(systems, Text(shared, 400))
 	}
 	for range 8 {
-		docs = append(docs, text(shared, 3000))
+		docs = append(docs, Text(shared, 3000))
 	}
 	out := make([]Request, 0, n)
 	for range n {
@@ -87,19 +90,19 @@ func Generate(profile string, seed uint64, n int) ([]Request, error) {
 			case u < small+(1-small)/2:
 				size = 2750
 			}
-			r = Request{Messages: []Message{{"user", text(rng, jitter(rng, size))}}, MaxTokens: 32 + rng.IntN(65)}
+			r = Request{Messages: []Message{{"user", Text(rng, jitter(rng, size))}}, MaxTokens: 32 + rng.IntN(65)}
 		case "chat":
 			r.Messages = []Message{{"system", systems[rng.IntN(len(systems))]}}
 			for range rng.IntN(4) {
-				r.Messages = append(r.Messages, Message{"user", text(rng, lognormal(rng, 150, 1, 5, 3000))},
-					Message{"assistant", text(rng, lognormal(rng, 150, 0.8, 5, 1500))})
+				r.Messages = append(r.Messages, Message{"user", Text(rng, lognormal(rng, 150, 1, 5, 3000))},
+					Message{"assistant", Text(rng, lognormal(rng, 150, 0.8, 5, 1500))})
 			}
-			r.Messages = append(r.Messages, Message{"user", text(rng, lognormal(rng, 200, 1.2, 5, 6000))})
+			r.Messages = append(r.Messages, Message{"user", Text(rng, lognormal(rng, 200, 1.2, 5, 6000))})
 			r.MaxTokens = lognormal(rng, 150, 0.8, 8, 1000)
 		case "prefix":
 			// A few documents are asked about far more than others.
 			d := min(len(docs)-1, int(math.Floor(-math.Log(1-rng.Float64())*2)))
-			r = Request{Messages: []Message{{"user", docs[d] + "\n\nquestion: " + text(rng, 30)}}, MaxTokens: 64}
+			r = Request{Messages: []Message{{"user", docs[d] + "\n\nquestion: " + Text(rng, 30)}}, MaxTokens: 64}
 		default:
 			return nil, fmt.Errorf("bench: unknown profile %q (want one of %v)", profile, Profiles)
 		}

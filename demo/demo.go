@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tokenlb/tokenlb/bench"
 	"github.com/tokenlb/tokenlb/internal/envoycfg"
 	"github.com/tokenlb/tokenlb/internal/proc"
 )
@@ -120,22 +121,6 @@ loop:
 	return ctx.Err()
 }
 
-// demoWords are the words prompts are drawn from.
-var demoWords = strings.Fields("time work life hand part case week home fact area room game book word side kind head team line name")
-
-// prompt returns words random words: prompts that share no long prefix, so
-// the backends' prefix caches do not make every prefill free.
-func prompt(rng *rand.Rand, words int) string {
-	var b strings.Builder
-	for i := range words {
-		if i > 0 {
-			b.WriteByte(' ')
-		}
-		b.WriteString(demoWords[rng.IntN(len(demoWords))])
-	}
-	return b.String()
-}
-
 // client sends requests back to back until ctx is done.
 func client(ctx context.Context, url string, seed uint64, st *stats) {
 	rng := rand.New(rand.NewPCG(seed, 42))
@@ -150,7 +135,7 @@ func client(ctx context.Context, url string, seed uint64, st *stats) {
 		words = int(float64(words) * (0.8 + 0.4*rng.Float64())) // ±20%
 		stream := rng.IntN(3) == 0
 		body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": stream, "max_tokens": 16 + rng.IntN(48),
-			"messages": []map[string]string{{"role": "user", "content": prompt(rng, words)}}})
+			"messages": []map[string]string{{"role": "user", "content": bench.Text(rng, words)}}})
 		start := time.Now()
 		req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
 		req.Header.Set("content-type", "application/json")
