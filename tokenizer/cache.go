@@ -46,8 +46,8 @@ func (c *cache) key(s string) cacheKey {
 
 func (c *cache) shard(k cacheKey) *cacheShard { return &c.shards[k[0]%cacheShards] }
 
-func (c *cache) get(s string) (int, bool) {
-	k := c.key(s)
+// get returns the count kept under k (from key), if any.
+func (c *cache) get(k cacheKey) (int, bool) {
 	sh := c.shard(k)
 	sh.mu.Lock()
 	n, ok := sh.cur[k]
@@ -66,8 +66,8 @@ func (c *cache) get(s string) (int, bool) {
 	return int(n), ok
 }
 
-func (c *cache) put(s string, n int) {
-	k := c.key(s)
+// put keeps n under k.
+func (c *cache) put(k cacheKey, n int) {
 	sh := c.shard(k)
 	sh.mu.Lock()
 	sh.add(k, int32(min(n, 1<<31-1)), c.limit)

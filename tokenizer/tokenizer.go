@@ -151,24 +151,31 @@ func (t *Tokenizer) Engine() string { return t.opts.Engine }
 // exact (with the tiktoken engine, see tiktokenEncoding for its one
 // exception).
 func (t *Tokenizer) Count(s string) int {
-	if n, ok := t.cached(s); ok {
+	k, n, ok := t.cached(s)
+	if ok {
 		return n
 	}
-	n, _ := t.engine.count(s, time.Time{})
-	t.remember(s, n)
+	n, _ = t.engine.count(s, time.Time{})
+	t.remember(k, n)
 	return n
 }
 
-func (t *Tokenizer) cached(s string) (int, bool) {
+// cached looks s up in the cache. The key it returns is for remember, so
+// that a text missed and then counted is hashed once; it is the zero key
+// when s is not cached (no cache, or s too short), which remember skips.
+func (t *Tokenizer) cached(s string) (k cacheKey, n int, ok bool) {
 	if t.cache == nil || len(s) < t.opts.CacheMinBytes {
-		return 0, false
+		return cacheKey{}, 0, false
 	}
-	return t.cache.get(s)
+	k = t.cache.key(s)
+	n, ok = t.cache.get(k)
+	return k, n, ok
 }
 
-func (t *Tokenizer) remember(s string, n int) {
-	if t.cache != nil && len(s) >= t.opts.CacheMinBytes {
-		t.cache.put(s, n)
+// remember keeps n as the count of the text cached returned k for.
+func (t *Tokenizer) remember(k cacheKey, n int) {
+	if k != (cacheKey{}) {
+		t.cache.put(k, n)
 	}
 }
 
@@ -224,7 +231,8 @@ func (b *budget) text(s string) int {
 	if s == "" {
 		return 0
 	}
-	if n, ok := b.t.cached(s); ok {
+	k, n, ok := b.t.cached(s)
+	if ok {
 		b.tokens, b.bytes = b.tokens+n, b.bytes+len(s)
 		return n
 	}
@@ -241,7 +249,7 @@ func (b *budget) text(s string) int {
 	b.exactLeft -= covered
 	b.tokens, b.bytes = b.tokens+n, b.bytes+covered
 	if covered == len(s) {
-		b.t.remember(s, n)
+		b.t.remember(k, n)
 		return n
 	}
 	b.estimated = EstimatedTime
