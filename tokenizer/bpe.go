@@ -32,6 +32,7 @@ type fastEncoding struct {
 	longest int
 	// scratch holds the buffers for pieces too long for the stack.
 	scratch sync.Pool
+	memos   sync.Pool // of *memo
 }
 
 const noRank = math.MaxUint32
@@ -50,6 +51,7 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 		ranks: newRankTable(loaded),
 		pairs: new([1 << 16]uint32),
 	}
+	e.memos.New = func() any { return new(memo) }
 	if name == "o200k_base" {
 		e.split = splitO200K
 	}
@@ -79,6 +81,9 @@ func (e *fastEncoding) count(s string, deadline time.Time) (tokens, covered int)
 		// tiktoken-go matches on runes: each invalid byte becomes U+FFFD.
 		s = string([]rune(s))
 	}
+	m := e.memos.Get().(*memo)
+	defer e.memos.Put(m)
+	m.next()
 	check := deadlineEvery
 	i := 0
 	for i < len(s) {
@@ -93,9 +98,26 @@ func (e *fastEncoding) count(s string, deadline time.Time) (tokens, covered int)
 			_, n := utf8.DecodeRuneInString(s[i:])
 			j = i + n
 		}
-		n, ok := e.pieceTokens(s[i:j], deadline)
+		if j-i == 1 {
+			tokens++
+			i = j
+			continue
+		}
+		p := s[i:j]
+		head, h := headHash(p)
+		slot := m.slot(h)
+		if slot.gen == m.gen && int(slot.size) == len(p) && slot.head == head &&
+			(len(p) <= 8 || s[slot.off+8:int(slot.off)+len(p)] == p[8:]) {
+			tokens += int(slot.n)
+			i = j
+			continue
+		}
+		n, ok := e.pieceTokens(p, head, h, deadline)
 		if !ok {
 			break
+		}
+		if len(p) <= maxMemoPiece {
+			*slot = memoSlot{head: head, gen: m.gen, off: uint32(i), size: uint16(len(p)), n: uint16(n)}
 		}
 		tokens += n
 		i = j
@@ -117,11 +139,11 @@ const deadlineEvery = 64 << 10
 
 // pieceTokens returns the number of tokens of one pre-tokenizer piece; ok
 // is false when the deadline passed before a long piece was merged.
-func (e *fastEncoding) pieceTokens(p string, deadline time.Time) (n int, ok bool) {
+func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time) (n int, ok bool) {
 	if len(p) == 1 {
 		return 1, true
 	}
-	if len(p) <= e.longest && e.ranks.get(p) != noRank {
+	if len(p) <= e.longest && e.ranks.getHashed(p, head, h) != noRank {
 		return 1, true
 	}
 	if len(p) <= smallPiece {
@@ -132,6 +154,42 @@ func (e *fastEncoding) pieceTokens(p string, deadline time.Time) (n int, ok bool
 	}
 	return e.mergeLarge(p, deadline)
 }
+
+// memo remembers the token counts of the pieces of one text: words,
+// punctuation and indentation recur, and a hit costs less than a rank
+// lookup. Its slots are tagged with the text's generation, so a new text
+// starts with an empty memo without clearing it, and they hold an offset
+// into the text rather than the text, so that a pooled memo keeps no text
+// alive.
+type memo struct {
+	gen   uint32
+	slots [memoSlots]memoSlot
+}
+
+type memoSlot struct {
+	head uint64 // the piece's first 8 bytes, as headHash returns them
+	gen  uint32
+	off  uint32 // where the piece starts in the text
+	size uint16
+	n    uint16
+}
+
+// memoSlots is the memo's size: 48 KiB, about a core's first-level cache.
+const memoSlots = 2048
+
+// maxMemoPiece is the longest piece the memo keeps.
+const maxMemoPiece = 1 << 10
+
+// next starts a new text.
+func (m *memo) next() {
+	m.gen++
+	if m.gen == 0 { // wrapped: slots of generation 0 may remain
+		m.slots = [memoSlots]memoSlot{}
+		m.gen = 1
+	}
+}
+
+func (m *memo) slot(h uint64) *memoSlot { return &m.slots[(h>>48)%memoSlots] }
 
 // maxBudgetPiece is the longest piece merged under a deadline: a longer
 // unbroken run (of letters, punctuation or spaces) is hostile rather than

@@ -33,7 +33,7 @@ type rankSlot struct {
 
 func newRankTable(ranks map[string]int) *rankTable {
 	size := uint64(1)
-	for size < uint64(len(ranks))*2 {
+	for size*4 < uint64(len(ranks))*5 { // at most 80% full
 		size <<= 1
 	}
 	t := &rankTable{slots: make([]rankSlot, size), mask: size - 1}
@@ -94,6 +94,17 @@ func (t *rankTable) get(key string) uint32 {
 		return noRank
 	}
 	head, h := headHash(key)
+	return t.getHashed(key, head, h)
+}
+
+// getHashed is get for a key whose headHash is head and h.
+func (t *rankTable) getHashed(key string, head, h uint64) uint32 {
+	if len(key) <= 4 {
+		return t.getShort(key)
+	}
+	if len(key) > 255 {
+		return noRank
+	}
 	for _, b := range t.filterBits(h) {
 		if t.filter[b/64]&(1<<(b%64)) == 0 {
 			return noRank

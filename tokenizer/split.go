@@ -207,8 +207,100 @@ func spaces(s string, i int) int {
 	}
 }
 
-// splitCL100K returns the end of the cl100k_base piece at i.
+// splitCL100K returns the end of the cl100k_base piece at i. Most pieces
+// of most text are an ASCII word with or without a leading space or
+// punctuation: those are found here without decoding a rune.
 func splitCL100K(s string, i int) int {
+	if b := s[i]; b < utf8.RuneSelf && b != '\'' {
+		c := asciiClass[b]
+		if c&cLetter != 0 {
+			return letters(s, i+1)
+		}
+		if isP(c) && i+1 < len(s) && s[i+1] < utf8.RuneSelf && asciiClass[s[i+1]]&cLetter != 0 {
+			return letters(s, i+2)
+		}
+		if j := asciiPiece(s, i, '\n'); j > i {
+			return j
+		}
+	}
+	return splitCL100KRunes(s, i)
+}
+
+// asciiPiece returns the end of the number, punctuation or space piece at
+// i, where neither word alternative matches, when it can tell from ASCII
+// bytes alone; else i. Punctuation takes a run of newlines and of the byte
+// tail after it.
+func asciiPiece(s string, i int, tail byte) int {
+	b := s[i]
+	switch c := asciiClass[b]; {
+	case c&cNumber != 0: // \p{N}{1,3}
+		j := i + 1
+		for j < len(s) && j < i+3 && '0' <= s[j] && s[j] <= '9' {
+			j++
+		}
+		if j < len(s) && j < i+3 && s[j] >= utf8.RuneSelf {
+			return i // a number past ASCII may follow
+		}
+		return j
+	case c&cSpace == 0 || b == ' ' && i+1 < len(s) && s[i+1] < utf8.RuneSelf && isQ(asciiClass[s[i+1]]):
+		// ' '?[^\s\p{L}\p{N}]+ then the tail.
+		j := i
+		if b == ' ' {
+			j++
+		}
+		for j < len(s) && s[j] < utf8.RuneSelf && isQ(asciiClass[s[j]]) {
+			j++
+		}
+		if j < len(s) && s[j] >= utf8.RuneSelf {
+			return i // punctuation past ASCII may follow
+		}
+		for j < len(s) && (s[j] == '\r' || s[j] == '\n' || s[j] == tail) {
+			j++
+		}
+		return j
+	}
+	// \s*[\r\n]+|\s+(?!\S)|\s+, as spaces does.
+	j, lastNL, last := i, -1, i
+	for j < len(s) && s[j] < utf8.RuneSelf && asciiClass[s[j]]&cSpace != 0 {
+		if s[j] == '\r' || s[j] == '\n' {
+			lastNL = j
+		}
+		last = j
+		j++
+	}
+	switch {
+	case j < len(s) && s[j] >= utf8.RuneSelf:
+		return i // a space past ASCII may follow
+	case lastNL >= 0:
+		return lastNL + 1
+	case j == len(s) || last == i:
+		return j
+	default:
+		return last
+	}
+}
+
+// asciiLetter reports the ASCII letters, indexed by any byte.
+var asciiLetter = func() (t [256]bool) {
+	for b := range utf8.RuneSelf {
+		t[b] = asciiClass[b]&cLetter != 0
+	}
+	return t
+}()
+
+// letters returns the end of the run of letters from j, ASCII first.
+func letters(s string, j int) int {
+	for j < len(s) && asciiLetter[s[j]] {
+		j++
+	}
+	if j < len(s) && s[j] >= utf8.RuneSelf {
+		return run(s, j, cLetter)
+	}
+	return j
+}
+
+// splitCL100KRunes is splitCL100K for any piece.
+func splitCL100KRunes(s string, i int) int {
 	if n := contraction(s, i); n > 0 {
 		return i + n
 	}
@@ -230,8 +322,39 @@ func splitCL100K(s string, i int) int {
 	return spaces(s, i)
 }
 
-// splitO200K returns the end of the o200k_base piece at i.
+// splitO200K returns the end of the o200k_base piece at i, an ASCII word
+// (with or without a leading space or punctuation) without decoding a rune.
 func splitO200K(s string, i int) int {
+	if b := s[i]; b < utf8.RuneSelf {
+		w := i // the word's first letter
+		if c := asciiClass[b]; isP(c) && i+1 < len(s) && s[i+1] < utf8.RuneSelf && asciiClass[s[i+1]]&cLetter != 0 {
+			w = i + 1
+		} else if c&cLetter == 0 {
+			if j := asciiPiece(s, i, '/'); j > i {
+				return j
+			}
+			return splitO200KRunes(s, i)
+		}
+		// ASCII capitals are only upper and small letters only lower, so
+		// both word alternatives end after a run of capitals and a run of
+		// small letters, whichever of the two is empty.
+		j := w
+		for j < len(s) && 'A' <= s[j] && s[j] <= 'Z' {
+			j++
+		}
+		for j < len(s) && 'a' <= s[j] && s[j] <= 'z' {
+			j++
+		}
+		if j == len(s) || s[j] < utf8.RuneSelf {
+			return j + contraction(s, j)
+		}
+		// A rune past ASCII may continue the word.
+	}
+	return splitO200KRunes(s, i)
+}
+
+// splitO200KRunes is splitO200K for any piece.
+func splitO200KRunes(s string, i int) int {
 	c, n := class(s, i)
 	// The two word alternatives, each first with the optional leading
 	// rune and then without it.
