@@ -33,6 +33,7 @@ type fastEncoding struct {
 	// scratch holds the buffers for pieces too long for the stack.
 	scratch sync.Pool
 	memos   sync.Pool // of *memo
+	bt      *backtracker
 }
 
 const noRank = math.MaxUint32
@@ -69,7 +70,17 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 			return nil, fmt.Errorf("%s ranks lack byte %#x", name, b)
 		}
 	}
+	e.bt = newBacktracker(loaded, e.mergeLast, e.ranks.get)
 	return e, nil
+}
+
+// mergeLast merges a token's bytes for newBacktracker: the parts left and
+// where the last merge joined two of them.
+func (e *fastEncoding) mergeLast(tok string) (parts, mid int) {
+	if len(tok) <= smallPiece {
+		return e.mergeSmallLast(tok)
+	}
+	return slowMergeLast(tok, e.ranks.get)
 }
 
 // count returns the number of tokens in s, stopping at a piece boundary
@@ -105,19 +116,12 @@ func (e *fastEncoding) count(s string, deadline time.Time) (tokens, covered int)
 		}
 		p := s[i:j]
 		head, h := headHash(p)
-		slot := m.slot(h)
-		if slot.gen == m.gen && int(slot.size) == len(p) && slot.head == head &&
-			(len(p) <= 8 || s[slot.off+8:int(slot.off)+len(p)] == p[8:]) {
-			tokens += int(slot.n)
-			i = j
-			continue
-		}
-		n, ok := e.pieceTokens(p, head, h, deadline)
+		n, ok := m.get(s, p, head, h)
 		if !ok {
-			break
-		}
-		if len(p) <= maxMemoPiece {
-			*slot = memoSlot{head: head, gen: m.gen, off: uint32(i), size: uint16(len(p)), n: uint16(n)}
+			if n, ok = e.pieceTokens(p, head, h, deadline); !ok {
+				break
+			}
+			m.put(i, p, head, h, n)
 		}
 		tokens += n
 		i = j
@@ -145,6 +149,17 @@ func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time)
 	}
 	if len(p) <= e.longest && e.ranks.getHashed(p, head, h) != noRank {
 		return 1, true
+	}
+	if e.bt != nil && len(p) > btMin && len(p) <= maxBacktrack {
+		sc, _ := e.scratch.Get().(*largeScratch)
+		if sc == nil {
+			sc = new(largeScratch)
+		}
+		n, ok := e.bt.count(p, sc, backtrackWork*(len(p)+16))
+		e.scratch.Put(sc)
+		if ok {
+			return n, true
+		}
 	}
 	if len(p) <= smallPiece {
 		return e.mergeSmall(p), true
@@ -189,7 +204,23 @@ func (m *memo) next() {
 	}
 }
 
-func (m *memo) slot(h uint64) *memoSlot { return &m.slots[(h>>48)%memoSlots] }
+// get returns the count of piece p of text s, if the memo has it; head
+// and h are p's headHash.
+func (m *memo) get(s, p string, head, h uint64) (int, bool) {
+	slot := &m.slots[(h>>48)%memoSlots]
+	if slot.gen == m.gen && int(slot.size) == len(p) && slot.head == head &&
+		(len(p) <= 8 || s[slot.off+8:int(slot.off)+len(p)] == p[8:]) {
+		return int(slot.n), true
+	}
+	return 0, false
+}
+
+// put remembers that the piece p at offset i of the text has n tokens.
+func (m *memo) put(i int, p string, head, h uint64, n int) {
+	if len(p) <= maxMemoPiece {
+		m.slots[(h>>48)%memoSlots] = memoSlot{head: head, gen: m.gen, off: uint32(i), size: uint16(len(p)), n: uint16(n)}
+	}
+}
 
 // maxBudgetPiece is the longest piece merged under a deadline: a longer
 // unbroken run (of letters, punctuation or spaces) is hostile rather than
@@ -211,11 +242,26 @@ func (e *fastEncoding) rank(p string, a, b int) uint32 {
 // which cost O(n²) but beat a heap for short pieces.
 const smallPiece = 64
 
+// btMin is the length above which a piece is counted by the backtracker,
+// and at most maxBacktrack: shorter pieces merge faster on the stack,
+// longer ones under mergeLarge's looks at the clock.
+const (
+	btMin        = 12
+	maxBacktrack = 1 << 16
+)
+
 // mergeSmall is tiktoken's byte-pair merge: repeatedly join the adjacent
 // parts whose union has the lowest rank, the leftmost on ties, until no
 // union is a token. start[k] is where part k begins; rank[k] the rank of
 // parts k and k+1 joined.
 func (e *fastEncoding) mergeSmall(p string) int {
+	parts, _ := e.mergeSmallLast(p)
+	return parts
+}
+
+// mergeSmallLast is mergeSmall that also returns where the last merge
+// joined two parts (0 if there was none).
+func (e *fastEncoding) mergeSmallLast(p string) (parts, last int) {
 	var start [smallPiece + 1]int32
 	var rank [smallPiece + 1]uint32
 	n := len(p)
@@ -225,7 +271,7 @@ func (e *fastEncoding) mergeSmall(p string) int {
 	for k := 0; k+1 < n; k++ {
 		rank[k] = e.pairs[uint16(p[k])<<8|uint16(p[k+1])]
 	}
-	parts := n // parts left; start[parts] == n
+	parts = n // parts left; start[parts] == n
 	for parts > 1 {
 		best, at := uint32(noRank), -1
 		for k := 0; k+1 < parts; k++ {
@@ -237,6 +283,7 @@ func (e *fastEncoding) mergeSmall(p string) int {
 			break
 		}
 		// Join parts at and at+1, then re-rank the unions that changed.
+		last = int(start[at+1])
 		copy(start[at+1:parts], start[at+2:parts+1])
 		copy(rank[at+1:parts-1], rank[at+2:parts])
 		parts--
@@ -249,7 +296,7 @@ func (e *fastEncoding) mergeSmall(p string) int {
 			rank[at-1] = e.rank(p, int(start[at-1]), int(start[at+1]))
 		}
 	}
-	return parts
+	return parts, last
 }
 
 // largeScratch holds mergeLarge's buffers between calls.
@@ -257,6 +304,8 @@ type largeScratch struct {
 	next, prev []int32  // linked list of parts by start byte
 	rank       []uint32 // rank of the union of a part and the next
 	heap       []heapItem
+	stack      []uint32 // backtracker.count's tokens
+	dead       []uint64 // backtracker.count's positions without a boundary
 }
 
 type heapItem struct {

@@ -37,7 +37,7 @@ func engines(t testing.TB) (map[string]*tiktoken.Tiktoken, map[string]*fastEncod
 			if refs[name], refErr = tiktoken.GetEncoding(name); refErr != nil {
 				return
 			}
-			if fasts[name], refErr = newFastEncoding(name); refErr != nil {
+			if fasts[name], refErr = fastEncodings[name](); refErr != nil {
 				return
 			}
 		}

@@ -18,6 +18,7 @@ package tokenizer
 import (
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -109,6 +110,14 @@ type Tokenizer struct {
 	estimatedSize, estimatedTime atomic.Uint64
 }
 
+// fastEncodings builds each fast encoding once per process, on first use:
+// its indexes of the vocabulary are read-only, shared by every Tokenizer,
+// and take a few hundred milliseconds to build.
+var fastEncodings = map[string]func() (*fastEncoding, error){
+	"cl100k_base": sync.OnceValues(func() (*fastEncoding, error) { return newFastEncoding("cl100k_base") }),
+	"o200k_base":  sync.OnceValues(func() (*fastEncoding, error) { return newFastEncoding("o200k_base") }),
+}
+
 // New returns a Tokenizer. The BPE ranks come from the files embedded by
 // tiktoken-go-loader, so New never touches the network.
 func New(opts Options) (*Tokenizer, error) {
@@ -119,7 +128,7 @@ func New(opts Options) (*Tokenizer, error) {
 	t := &Tokenizer{opts: opts}
 	switch opts.Engine {
 	case "fast":
-		e, err := newFastEncoding(opts.Encoding)
+		e, err := fastEncodings[opts.Encoding]()
 		if err != nil {
 			return nil, fmt.Errorf("tokenizer: %w", err)
 		}

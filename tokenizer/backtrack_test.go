@@ -1,0 +1,168 @@
+package tokenizer
+
+import (
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	tiktokenloader "github.com/pkoukk/tiktoken-go-loader"
+)
+
+// naiveMerge is byte-pair merging by rank written the obvious way, for
+// short texts: it returns the parts of p.
+func naiveMerge(p string, rank func(string) uint32) []string {
+	parts := make([]string, len(p))
+	for i := range len(p) {
+		parts[i] = p[i : i+1]
+	}
+	for len(parts) > 1 {
+		best, at := uint32(noRank), -1
+		for k := 0; k+1 < len(parts); k++ {
+			if r := rank(parts[k] + parts[k+1]); r < best {
+				best, at = r, k
+			}
+		}
+		if at < 0 {
+			break
+		}
+		parts[at] += parts[at+1]
+		parts = append(parts[:at+1], parts[at+2:]...)
+	}
+	return parts
+}
+
+// vocabulary returns the tokens of an encoding, by rank.
+func vocabulary(t *testing.T, name string) []string {
+	t.Helper()
+	loaded, err := tiktokenloader.NewOfflineLoader().LoadTiktokenBpe(encodingFiles[name])
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks := make([]string, len(loaded))
+	for tok, r := range loaded {
+		toks[r] = tok
+	}
+	return toks
+}
+
+// TestBacktracker checks the backtracker's parts against merging written
+// the obvious way: that it builds for both encodings, that compatible
+// says of two tokens exactly whether merging their bytes gives them back,
+// and that count agrees with mergeLarge on long texts with no
+// pre-tokenizer in front (any bytes, any tokens side by side).
+func TestBacktracker(t *testing.T) {
+	_, fasts := engines(t)
+	for _, name := range Encodings {
+		e := fasts[name]
+		b := e.bt
+		if b == nil {
+			t.Fatalf("%s: no backtracker: the vocabulary breaks its rules", name)
+		}
+		toks := vocabulary(t, name)
+		rng := rand.New(rand.NewPCG(6, uint64(len(toks))))
+		// Tokens that merging their own bytes reaches; pairs of them drawn
+		// at random, half of them sharing a byte across the boundary so
+		// that both answers come up often.
+		var reach []uint32
+		for r, tok := range toks {
+			if got, _ := b.longest(tok); got == uint32(r) {
+				reach = append(reach, uint32(r))
+			}
+		}
+		if len(reach) < len(toks)*9/10 {
+			t.Fatalf("%s: only %d of %d tokens reachable", name, len(reach), len(toks))
+		}
+		var yes, no int
+		for k := range 20000 {
+			x, y := reach[rng.IntN(len(reach))], reach[rng.IntN(len(reach))]
+			if k%2 == 0 { // y from a token that starts where x ends
+				for range 50 {
+					z := reach[rng.IntN(len(reach))]
+					if toks[z][0] == toks[x][len(toks[x])-1] && len(toks[z]) > 1 {
+						y, _ = b.longest(toks[z][1:])
+						break
+					}
+				}
+			}
+			parts := naiveMerge(toks[x]+toks[y], e.ranks.get)
+			want := len(parts) == 2 && parts[0] == toks[x]
+			if got := b.compatible(x, y); got != want {
+				t.Fatalf("%s: compatible(%q, %q) = %v, merging gives %q", name, toks[x], toks[y], got, parts)
+			}
+			if want {
+				yes++
+			} else {
+				no++
+			}
+		}
+		if yes < 1000 || no < 1000 {
+			t.Fatalf("%s: %d compatible and %d incompatible pairs: the test does not cover both", name, yes, no)
+		}
+
+		sc := new(largeScratch)
+		for k := range 300 {
+			var sb strings.Builder
+			switch k % 3 {
+			case 0: // tokens side by side
+				for sb.Len() < 200+rng.IntN(2000) {
+					sb.WriteString(toks[reach[rng.IntN(len(reach))]])
+				}
+			case 1: // any bytes
+				for sb.Len() < 200+rng.IntN(2000) {
+					sb.WriteByte(byte(rng.IntN(256)))
+				}
+			case 2: // few distinct bytes, where merges chain and overlap
+				for sb.Len() < 200+rng.IntN(2000) {
+					sb.WriteByte(" =-ab\n"[rng.IntN(6)])
+				}
+			}
+			p := sb.String()
+			want, _ := e.mergeLarge(p, time.Time{})
+			got, ok := b.count(p, sc, backtrackWork*(len(p)+16))
+			if !ok || got != want {
+				t.Fatalf("%s: backtracker counts %.60q... as %d (ok %v), merging as %d", name, p, got, ok, want)
+			}
+		}
+	}
+}
+
+// TestBacktrackerGivesUp checks that count stops after the work it is
+// allowed (pieceTokens then merges the piece).
+func TestBacktrackerGivesUp(t *testing.T) {
+	_, fasts := engines(t)
+	p := strings.Repeat(" tokenizer", 10)
+	sc := new(largeScratch)
+	if _, ok := fasts["cl100k_base"].bt.count(p, sc, 5); ok {
+		t.Fatal("count went on past its work")
+	}
+	if _, ok := fasts["cl100k_base"].bt.count(p, sc, backtrackWork*(len(p)+16)); !ok {
+		t.Fatal("count gave up within its work")
+	}
+}
+
+// TestMemo checks that the memo of piece counts answers only for the same
+// bytes in the same text: pieces that share a slot, a length and their
+// first 8 bytes, or a text that came before.
+func TestMemo(t *testing.T) {
+	var m memo
+	m.next()
+	s := "abcdefgh-one abcdefgh-two"
+	one, two := s[:12], s[13:]
+	head1, h := headHash(one)
+	head2, _ := headHash(two)
+	if head1 != head2 {
+		t.Fatal("the pieces must share their first 8 bytes")
+	}
+	m.put(0, one, head1, h, 3)
+	if n, ok := m.get(s, one, head1, h); !ok || n != 3 {
+		t.Fatalf("get(one) = %d, %v; want 3, true", n, ok)
+	}
+	if _, ok := m.get(s, two, head2, h); ok { // two in one's slot
+		t.Fatal("a piece with the same head and length but other bytes was found")
+	}
+	m.next()
+	if _, ok := m.get(s, one, head1, h); ok {
+		t.Fatal("a piece of the previous text was found")
+	}
+}
