@@ -1,8 +1,11 @@
 package tokenizer
 
 import (
+	"encoding/binary"
+	"math/bits"
 	"slices"
 	"strings"
+	"time"
 )
 
 // backtracker counts the tokens of a long piece in time linear in its
@@ -29,9 +32,14 @@ import (
 // exists is remembered, so each is given up once. Most of the time the
 // longest token is the right one.
 type backtracker struct {
-	size  []uint8  // of each rank's token, in bytes
-	left  []uint32 // the two parts each token is last merged from; a byte's are itself
-	right []uint32
+	// info holds, for each rank, its token's length in bytes (the low 8
+	// bits), the ranks of the two parts it is last merged from (24 bits
+	// each above them; a byte's parts are its value) and the bits
+	// isLeftPart and isRightPart: one word, so that a step of compatible
+	// reads one.
+	info []uint64
+	// pairs is the rank of every two-byte token, as fastEncoding.pairs.
+	pairs *[1 << 16]uint32
 	// shorter is the longest token, other than itself, that a token starts
 	// with (noRank for a byte): the next candidate when a token does not fit.
 	shorter []uint32
@@ -39,12 +47,13 @@ type backtracker struct {
 
 	// A trie of the tokens finds the longest one a text starts with. Nodes
 	// are numbered breadth first, so the children of node i are the nodes
-	// first[i] to first[i+1]-1, in the order of their bytes.
+	// first(i) to first(i+1)-1, in the order of their bytes.
 	bytes [256]uint32 // rank of each byte
 	two   []uint32    // node of each two-byte start, 0 if no token starts so
-	term  []uint32    // rank of the token a node spells, or noRank
-	first []uint32
-	label []byte // the byte that leads to a node
+	// nodes holds each node's first child in its low 32 bits and the rank
+	// of the token it spells (or noRank) in its high ones.
+	nodes []uint64
+	label []byte // the byte that leads to each node, and 8 zeros
 }
 
 // newBacktracker indexes the vocabulary ranks, merging each token with
@@ -52,15 +61,17 @@ type backtracker struct {
 // two of them) to learn its parts. It returns nil when the vocabulary
 // breaks the rules the backtracker relies on (it never does for
 // cl100k_base and o200k_base; see TestBacktracker).
-func newBacktracker(ranks map[string]int, merge func(string) (parts, mid int), rank func(string) uint32) *backtracker {
+func newBacktracker(ranks map[string]int, pairs *[1 << 16]uint32, merge func(string) (parts, mid int), rank func(string) uint32) *backtracker {
 	n := 0
 	for _, r := range ranks {
 		n = max(n, r+1)
 	}
+	if n > 1<<20 {
+		return nil
+	}
 	b := &backtracker{
-		size:    make([]uint8, n),
-		left:    make([]uint32, n),
-		right:   make([]uint32, n),
+		info:    make([]uint64, n),
+		pairs:   pairs,
 		shorter: make([]uint32, n),
 		two:     make([]uint32, 1<<16),
 	}
@@ -69,11 +80,10 @@ func newBacktracker(ranks map[string]int, merge func(string) (parts, mid int), r
 		if len(tok) == 0 || len(tok) > 255 {
 			return nil
 		}
-		b.size[r] = uint8(len(tok))
 		b.shorter[r] = noRank
 		if len(tok) == 1 {
 			b.bytes[tok[0]] = uint32(r)
-			b.left[r], b.right[r] = uint32(r), uint32(r)
+			b.info[r] = packInfo(1, uint32(tok[0]), uint32(tok[0]))
 			continue
 		}
 		// A token that merging its own bytes does not reach can never be
@@ -86,12 +96,15 @@ func newBacktracker(ranks map[string]int, merge func(string) (parts, mid int), r
 		if l >= uint32(r) && mid > 1 || rt >= uint32(r) && len(tok)-mid > 1 {
 			return nil // a part ranks above its token: merges are not in rank order
 		}
-		b.left[r], b.right[r] = l, rt
+		b.info[r] = packInfo(len(tok), l, rt)
 		toks = append(toks, token{tok, uint32(r)})
 	}
 	b.merged = newPairTable(len(toks))
 	for _, t := range toks {
-		b.merged.put(b.left[t.rank], b.right[t.rank], t.rank)
+		i := b.info[t.rank]
+		b.merged.put(leftPart(i), rightPart(i), t.rank)
+		b.info[leftPart(i)] |= isLeftPart
+		b.info[rightPart(i)] |= isRightPart
 	}
 	b.buildTrie(toks)
 	for _, t := range toks {
@@ -99,6 +112,22 @@ func newBacktracker(ranks map[string]int, merge func(string) (parts, mid int), r
 	}
 	return b
 }
+
+// Bits of info: the token is the left (right) part of a merge. Most pairs
+// compatible asks about cannot merge, as one of them never merges on that
+// side, and these tell without a look at the pair table.
+const (
+	isLeftPart  = 1 << 56
+	isRightPart = 1 << 57
+)
+
+func packInfo(size int, left, right uint32) uint64 {
+	return uint64(size) | uint64(left)<<8 | uint64(right)<<32
+}
+
+func tokSize(info uint64) int      { return int(info & 0xFF) }
+func leftPart(info uint64) uint32  { return uint32(info>>8) & (1<<24 - 1) }
+func rightPart(info uint64) uint32 { return uint32(info>>32) & (1<<24 - 1) }
 
 type token struct {
 	bytes string
@@ -111,13 +140,13 @@ func (b *backtracker) buildTrie(toks []token) {
 	type span struct {
 		lo, hi, depth int // toks[lo:hi] share their first depth bytes
 	}
-	b.term = append(b.term[:0], noRank)
+	term := []uint32{noRank} // of each node
+	first := []uint32{}
 	b.label = append(b.label[:0], 0)
-	b.first = b.first[:0]
 	queue := []span{{0, len(toks), 0}}
 	for q := 0; q < len(queue); q++ {
 		s := queue[q]
-		b.first = append(b.first, uint32(len(b.term)))
+		first = append(first, uint32(len(term)))
 		lo := s.lo
 		if lo < s.hi && len(toks[lo].bytes) == s.depth {
 			lo++ // the token this node spells, sorted first
@@ -128,12 +157,12 @@ func (b *backtracker) buildTrie(toks []token) {
 			for hi < s.hi && toks[hi].bytes[s.depth] == c {
 				hi++
 			}
-			child := len(b.term)
+			child := len(term)
 			t := uint32(noRank)
 			if len(toks[lo].bytes) == s.depth+1 {
 				t = toks[lo].rank
 			}
-			b.term = append(b.term, t)
+			term = append(term, t)
 			b.label = append(b.label, c)
 			if s.depth == 1 {
 				b.two[uint16(toks[lo].bytes[0])<<8|uint16(c)] = uint32(child)
@@ -142,23 +171,32 @@ func (b *backtracker) buildTrie(toks []token) {
 			lo = hi
 		}
 	}
-	b.first = append(b.first, uint32(len(b.term)))
+	first = append(first, uint32(len(term)))
+	b.label = append(b.label, make([]byte, 8)...)
+	b.nodes = make([]uint64, len(first))
+	for i := range first {
+		t := uint32(noRank)
+		if i < len(term) {
+			t = term[i]
+		}
+		b.nodes[i] = uint64(first[i]) | uint64(t)<<32
+	}
 }
 
-// child returns the child of node by byte c, or 0.
+// child returns the child of node by byte c, or 0. It compares c with 8
+// of the children's bytes at once.
 func (b *backtracker) child(node uint32, c byte) uint32 {
-	lo, hi := b.first[node], b.first[node+1]
-	for hi-lo > 8 { // many children: binary search
-		m := lo + (hi-lo)/2
-		if b.label[m] < c {
-			lo = m + 1
-		} else {
-			hi = m + 1
-		}
-	}
-	for ; lo < hi; lo++ {
-		if b.label[lo] == c {
-			return lo
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	lo, hi := uint32(b.nodes[node]), uint32(b.nodes[node+1])
+	want := uint64(c) * ones
+	for i := lo; i < hi; i += 8 {
+		w := binary.LittleEndian.Uint64(b.label[i:i+8]) ^ want
+		// The lowest bit set marks the first byte of w that is zero.
+		if z := (w - ones) &^ w & highs; z != 0 {
+			if k := i + uint32(bits.TrailingZeros64(z)/8); k < hi {
+				return k
+			}
+			return 0
 		}
 	}
 	return 0
@@ -176,7 +214,7 @@ func (b *backtracker) longest(p string) (rank uint32, n int) {
 		return rank, n
 	}
 	for d := 2; ; d++ {
-		if t := b.term[node]; t != noRank {
+		if t := uint32(b.nodes[node] >> 32); t != noRank {
 			rank, n = t, d
 		}
 		if d == len(p) {
@@ -192,28 +230,33 @@ func (b *backtracker) longest(p string) (rank uint32, n int) {
 // merging their bytes alone ends.
 func (b *backtracker) compatible(x, y uint32) bool {
 	limit := uint32(noRank) // parts meeting now meet until a merge of this rank
+	ix, iy := b.info[x], b.info[y]
 	for {
-		if u := b.merged.get(x, y); u < limit {
-			return false // they would merge first
+		xByte, yByte := tokSize(ix) == 1, tokSize(iy) == 1
+		if xByte && yByte { // a two-byte union: the pair table
+			return b.pairs[leftPart(ix)<<8|leftPart(iy)] >= limit
 		}
-		xByte, yByte := b.size[x] == 1, b.size[y] == 1
-		switch {
-		case xByte && yByte:
-			return true
-		case !xByte && (yByte || x > y): // x was merged last: undo it
-			limit, x = x, b.right[x]
-		default:
+		if ix&isLeftPart != 0 && iy&isRightPart != 0 {
+			if u := b.merged.get(x, y); u < limit {
+				return false // they would merge first
+			}
+		}
+		if !xByte && (yByte || x > y) { // x was merged last: undo it
+			limit, x = x, rightPart(ix)
+			ix = b.info[x]
+		} else {
 			// Undo y. A union of its own rank across the boundary merges
 			// before it too: the same bytes, further left.
-			limit, y = y+1, b.left[y]
+			limit, y = y+1, leftPart(iy)
+			iy = b.info[y]
 		}
 	}
 }
 
 // count returns the number of tokens of p, using sc's buffers; ok is false
-// if the search tried more than work candidates, or failed, which the
-// facts above rule out.
-func (b *backtracker) count(p string, sc *largeScratch, work int) (n int, ok bool) {
+// if the search tried more than work candidates, if the deadline (when not
+// zero) passed, or if it failed, which the facts above rule out.
+func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.Time) (n int, ok bool) {
 	stack := sc.stack[:0]
 	defer func() { sc.stack = stack[:0] }()
 	if words := len(p)/64 + 1; cap(sc.dead) < words {
@@ -229,7 +272,10 @@ func (b *backtracker) count(p string, sc *largeScratch, work int) (n int, ok boo
 		if work <= 0 {
 			return 0, false // a hostile text: let the merge count it
 		}
-		end := pos + int(b.size[tok])
+		if work%mergeDeadlineEvery == 0 && !deadline.IsZero() && time.Now().After(deadline) {
+			return 0, false
+		}
+		end := pos + tokSize(b.info[tok])
 		if dead[end/64]&(1<<(end%64)) == 0 && (len(stack) == 0 || b.compatible(stack[len(stack)-1], tok)) {
 			stack = append(stack, tok)
 			if end == len(p) {
@@ -250,7 +296,7 @@ func (b *backtracker) count(p string, sc *largeScratch, work int) (n int, ok boo
 		dead[pos/64] |= 1 << (pos % 64)
 		tok = stack[len(stack)-1]
 		stack = stack[:len(stack)-1]
-		pos -= int(b.size[tok])
+		pos -= tokSize(b.info[tok])
 	}
 }
 

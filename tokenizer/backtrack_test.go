@@ -119,7 +119,7 @@ func TestBacktracker(t *testing.T) {
 			}
 			p := sb.String()
 			want, _ := e.mergeLarge(p, time.Time{})
-			got, ok := b.count(p, sc, backtrackWork*(len(p)+16))
+			got, ok := b.count(p, sc, backtrackWork*(len(p)+16), time.Time{})
 			if !ok || got != want {
 				t.Fatalf("%s: backtracker counts %.60q... as %d (ok %v), merging as %d", name, p, got, ok, want)
 			}
@@ -128,16 +128,25 @@ func TestBacktracker(t *testing.T) {
 }
 
 // TestBacktrackerGivesUp checks that count stops after the work it is
-// allowed (pieceTokens then merges the piece).
+// allowed (pieceTokens then merges the piece) and once its deadline has
+// passed.
 func TestBacktrackerGivesUp(t *testing.T) {
 	_, fasts := engines(t)
+	b := fasts["cl100k_base"].bt
 	p := strings.Repeat(" tokenizer", 10)
 	sc := new(largeScratch)
-	if _, ok := fasts["cl100k_base"].bt.count(p, sc, 5); ok {
+	if _, ok := b.count(p, sc, 5, time.Time{}); ok {
 		t.Fatal("count went on past its work")
 	}
-	if _, ok := fasts["cl100k_base"].bt.count(p, sc, backtrackWork*(len(p)+16)); !ok {
+	if _, ok := b.count(p, sc, backtrackWork*(len(p)+16), time.Time{}); !ok {
 		t.Fatal("count gave up within its work")
+	}
+	long := strings.Repeat("语言模型", 4000) // one piece of 48 KB
+	if _, ok := b.count(long, sc, backtrackWork*(len(long)+16), time.Now().Add(-time.Second)); ok {
+		t.Fatal("count went on past its deadline")
+	}
+	if _, ok := b.count(long, sc, backtrackWork*(len(long)+16), time.Time{}); !ok {
+		t.Fatal("count gave up on a long piece without a deadline")
 	}
 }
 

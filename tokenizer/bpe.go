@@ -70,7 +70,7 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 			return nil, fmt.Errorf("%s ranks lack byte %#x", name, b)
 		}
 	}
-	e.bt = newBacktracker(loaded, e.mergeLast, e.ranks.get)
+	e.bt = newBacktracker(loaded, e.pairs, e.mergeLast, e.ranks.get)
 	return e, nil
 }
 
@@ -155,10 +155,13 @@ func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time)
 		if sc == nil {
 			sc = new(largeScratch)
 		}
-		n, ok := e.bt.count(p, sc, backtrackWork*(len(p)+16))
+		n, ok := e.bt.count(p, sc, backtrackWork*(len(p)+16), deadline)
 		e.scratch.Put(sc)
 		if ok {
 			return n, true
+		}
+		if !deadline.IsZero() && time.Now().After(deadline) {
+			return 0, false
 		}
 	}
 	if len(p) <= smallPiece {

@@ -71,10 +71,13 @@ func class(s string, i int) (uint16, int) {
 	if b := s[i]; b < utf8.RuneSelf {
 		return asciiClass[b], 1
 	}
-	r, n := utf8.DecodeRuneInString(s[i:])
-	if r < 1<<16 {
-		return bmpClasses()[r], n
+	switch b := s[i]; {
+	case b >= 0xE0 && b < 0xF0: // three bytes (Chinese, Japanese, Korean, ...): the text is valid
+		return bmpClasses()[rune(b&0x0F)<<12|rune(s[i+1]&0x3F)<<6|rune(s[i+2]&0x3F)], 3
+	case b < 0xE0: // two bytes
+		return bmpClasses()[rune(b&0x1F)<<6|rune(s[i+1]&0x3F)], 2
 	}
+	r, n := utf8.DecodeRuneInString(s[i:])
 	return classOf(r), n
 }
 
