@@ -50,6 +50,9 @@ type backtracker struct {
 	// first(i) to first(i+1)-1, in the order of their bytes.
 	bytes [256]uint32 // rank of each byte
 	two   []uint32    // node of each two-byte start, 0 if no token starts so
+	// three is the node of each rune of three bytes that is a token (most
+	// of Chinese, Japanese and Korean text), 0 for the others.
+	three []uint32
 	// nodes holds each node's first child in its low 32 bits and the rank
 	// of the token it spells (or noRank) in its high ones.
 	nodes []uint64
@@ -107,6 +110,20 @@ func newBacktracker(ranks map[string]int, pairs *[1 << 16]uint32, merge func(str
 		b.info[rightPart(i)] |= isRightPart
 	}
 	b.buildTrie(toks)
+	b.three = make([]uint32, 1<<16)
+	for r := rune(0x800); r < 1<<16; r++ {
+		if r >= 0xD800 && r < 0xE000 {
+			continue // surrogates are not runes
+		}
+		u := string(r)
+		node := b.two[uint16(u[0])<<8|uint16(u[1])]
+		if node != 0 {
+			node = b.child(node, u[2])
+		}
+		if node != 0 && uint32(b.nodes[node]>>32) != noRank {
+			b.three[r] = node
+		}
+	}
 	for _, t := range toks {
 		b.shorter[t.rank], _ = b.longest(t.bytes[:len(t.bytes)-1])
 	}
@@ -205,15 +222,27 @@ func (b *backtracker) child(node uint32, c byte) uint32 {
 // longest returns the longest token that p (not empty) starts with and
 // its length.
 func (b *backtracker) longest(p string) (rank uint32, n int) {
-	rank, n = b.bytes[p[0]], 1
+	if c := p[0]; c >= 0xE0 && c < 0xF0 && len(p) >= 3 && p[1]&0xC0 == 0x80 && p[2]&0xC0 == 0x80 {
+		// A three-byte rune (overlong forms and surrogates have no node).
+		if node := b.three[rune(c&0x0F)<<12|rune(p[1]&0x3F)<<6|rune(p[2]&0x3F)]; node != 0 {
+			return b.walk(p, node, 3)
+		}
+	}
 	if len(p) < 2 {
-		return rank, n
+		return b.bytes[p[0]], 1
 	}
 	node := b.two[uint16(p[0])<<8|uint16(p[1])]
 	if node == 0 {
-		return rank, n
+		return b.bytes[p[0]], 1
 	}
-	for d := 2; ; d++ {
+	return b.walk(p, node, 2)
+}
+
+// walk goes on from node, d bytes into p, and returns the longest token
+// found on the way or, if none, the first byte.
+func (b *backtracker) walk(p string, node uint32, d int) (rank uint32, n int) {
+	rank, n = b.bytes[p[0]], 1
+	for ; ; d++ {
 		if t := uint32(b.nodes[node] >> 32); t != noRank {
 			rank, n = t, d
 		}

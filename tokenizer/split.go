@@ -1,7 +1,6 @@
 package tokenizer
 
 import (
-	"sync"
 	"unicode"
 	"unicode/utf8"
 )
@@ -73,23 +72,24 @@ func class(s string, i int) (uint16, int) {
 	}
 	switch b := s[i]; {
 	case b >= 0xE0 && b < 0xF0: // three bytes (Chinese, Japanese, Korean, ...): the text is valid
-		return bmpClasses()[rune(b&0x0F)<<12|rune(s[i+1]&0x3F)<<6|rune(s[i+2]&0x3F)], 3
+		return bmpClasses[rune(b&0x0F)<<12|rune(s[i+1]&0x3F)<<6|rune(s[i+2]&0x3F)], 3
 	case b < 0xE0: // two bytes
-		return bmpClasses()[rune(b&0x1F)<<6|rune(s[i+1]&0x3F)], 2
+		return bmpClasses[rune(b&0x1F)<<6|rune(s[i+1]&0x3F)], 2
 	}
 	r, n := utf8.DecodeRuneInString(s[i:])
 	return classOf(r), n
 }
 
 // bmpClasses holds the classes of the Basic Multilingual Plane, where
-// nearly all text is, built on first use (about 5 ms).
-var bmpClasses = sync.OnceValue(func() *[1 << 16]uint16 {
+// nearly all text is (built when the program starts, in a few
+// milliseconds; read on every rune past ASCII, so not behind a sync.Once).
+var bmpClasses = func() *[1 << 16]uint16 {
 	t := new([1 << 16]uint16)
 	for r := range rune(1 << 16) {
 		t[r] = classOf(r)
 	}
 	return t
-})
+}()
 
 // isP reports the class [^\r\n\p{L}\p{N}].
 func isP(c uint16) bool { return c&(cNewline|cLetter|cNumber) == 0 }
