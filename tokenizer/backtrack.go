@@ -35,7 +35,7 @@ type backtracker struct {
 	// info holds, for each rank, its token's length in bytes (the low 8
 	// bits), the ranks of the two parts it is last merged from (24 bits
 	// each above them; a byte's parts are its value) and the bits
-	// isLeftPart and isRightPart: one word, so that a step of compatible
+	// leftOfByte to rightOfLonger: one word, so that a step of compatible
 	// reads one.
 	info []uint64
 	// pairs is the rank of every two-byte token, as fastEncoding.pairs.
@@ -106,8 +106,21 @@ func newBacktracker(ranks map[string]int, pairs *[1 << 16]uint32, merge func(str
 	for _, t := range toks {
 		i := b.info[t.rank]
 		b.merged.put(leftPart(i), rightPart(i), t.rank)
-		b.info[leftPart(i)] |= isLeftPart
-		b.info[rightPart(i)] |= isRightPart
+		l, r := leftPart(i), rightPart(i)
+		lByte, rByte := tokSize(b.info[l]) == 1, tokSize(b.info[r]) == 1
+		if lByte && rByte {
+			continue // two bytes: compatible asks the pair table
+		}
+		if rByte {
+			b.info[l] |= leftOfByte
+		} else {
+			b.info[l] |= leftOfLonger
+		}
+		if lByte {
+			b.info[r] |= rightOfByte
+		} else {
+			b.info[r] |= rightOfLonger
+		}
 	}
 	b.buildTrie(toks)
 	b.three = make([]uint32, 1<<16)
@@ -130,12 +143,16 @@ func newBacktracker(ranks map[string]int, pairs *[1 << 16]uint32, merge func(str
 	return b
 }
 
-// Bits of info: the token is the left (right) part of a merge. Most pairs
-// compatible asks about cannot merge, as one of them never merges on that
-// side, and these tell without a look at the pair table.
+// Bits of info: the token is the left part of a merge whose right part is
+// a byte, or a longer token; the right part of one whose left part is a
+// byte, or a longer token. Most pairs compatible asks about cannot merge,
+// as one of them never merges on that side with a token of the other's
+// kind, and these tell without a look at the pair table.
 const (
-	isLeftPart  = 1 << 56
-	isRightPart = 1 << 57
+	leftOfByte    = 1 << 56
+	leftOfLonger  = 1 << 57
+	rightOfByte   = 1 << 58
+	rightOfLonger = 1 << 59
 )
 
 func packInfo(size int, left, right uint32) uint64 {
@@ -257,15 +274,21 @@ func (b *backtracker) walk(p string, node uint32, d int) (rank uint32, n int) {
 
 // compatible reports whether tokens x and y, one after the other, are how
 // merging their bytes alone ends.
-func (b *backtracker) compatible(x, y uint32) bool {
+func (b *backtracker) compatible(x uint32, ix uint64, y uint32, iy uint64) bool {
 	limit := uint32(noRank) // parts meeting now meet until a merge of this rank
-	ix, iy := b.info[x], b.info[y]
 	for {
 		xByte, yByte := tokSize(ix) == 1, tokSize(iy) == 1
 		if xByte && yByte { // a two-byte union: the pair table
 			return b.pairs[leftPart(ix)<<8|leftPart(iy)] >= limit
 		}
-		if ix&isLeftPart != 0 && iy&isRightPart != 0 {
+		lx, ry := uint64(leftOfLonger), uint64(rightOfLonger)
+		if yByte {
+			lx = leftOfByte
+		}
+		if xByte {
+			ry = rightOfByte
+		}
+		if ix&lx != 0 && iy&ry != 0 {
 			if u := b.merged.get(x, y); u < limit {
 				return false // they would merge first
 			}
@@ -296,6 +319,7 @@ func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.
 	}
 	dead := sc.dead // a bit for each position no encoding has a boundary at
 	pos := 0
+	var top uint64 // info of the last token on the stack
 	tok, _ := b.longest(p)
 	for ; ; work-- {
 		if work <= 0 {
@@ -304,9 +328,11 @@ func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.
 		if work%mergeDeadlineEvery == 0 && !deadline.IsZero() && time.Now().After(deadline) {
 			return 0, false
 		}
-		end := pos + tokSize(b.info[tok])
-		if dead[end/64]&(1<<(end%64)) == 0 && (len(stack) == 0 || b.compatible(stack[len(stack)-1], tok)) {
+		it := b.info[tok]
+		end := pos + tokSize(it)
+		if dead[end/64]&(1<<(end%64)) == 0 && (len(stack) == 0 || b.compatible(stack[len(stack)-1], top, tok, it)) {
 			stack = append(stack, tok)
+			top = it
 			if end == len(p) {
 				return len(stack), true
 			}
@@ -326,6 +352,9 @@ func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.
 		tok = stack[len(stack)-1]
 		stack = stack[:len(stack)-1]
 		pos -= tokSize(b.info[tok])
+		if len(stack) > 0 {
+			top = b.info[stack[len(stack)-1]]
+		}
 	}
 }
 

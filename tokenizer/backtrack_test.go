@@ -87,7 +87,7 @@ func TestBacktracker(t *testing.T) {
 			}
 			parts := naiveMerge(toks[x]+toks[y], e.ranks.get)
 			want := len(parts) == 2 && parts[0] == toks[x]
-			if got := b.compatible(x, y); got != want {
+			if got := b.compatible(x, b.info[x], y, b.info[y]); got != want {
 				t.Fatalf("%s: compatible(%q, %q) = %v, merging gives %q", name, toks[x], toks[y], got, parts)
 			}
 			if want {
