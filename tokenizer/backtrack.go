@@ -9,7 +9,8 @@ import (
 )
 
 // backtracker counts the tokens of a long piece in time linear in its
-// length, where merging costs O(n log n) and several rank lookups a byte.
+// length (it gives up past backtrackWork candidates a byte), where merging
+// costs O(n log n) and several rank lookups a byte.
 //
 // It rests on two facts about byte-pair merging by rank (tiktoken's, where
 // any two adjacent parts whose bytes form a token may merge, the lowest
@@ -306,9 +307,10 @@ func (b *backtracker) compatible(x uint32, ix uint64, y uint32, iy uint64) bool 
 }
 
 // count returns the number of tokens of p, using sc's buffers; ok is false
-// if the search tried more than work candidates, if the deadline (when not
-// zero) passed, or if it failed, which the facts above rule out.
-func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.Time) (n int, ok bool) {
+// once the search has tried more than perByte candidates for each byte it
+// has got past (and 16 more), when the deadline (if not zero) has passed,
+// or if it failed, which the facts above rule out.
+func (b *backtracker) count(p string, sc *largeScratch, perByte int, deadline time.Time) (n int, ok bool) {
 	stack := sc.stack[:0]
 	defer func() { sc.stack = stack[:0] }()
 	if words := len(p)/64 + 1; cap(sc.dead) < words {
@@ -321,11 +323,11 @@ func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.
 	pos := 0
 	var top uint64 // info of the last token on the stack
 	tok, _ := b.longest(p)
-	for ; ; work-- {
-		if work <= 0 {
-			return 0, false // a hostile text: let the merge count it
+	for tries := 1; ; tries++ {
+		if tries > perByte*(pos+16) {
+			return 0, false // stepping back again and again: let the merge count it
 		}
-		if work%mergeDeadlineEvery == 0 && !deadline.IsZero() && time.Now().After(deadline) {
+		if tries%deadlineTries == 0 && !deadline.IsZero() && time.Now().After(deadline) {
 			return 0, false
 		}
 		it := b.info[tok]
@@ -358,10 +360,16 @@ func (b *backtracker) count(p string, sc *largeScratch, work int, deadline time.
 	}
 }
 
-// backtrackWork bounds the candidates count may try, per byte of a piece.
-// Text needs about one; a text built to make the search step back again
-// and again is left to the merge, whose cost does not depend on the text.
-const backtrackWork = 16
+// backtrackWork bounds the candidates count may try per byte of progress.
+// Text of any script needs fewer than one (about one a token); long runs
+// of one punctuation mark need ten or more and merge faster, and a text
+// built to make the search step back again and again is left to the merge
+// too, whose cost does not depend on the text. So count gives up early.
+const backtrackWork = 4
+
+// deadlineTries is how many candidates count tries between looks at the
+// clock: about 100 µs of work.
+const deadlineTries = 1 << 10
 
 // pairTable maps two ranks to the rank of the token last merged from
 // them: open addressing, a slot a uint64 (left<<40 | right<<20 | rank+1;

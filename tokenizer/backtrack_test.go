@@ -70,8 +70,10 @@ func TestBacktracker(t *testing.T) {
 				reach = append(reach, uint32(r))
 			}
 		}
-		if len(reach) < len(toks)*9/10 {
-			t.Fatalf("%s: only %d of %d tokens reachable", name, len(reach), len(toks))
+		// Every token of both vocabularies is reachable (so the trie holds
+		// them all); the backtracker would leave out any that were not.
+		if len(reach) != len(toks) {
+			t.Fatalf("%s: %d of %d tokens reachable", name, len(reach), len(toks))
 		}
 		var yes, no int
 		for k := range 20000 {
@@ -103,23 +105,22 @@ func TestBacktracker(t *testing.T) {
 		sc := new(largeScratch)
 		for k := range 300 {
 			var sb strings.Builder
-			switch k % 3 {
-			case 0: // tokens side by side
-				for sb.Len() < 200+rng.IntN(2000) {
+			size := 200 + rng.IntN(4000)
+			for sb.Len() < size {
+				switch k % 4 {
+				case 0: // tokens side by side
 					sb.WriteString(toks[reach[rng.IntN(len(reach))]])
-				}
-			case 1: // any bytes
-				for sb.Len() < 200+rng.IntN(2000) {
+				case 1: // any bytes
 					sb.WriteByte(byte(rng.IntN(256)))
-				}
-			case 2: // few distinct bytes, where merges chain and overlap
-				for sb.Len() < 200+rng.IntN(2000) {
+				case 2: // few distinct bytes, where merges chain and overlap
 					sb.WriteByte(" =-ab\n"[rng.IntN(6)])
+				case 3: // runs of one byte
+					sb.WriteString(strings.Repeat("-=* a"[rng.IntN(5):][:1], 1+rng.IntN(300)))
 				}
 			}
 			p := sb.String()
 			want, _ := e.mergeLarge(p, time.Time{})
-			got, ok := b.count(p, sc, backtrackWork*(len(p)+16), time.Time{})
+			got, ok := b.count(p, sc, 1<<20, time.Time{}) // no bound: check the search itself
 			if !ok || got != want {
 				t.Fatalf("%s: backtracker counts %.60q... as %d (ok %v), merging as %d", name, p, got, ok, want)
 			}
@@ -127,26 +128,38 @@ func TestBacktracker(t *testing.T) {
 	}
 }
 
-// TestBacktrackerGivesUp checks that count stops after the work it is
-// allowed (pieceTokens then merges the piece) and once its deadline has
-// passed.
+// TestBacktrackerGivesUp checks that count stops once it has tried more
+// candidates than its bound for the bytes it has got past, as on a long run
+// of one punctuation mark, and once its deadline has passed; pieceTokens
+// then merges the piece, exactly.
 func TestBacktrackerGivesUp(t *testing.T) {
 	_, fasts := engines(t)
-	b := fasts["cl100k_base"].bt
-	p := strings.Repeat(" tokenizer", 10)
 	sc := new(largeScratch)
-	if _, ok := b.count(p, sc, 5, time.Time{}); ok {
-		t.Fatal("count went on past its work")
-	}
-	if _, ok := b.count(p, sc, backtrackWork*(len(p)+16), time.Time{}); !ok {
-		t.Fatal("count gave up within its work")
-	}
-	long := strings.Repeat("语言模型", 4000) // one piece of 48 KB
-	if _, ok := b.count(long, sc, backtrackWork*(len(long)+16), time.Now().Add(-time.Second)); ok {
-		t.Fatal("count went on past its deadline")
-	}
-	if _, ok := b.count(long, sc, backtrackWork*(len(long)+16), time.Time{}); !ok {
-		t.Fatal("count gave up on a long piece without a deadline")
+	for _, name := range Encodings {
+		e := fasts[name]
+		p := strings.Repeat(" tokenizer", 10)
+		if _, ok := e.bt.count(p, sc, 0, time.Time{}); ok {
+			t.Fatalf("%s: count went on past its bound", name)
+		}
+		if _, ok := e.bt.count(p, sc, backtrackWork, time.Time{}); !ok {
+			t.Fatalf("%s: count gave up on words", name)
+		}
+		long := strings.Repeat("语言模型", 4000) // one piece of 48 KB
+		if _, ok := e.bt.count(long, sc, backtrackWork, time.Now().Add(-time.Second)); ok {
+			t.Fatalf("%s: count went on past its deadline", name)
+		}
+		if _, ok := e.bt.count(long, sc, backtrackWork, time.Time{}); !ok {
+			t.Fatalf("%s: count gave up on Chinese", name)
+		}
+		dashes := strings.Repeat("-", 4000)
+		if _, ok := e.bt.count(dashes, sc, backtrackWork, time.Time{}); ok {
+			t.Fatalf("%s: count did not give up on a run of dashes", name)
+		}
+		want, _ := e.mergeLarge(dashes, time.Time{})
+		head, h := headHash(dashes)
+		if got, _ := e.pieceTokens(dashes, head, h, time.Time{}); got != want {
+			t.Fatalf("%s: pieceTokens counts %d dashes as %d, merging as %d", name, len(dashes), got, want)
+		}
 	}
 }
 

@@ -139,7 +139,7 @@ func (e *fastEncoding) countAll(s string) int {
 }
 
 // deadlineEvery is how many bytes count goes between looks at the clock.
-const deadlineEvery = 64 << 10
+const deadlineEvery = 16 << 10
 
 // pieceTokens returns the number of tokens of one pre-tokenizer piece; ok
 // is false when the deadline passed before a long piece was merged.
@@ -155,7 +155,7 @@ func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time)
 		if sc == nil {
 			sc = new(largeScratch)
 		}
-		n, ok := e.bt.count(p, sc, backtrackWork*(len(p)+16), deadline)
+		n, ok := e.bt.count(p, sc, backtrackWork, deadline)
 		e.scratch.Put(sc)
 		if ok {
 			return n, true
@@ -220,7 +220,7 @@ func (m *memo) get(s, p string, head, h uint64) (int, bool) {
 
 // put remembers that the piece p at offset i of the text has n tokens.
 func (m *memo) put(i int, p string, head, h uint64, n int) {
-	if len(p) <= maxMemoPiece {
+	if len(p) <= maxMemoPiece && i <= math.MaxUint32-maxMemoPiece { // off fits
 		m.slots[(h>>48)%memoSlots] = memoSlot{head: head, gen: m.gen, off: uint32(i), size: uint16(len(p)), n: uint16(n)}
 	}
 }
