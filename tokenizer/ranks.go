@@ -100,7 +100,7 @@ func (t *rankTable) get(key string) uint32 {
 // getHashed is get for a key whose headHash is head and h.
 func (t *rankTable) getHashed(key string, head, h uint64) uint32 {
 	if len(key) <= 4 {
-		return t.getShort(key)
+		return t.getShortKey(head | uint64(len(key))<<32)
 	}
 	if len(key) > 255 {
 		return noRank
@@ -136,8 +136,10 @@ func (t *rankTable) filterBits(h uint64) [3]uint64 {
 }
 
 // getShort is get for keys of 1 to 4 bytes.
-func (t *rankTable) getShort(key string) uint32 {
-	k := shortKey(key)
+func (t *rankTable) getShort(key string) uint32 { return t.getShortKey(shortKey(key)) }
+
+// getShortKey is getShort for a key packed by shortKey.
+func (t *rankTable) getShortKey(k uint64) uint32 {
 	for i := shortHash(k) & t.shortMask; ; i = (i + 1) & t.shortMask {
 		s := t.short[i]
 		if s == 0 {
@@ -192,24 +194,20 @@ func load64(s string) uint64 {
 		uint64(s[4])<<32 | uint64(s[5])<<40 | uint64(s[6])<<48 | uint64(s[7])<<56
 }
 
-// loadTail loads the 0 to 7 bytes of s, little-endian, zero-padded.
+// loadTail loads the 0 to 7 bytes of s, little-endian, zero-padded, with
+// two loads that may overlap (the bytes they share are the same).
 func loadTail(s string) uint64 {
-	switch len(s) {
-	case 0:
-		return 0
-	case 1:
+	switch n := len(s); {
+	case n >= 4:
+		lo := uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24
+		t := s[n-4:]
+		hi := uint64(t[0]) | uint64(t[1])<<8 | uint64(t[2])<<16 | uint64(t[3])<<24
+		return lo | hi<<(8*(n-4))
+	case n >= 2:
+		t := s[n-2:]
+		return uint64(s[0]) | uint64(s[1])<<8 | (uint64(t[0])|uint64(t[1])<<8)<<(8*(n-2))
+	case n == 1:
 		return uint64(s[0])
-	case 2:
-		return uint64(s[0]) | uint64(s[1])<<8
-	case 3:
-		return uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16
-	case 4:
-		return uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24
 	}
-	// 5 to 7 bytes: the first four, then the rest.
-	w := uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24
-	for i := len(s) - 1; i >= 4; i-- {
-		w |= uint64(s[i]) << (8 * i)
-	}
-	return w
+	return 0
 }
