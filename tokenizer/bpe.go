@@ -255,48 +255,53 @@ const (
 
 // mergeSmall is tiktoken's byte-pair merge: repeatedly join the adjacent
 // parts whose union has the lowest rank, the leftmost on ties, until no
-// union is a token. start[k] is where part k begins; rank[k] the rank of
-// parts k and k+1 joined.
+// union is a token.
 func (e *fastEncoding) mergeSmall(p string) int {
 	parts, _ := e.mergeSmallLast(p)
 	return parts
 }
 
 // mergeSmallLast is mergeSmall that also returns where the last merge
-// joined two parts (0 if there was none).
+// joined two parts (0 if there was none). Parts are named by the byte they
+// start at: next[k] is where the part after part k starts (len(p) for the
+// last part), rank[k] the rank of the two joined. A merge relinks rather
+// than moves, and each step scans the parts left in order.
 func (e *fastEncoding) mergeSmallLast(p string) (parts, last int) {
-	var start [smallPiece + 1]int32
-	var rank [smallPiece + 1]uint32
+	var next [smallPiece + 1]uint8
+	var rank [smallPiece]uint32
 	n := len(p)
-	for k := range n + 1 {
-		start[k] = int32(k)
+	for k := 0; k < n; k++ {
+		next[k] = uint8(k + 1)
+		rank[k] = noRank
+		if k+1 < n {
+			rank[k] = e.pairs[uint16(p[k])<<8|uint16(p[k+1])]
+		}
 	}
-	for k := 0; k+1 < n; k++ {
-		rank[k] = e.pairs[uint16(p[k])<<8|uint16(p[k+1])]
-	}
-	parts = n // parts left; start[parts] == n
+	next[n] = uint8(n)
+	parts = n
 	for parts > 1 {
-		best, at := uint32(noRank), -1
-		for k := 0; k+1 < parts; k++ {
+		best, at, before := uint32(noRank), -1, -1
+		for k, pk := 0, -1; k < n; pk, k = k, int(next[k]) {
 			if rank[k] < best {
-				best, at = rank[k], k
+				best, at, before = rank[k], k, pk
 			}
 		}
 		if at < 0 {
 			break
 		}
-		// Join parts at and at+1, then re-rank the unions that changed.
-		last = int(start[at+1])
-		copy(start[at+1:parts], start[at+2:parts+1])
-		copy(rank[at+1:parts-1], rank[at+2:parts])
+		// Join part at and the next one, then re-rank the unions that
+		// changed: at's with the part after, and the part before's with at.
+		gone := int(next[at])
+		last = gone
+		next[at] = next[gone]
 		parts--
-		if at+1 < parts {
-			rank[at] = e.rank(p, int(start[at]), int(start[at+2]))
+		if after := int(next[at]); after < n {
+			rank[at] = e.rank(p, at, int(next[after]))
 		} else {
 			rank[at] = noRank
 		}
-		if at > 0 {
-			rank[at-1] = e.rank(p, int(start[at-1]), int(start[at+1]))
+		if before >= 0 {
+			rank[before] = e.rank(p, before, int(next[at]))
 		}
 	}
 	return parts, last
