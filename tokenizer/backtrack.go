@@ -23,9 +23,10 @@ import (
 //   - Whether two tokens are compatible can be read from how each was
 //     merged: walking back in time through the last merge of each (the
 //     later one first), no two parts that meet at the boundary may form a
-//     token before the merge that ends their meeting. This needs every
-//     token's parts to rank below it, so that merges happen in rank order;
-//     newBacktracker checks that the vocabulary is so.
+//     token before the merge that ends their meeting, nor at the rank of a
+//     merge on the right side (the same bytes further left merge first).
+//     This needs every token's parts to rank below it, so that merges
+//     happen in rank order; newBacktracker checks that the vocabulary is so.
 //
 // Counting then goes greedily: at each position take the longest token
 // that is compatible with the one before it, try shorter ones when it is
@@ -44,7 +45,8 @@ type backtracker struct {
 	// shorter is the longest token, other than itself, that a token starts
 	// with (noRank for a byte): the next candidate when a token does not fit.
 	shorter []uint32
-	merged  pairTable
+	// merged maps two tokens to the token last merged from them.
+	merged pairTable
 
 	// A trie of the tokens finds the longest one a text starts with. Nodes
 	// are numbered breadth first, so the children of node i are the nodes
