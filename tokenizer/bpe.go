@@ -255,8 +255,8 @@ const smallPiece = 64
 
 // btMin is the length above which a piece is counted by the backtracker,
 // and at most maxBacktrack: shorter pieces merge faster on the stack (but
-// for two or more runes of three bytes, see threeByte), longer ones under
-// mergeLarge's looks at the clock.
+// for those of more than 6 bytes that threeByte reports), longer ones
+// under mergeLarge's looks at the clock.
 const (
 	btMin        = 12
 	maxBacktrack = 1 << 16
