@@ -107,13 +107,12 @@ func newBacktracker(ranks map[string]int, pairs *[1 << 16]uint32, merge func(str
 	}
 	b.merged = newPairTable(len(toks))
 	for _, t := range toks {
-		i := b.info[t.rank]
-		b.merged.put(leftPart(i), rightPart(i), t.rank)
-		l, r := leftPart(i), rightPart(i)
+		l, r := leftPart(b.info[t.rank]), rightPart(b.info[t.rank])
 		lByte, rByte := tokSize(b.info[l]) == 1, tokSize(b.info[r]) == 1
 		if lByte && rByte {
-			continue // two bytes: compatible asks the pair table
+			continue // two bytes: compatible asks pairs
 		}
+		b.merged.put(l, r, t.rank)
 		if rByte {
 			b.info[l] |= leftOfByte
 		} else {

@@ -31,7 +31,7 @@ type fastEncoding struct {
 	// rank, which spares hashing it.
 	longest int
 	// scratch holds the buffers for pieces too long for the stack.
-	scratch sync.Pool
+	scratch sync.Pool // of *largeScratch
 	memos   sync.Pool // of *memo
 	bt      *backtracker
 }
@@ -53,6 +53,7 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 		pairs: new([1 << 16]uint32),
 	}
 	e.memos.New = func() any { return new(memo) }
+	e.scratch.New = func() any { return new(largeScratch) }
 	if name == "o200k_base" {
 		e.split = splitO200K
 	}
@@ -144,17 +145,11 @@ const deadlineEvery = 16 << 10
 // pieceTokens returns the number of tokens of one pre-tokenizer piece; ok
 // is false when the deadline passed before a long piece was merged.
 func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time) (n int, ok bool) {
-	if len(p) == 1 {
-		return 1, true
-	}
 	if len(p) <= e.longest && e.ranks.getHashed(p, head, h) != noRank {
 		return 1, true
 	}
 	if e.bt != nil && (len(p) > btMin || len(p) > 6 && threeByte(p)) && len(p) <= maxBacktrack {
-		sc, _ := e.scratch.Get().(*largeScratch)
-		if sc == nil {
-			sc = new(largeScratch)
-		}
+		sc := e.scratch.Get().(*largeScratch)
 		n, ok := e.bt.count(p, sc, backtrackWork, deadline)
 		e.scratch.Put(sc)
 		if ok {
@@ -342,10 +337,7 @@ func (a heapItem) less(b heapItem) bool {
 // zero) as it goes and gives up (ok false) once it has passed.
 func (e *fastEncoding) mergeLarge(p string, deadline time.Time) (parts int, ok bool) {
 	n := len(p)
-	sc, _ := e.scratch.Get().(*largeScratch)
-	if sc == nil {
-		sc = new(largeScratch)
-	}
+	sc := e.scratch.Get().(*largeScratch)
 	if n <= maxBudgetPiece {
 		defer e.scratch.Put(sc) // larger buffers are not kept
 	}

@@ -67,10 +67,9 @@ func classOf(r rune) uint16 {
 
 // class returns the classes of the rune at s[i] and its size in bytes.
 func class(s string, i int) (uint16, int) {
-	if b := s[i]; b < utf8.RuneSelf {
-		return asciiClass[b], 1
-	}
 	switch b := s[i]; {
+	case b < utf8.RuneSelf:
+		return asciiClass[b], 1
 	case b >= 0xE0 && b < 0xF0: // three bytes (Chinese, Japanese, Korean, ...): the text is valid
 		return bmpClasses[rune(b&0x0F)<<12|rune(s[i+1]&0x3F)<<6|rune(s[i+2]&0x3F)], 3
 	case b < 0xE0: // two bytes

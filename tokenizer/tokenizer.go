@@ -254,15 +254,25 @@ func (b *budget) text(s string) int {
 	if len(s) > b.exactLeft {
 		return b.sample(s)
 	}
+	n, whole := b.exact(s, &b.exactLeft)
+	if whole {
+		b.t.remember(k, n)
+	}
+	return n
+}
+
+// exact counts s until the deadline, taking the bytes counted from *left
+// (exactLeft or sampleLeft); whole is false when the deadline cut it short
+// and the rest of s was estimated by the ratio.
+func (b *budget) exact(s string, left *int) (n int, whole bool) {
 	n, covered := b.t.engine.count(s, b.deadline)
-	b.exactLeft -= covered
+	*left -= covered
 	b.tokens, b.bytes = b.tokens+n, b.bytes+covered
 	if covered == len(s) {
-		b.t.remember(k, n)
-		return n
+		return n, true
 	}
 	b.estimated = EstimatedTime
-	return n + b.byRatio(len(s)-covered)
+	return n + b.byRatio(len(s)-covered), false
 }
 
 // done records why the request was estimated, if it was.
@@ -294,14 +304,8 @@ const sampleWindows = 16
 // length of s). With the sample spent, it is the ratio alone.
 func (b *budget) sample(s string) int {
 	if len(s) <= b.sampleLeft {
-		n, covered := b.t.engine.count(s, b.deadline)
-		b.sampleLeft -= covered
-		b.tokens, b.bytes = b.tokens+n, b.bytes+covered
-		if covered == len(s) {
-			return n
-		}
-		b.estimated = EstimatedTime
-		return n + b.byRatio(len(s)-covered)
+		n, _ := b.exact(s, &b.sampleLeft)
+		return n
 	}
 	if b.estimated == "" {
 		b.estimated = EstimatedSize
