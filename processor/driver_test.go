@@ -8,6 +8,7 @@ package processor
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"testing"
@@ -185,7 +186,12 @@ func (f *fakeEnvoy) do(req httpRequest) (*outcome, error) {
 		}
 		for b := req.body; len(b) > 0; {
 			n := min(chunk, len(b))
-			if err := f.sendBody(b[:n], n == len(b)); err != nil {
+			if err := f.sendBody(b[:n], n == len(b)); err == io.EOF {
+				// tokenlb answered (an immediate response) and ended the
+				// stream while the body was still going out: stop sending
+				// and read the answer, as Envoy does.
+				break
+			} else if err != nil {
 				return nil, err
 			}
 			b = b[n:]
