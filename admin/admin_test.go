@@ -38,7 +38,7 @@ func TestHandler(t *testing.T) {
 		return resp.StatusCode, string(b)
 	}
 
-	l, _ := p.Pick(picker.Tokens(1234))
+	l, _ := p.Pick(picker.Request{Cost: picker.Tokens(1234)})
 	code, body := get("/debug/hosts")
 	var v struct{ Hosts []picker.HostLoad }
 	if err := json.Unmarshal([]byte(body), &v); code != 200 || err != nil {

@@ -16,6 +16,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/tokenlb/tokenlb/backend"
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
@@ -65,6 +66,16 @@ type Config struct {
 	Cost Cost `yaml:"cost"`
 	// Response says how tokenlb sees responses.
 	Response Response `yaml:"response"`
+	// HealthCheck configures active health checks.
+	HealthCheck HealthCheck `yaml:"health_check"`
+	// OutlierDetection configures passive ejection on failed responses.
+	OutlierDetection OutlierDetection `yaml:"outlier_detection"`
+	// Models configures model-aware routing.
+	Models Models `yaml:"models"`
+	// BackendMetrics configures reading each backend's engine queue.
+	BackendMetrics BackendMetrics `yaml:"backend_metrics"`
+	// PrefixAffinity configures prefix affinity.
+	PrefixAffinity PrefixAffinity `yaml:"prefix_affinity"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `yaml:"log_level"`
 	// LogFormat is text or json.
@@ -119,14 +130,19 @@ type Tokenizer struct {
 	TimeLimit  time.Duration `yaml:"time_limit"`
 }
 
-// Options returns the tokenizer options for encoding.
-func (t Tokenizer) Options(encoding string) tokenizer.Options {
+// Options returns the tokenizer options for encoding; prefix hashing is on
+// when prefix affinity is.
+func (t Tokenizer) Options(encoding string, prefix PrefixAffinity) tokenizer.Options {
 	entries := t.CacheEntries
 	if entries == 0 {
 		entries = -1 // off
 	}
-	return tokenizer.Options{Encoding: encoding, Engine: t.Engine, CacheEntries: entries,
+	o := tokenizer.Options{Encoding: encoding, Engine: t.Engine, CacheEntries: entries,
 		CacheMinBytes: t.CacheMinBytes, ExactBytes: t.ExactBytes, TimeLimit: t.TimeLimit}
+	if prefix.MaxExtraLoad > 0 {
+		o.PrefixBlocks, o.PrefixBlockBytes = prefix.Blocks, prefix.BlockBytes
+	}
+	return o
 }
 
 // Response says how tokenlb learns of a response's first token and end.
@@ -144,9 +160,56 @@ type Response struct {
 	EstimateFirstToken bool `yaml:"estimate_first_token"`
 }
 
+// HealthCheck configures active health checks (package backend).
+type HealthCheck struct {
+	Path               string        `yaml:"path"`
+	Interval           time.Duration `yaml:"interval"` // 0 turns them off
+	Timeout            time.Duration `yaml:"timeout"`
+	UnhealthyThreshold int           `yaml:"unhealthy_threshold"`
+	HealthyThreshold   int           `yaml:"healthy_threshold"`
+}
+
+// OutlierDetection configures passive ejection (package backend).
+type OutlierDetection struct {
+	Consecutive5xx   int           `yaml:"consecutive_5xx"` // 0 turns it off
+	BaseEjectionTime time.Duration `yaml:"base_ejection_time"`
+	MaxEjectionTime  time.Duration `yaml:"max_ejection_time"`
+}
+
+// Models configures model-aware routing.
+type Models struct {
+	// Routing sends a request only to hosts that serve its model, and
+	// answers 404 when none does.
+	Routing bool `yaml:"routing"`
+	// DiscoveryInterval is how often each host without configured models
+	// is asked for its model list (GET /v1/models); 0 never.
+	DiscoveryInterval time.Duration `yaml:"discovery_interval"`
+}
+
+// BackendMetrics configures reading each host's engine metrics.
+type BackendMetrics struct {
+	Path     string        `yaml:"path"`
+	Interval time.Duration `yaml:"interval"` // 0 turns it off
+}
+
+// PrefixAffinity configures prefix affinity (package picker).
+type PrefixAffinity struct {
+	// MaxExtraLoad is how much more expected work than the least-loaded
+	// host a host that recently served the prompt's prefix may have and
+	// still get the request; 0 turns affinity off.
+	MaxExtraLoad time.Duration `yaml:"max_extra_load"`
+	BlockBytes   int           `yaml:"block_bytes"`
+	Blocks       int           `yaml:"blocks"`
+	TTL          time.Duration `yaml:"ttl"`
+	Entries      int           `yaml:"entries"`
+}
+
 // Host is one backend.
 type Host struct {
 	Address string `yaml:"address"`
+	// Models are the models the host serves; empty means discover them
+	// (or, with discovery off, any model).
+	Models []string `yaml:"models"`
 }
 
 // Default returns the configuration used for fields a file leaves out.
@@ -170,9 +233,54 @@ func Default() Config {
 			DecodeTokensPerSecond: cost.DefaultDecodeTokensPerSecond},
 		Response: Response{Observer: true, LeaseHeader: processor.DefaultLeaseHeader,
 			ObserverGrace: processor.DefaultObserverGrace},
+		HealthCheck: HealthCheck{Path: backend.DefaultHealth.Path, Interval: backend.DefaultHealth.Interval,
+			Timeout: backend.DefaultHealth.Timeout, UnhealthyThreshold: backend.DefaultHealth.UnhealthyThreshold,
+			HealthyThreshold: backend.DefaultHealth.HealthyThreshold},
+		OutlierDetection: OutlierDetection{Consecutive5xx: backend.DefaultOutlier.ConsecutiveFailures,
+			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection},
+		Models:         Models{Routing: true, DiscoveryInterval: backend.DefaultModels.Interval},
+		BackendMetrics: BackendMetrics{Path: backend.DefaultMetrics.Path, Interval: backend.DefaultMetrics.Interval},
+		PrefixAffinity: PrefixAffinity{MaxExtraLoad: DefaultPrefixMaxExtraLoad, BlockBytes: tokenizer.DefaultPrefixBlockBytes,
+			Blocks: DefaultPrefixBlocks, TTL: 5 * time.Minute, Entries: 1 << 16},
 		LogLevel:  "info",
 		LogFormat: "text",
 	}
+}
+
+// Prefix affinity defaults: a host that holds the prompt's prefix may have
+// up to half a second more queued work than the least-loaded one (about a
+// 10,000-token prefill at the prior speed), and prompts are hashed over
+// their first 32 KiB.
+const (
+	DefaultPrefixMaxExtraLoad = 500 * time.Millisecond
+	DefaultPrefixBlocks       = 64
+)
+
+// Watch returns the backend watcher's options.
+func (c *Config) Watch() backend.Options {
+	o := backend.Options{
+		Health: backend.HealthCheck{Path: c.HealthCheck.Path, Interval: c.HealthCheck.Interval, Timeout: c.HealthCheck.Timeout,
+			UnhealthyThreshold: c.HealthCheck.UnhealthyThreshold, HealthyThreshold: c.HealthCheck.HealthyThreshold},
+		Outlier: backend.Outlier{ConsecutiveFailures: c.OutlierDetection.Consecutive5xx,
+			BaseEjection: c.OutlierDetection.BaseEjectionTime, MaxEjection: c.OutlierDetection.MaxEjectionTime},
+		Metrics: backend.Scrape{Path: c.BackendMetrics.Path, Interval: c.BackendMetrics.Interval},
+	}
+	if c.Models.Routing {
+		o.Models = backend.Discovery{Interval: c.Models.DiscoveryInterval}
+		for _, h := range c.Hosts {
+			if len(h.Models) > 0 {
+				o.Models.Skip = append(o.Models.Skip, h.Address)
+			}
+		}
+	}
+	return o
+}
+
+// Affinity returns the picker's prefix affinity options, with the cost's
+// unit (microseconds of work).
+func (c *Config) Affinity() picker.Affinity {
+	return picker.Affinity{MaxExtraLoad: c.PrefixAffinity.MaxExtraLoad.Microseconds(), TTL: c.PrefixAffinity.TTL,
+		Entries: c.PrefixAffinity.Entries}
 }
 
 // Parse reads a YAML document over the defaults. Unknown fields are errors,
@@ -283,6 +391,30 @@ func (c *Config) Validate() error {
 			bad(d.name, "%s must be positive", d.v)
 		}
 	}
+	if c.HealthCheck.Interval < 0 || c.HealthCheck.Interval > 0 && (c.HealthCheck.Timeout <= 0 ||
+		c.HealthCheck.UnhealthyThreshold < 1 || c.HealthCheck.HealthyThreshold < 1 || !strings.HasPrefix(c.HealthCheck.Path, "/")) {
+		bad("health_check", "needs a path starting with /, a positive timeout and thresholds of at least 1 (interval 0s turns checks off)")
+	}
+	if o := c.OutlierDetection; o.Consecutive5xx < 0 || o.Consecutive5xx > 0 && (o.BaseEjectionTime <= 0 || o.MaxEjectionTime < o.BaseEjectionTime) {
+		bad("outlier_detection", "needs base_ejection_time > 0 and max_ejection_time >= it (consecutive_5xx 0 turns it off)")
+	}
+	if c.Models.DiscoveryInterval < 0 {
+		bad("models.discovery_interval", "must not be negative")
+	}
+	for i, h := range c.Hosts {
+		for _, m := range h.Models {
+			if strings.TrimSpace(m) == "" {
+				bad(fmt.Sprintf("hosts[%d].models", i), "has an empty model name")
+			}
+		}
+	}
+	if b := c.BackendMetrics; b.Interval < 0 || b.Interval > 0 && !strings.HasPrefix(b.Path, "/") {
+		bad("backend_metrics", "needs a path starting with / (interval 0s turns it off)")
+	}
+	if a := c.PrefixAffinity; a.MaxExtraLoad < 0 || a.MaxExtraLoad > 0 && (a.BlockBytes < 16 || a.Blocks < 1 || a.Blocks > 1024 ||
+		a.TTL <= 0 || a.Entries < 2 || len(c.Hosts) > 64) {
+		bad("prefix_affinity", "needs block_bytes >= 16, blocks 1 to 1024, a positive ttl, entries >= 2 and at most 64 hosts (max_extra_load 0s turns it off)")
+	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
@@ -341,6 +473,23 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.StringVar(&f.Response.LeaseHeader, "lease-header", d.Response.LeaseHeader, "header that lets the observer find the request")
 	fs.DurationVar(&f.Response.ObserverGrace, "observer-grace", d.Response.ObserverGrace, "wait for the observer to claim a request after its response headers")
 	fs.BoolVar(&f.Response.EstimateFirstToken, "estimate-first-token", d.Response.EstimateFirstToken, "release prefill load at the estimated first token")
+	fs.DurationVar(&f.HealthCheck.Interval, "health-check-interval", d.HealthCheck.Interval, "active health check interval, 0 for none")
+	fs.StringVar(&f.HealthCheck.Path, "health-check-path", d.HealthCheck.Path, "path of the active health check")
+	fs.DurationVar(&f.HealthCheck.Timeout, "health-check-timeout", d.HealthCheck.Timeout, "timeout of one health check")
+	fs.IntVar(&f.HealthCheck.UnhealthyThreshold, "unhealthy-threshold", d.HealthCheck.UnhealthyThreshold, "failed health checks in a row that eject a host")
+	fs.IntVar(&f.HealthCheck.HealthyThreshold, "healthy-threshold", d.HealthCheck.HealthyThreshold, "passed health checks in a row that readmit it")
+	fs.DurationVar(&f.OutlierDetection.MaxEjectionTime, "max-ejection-time", d.OutlierDetection.MaxEjectionTime, "longest ejection")
+	fs.StringVar(&f.BackendMetrics.Path, "backend-metrics-path", d.BackendMetrics.Path, "path of each backend's Prometheus metrics")
+	fs.IntVar(&f.PrefixAffinity.BlockBytes, "prefix-block-bytes", d.PrefixAffinity.BlockBytes, "bytes of prompt per prefix hash")
+	fs.IntVar(&f.PrefixAffinity.Blocks, "prefix-blocks", d.PrefixAffinity.Blocks, "leading blocks of the prompt hashed")
+	fs.DurationVar(&f.PrefixAffinity.TTL, "prefix-ttl", d.PrefixAffinity.TTL, "how long a host counts as holding a prefix it served")
+	fs.IntVar(&f.PrefixAffinity.Entries, "prefix-entries", d.PrefixAffinity.Entries, "bound of the prefix table")
+	fs.IntVar(&f.OutlierDetection.Consecutive5xx, "consecutive-5xx", d.OutlierDetection.Consecutive5xx, "5xx responses in a row that eject a host, 0 for no passive ejection")
+	fs.DurationVar(&f.OutlierDetection.BaseEjectionTime, "base-ejection-time", d.OutlierDetection.BaseEjectionTime, "first ejection's length, doubled for each in a row")
+	fs.BoolVar(&f.Models.Routing, "model-routing", d.Models.Routing, "send requests only to hosts serving their model (404 when none does)")
+	fs.DurationVar(&f.Models.DiscoveryInterval, "model-discovery-interval", d.Models.DiscoveryInterval, "how often hosts are asked for their models, 0 for never")
+	fs.DurationVar(&f.BackendMetrics.Interval, "backend-metrics-interval", d.BackendMetrics.Interval, "how often each backend's engine metrics are read, 0 for never")
+	fs.DurationVar(&f.PrefixAffinity.MaxExtraLoad, "prefix-max-extra-load", d.PrefixAffinity.MaxExtraLoad, "extra queued work a host holding the prompt's prefix may have and still be chosen, 0 for no prefix affinity")
 	fs.StringVar(&f.LogLevel, "log-level", d.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&f.LogFormat, "log-format", d.LogFormat, "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -426,6 +575,40 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			c.Response.ObserverGrace = f.Response.ObserverGrace
 		case "estimate-first-token":
 			c.Response.EstimateFirstToken = f.Response.EstimateFirstToken
+		case "health-check-interval":
+			c.HealthCheck.Interval = f.HealthCheck.Interval
+		case "health-check-path":
+			c.HealthCheck.Path = f.HealthCheck.Path
+		case "health-check-timeout":
+			c.HealthCheck.Timeout = f.HealthCheck.Timeout
+		case "unhealthy-threshold":
+			c.HealthCheck.UnhealthyThreshold = f.HealthCheck.UnhealthyThreshold
+		case "healthy-threshold":
+			c.HealthCheck.HealthyThreshold = f.HealthCheck.HealthyThreshold
+		case "max-ejection-time":
+			c.OutlierDetection.MaxEjectionTime = f.OutlierDetection.MaxEjectionTime
+		case "backend-metrics-path":
+			c.BackendMetrics.Path = f.BackendMetrics.Path
+		case "prefix-block-bytes":
+			c.PrefixAffinity.BlockBytes = f.PrefixAffinity.BlockBytes
+		case "prefix-blocks":
+			c.PrefixAffinity.Blocks = f.PrefixAffinity.Blocks
+		case "prefix-ttl":
+			c.PrefixAffinity.TTL = f.PrefixAffinity.TTL
+		case "prefix-entries":
+			c.PrefixAffinity.Entries = f.PrefixAffinity.Entries
+		case "consecutive-5xx":
+			c.OutlierDetection.Consecutive5xx = f.OutlierDetection.Consecutive5xx
+		case "base-ejection-time":
+			c.OutlierDetection.BaseEjectionTime = f.OutlierDetection.BaseEjectionTime
+		case "model-routing":
+			c.Models.Routing = f.Models.Routing
+		case "model-discovery-interval":
+			c.Models.DiscoveryInterval = f.Models.DiscoveryInterval
+		case "backend-metrics-interval":
+			c.BackendMetrics.Interval = f.BackendMetrics.Interval
+		case "prefix-max-extra-load":
+			c.PrefixAffinity.MaxExtraLoad = f.PrefixAffinity.MaxExtraLoad
 		case "log-level":
 			c.LogLevel = f.LogLevel
 		case "log-format":

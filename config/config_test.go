@@ -27,7 +27,7 @@ func TestExampleFileIsTheDefaults(t *testing.T) {
 	}
 	// The example documents every field at its default, plus three hosts.
 	want := Default()
-	want.Hosts = []Host{{"127.0.0.1:8001"}, {"127.0.0.1:8002"}, {"127.0.0.1:8003"}}
+	want.Hosts = []Host{{Address: "127.0.0.1:8001"}, {Address: "127.0.0.1:8002"}, {Address: "127.0.0.1:8003"}}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("deploy/tokenlb.yaml = %+v\nwant %+v", c, want)
 	}
@@ -89,7 +89,7 @@ func TestValidateNamesTheField(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()
-			c.Hosts = []Host{{"10.0.0.1:80"}, {"10.0.0.2:80"}}
+			c.Hosts = []Host{{Address: "10.0.0.1:80"}, {Address: "10.0.0.2:80"}}
 			tc.mutate(&c)
 			err := c.Validate()
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -152,13 +152,18 @@ func TestTokenizerOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := c.Tokenizer.Options(c.Encoding)
+	o := c.Tokenizer.Options(c.Encoding, c.PrefixAffinity)
 	want := tokenizer.Options{Encoding: "o200k_base", Engine: "tiktoken", CacheEntries: -1,
-		CacheMinBytes: tokenizer.DefaultCacheMinBytes, ExactBytes: 2048, TimeLimit: 5 * time.Millisecond}
+		CacheMinBytes: tokenizer.DefaultCacheMinBytes, ExactBytes: 2048, TimeLimit: 5 * time.Millisecond,
+		PrefixBlocks: DefaultPrefixBlocks, PrefixBlockBytes: tokenizer.DefaultPrefixBlockBytes}
 	if o != want {
 		t.Errorf("tokenizer options = %+v, want %+v", o, want)
 	}
-	if d := Default().Tokenizer.Options("cl100k_base"); d.Engine != "fast" || d.CacheEntries != tokenizer.DefaultCacheEntries {
+	// Without prefix affinity, no prompt is hashed.
+	if o := c.Tokenizer.Options(c.Encoding, PrefixAffinity{}); o.PrefixBlocks != 0 {
+		t.Errorf("prefix blocks hashed with affinity off: %+v", o)
+	}
+	if d := Default().Tokenizer.Options("cl100k_base", PrefixAffinity{}); d.Engine != "fast" || d.CacheEntries != tokenizer.DefaultCacheEntries {
 		t.Errorf("default tokenizer options = %+v, want the fast engine with the cache on", d)
 	}
 }

@@ -163,6 +163,23 @@ type hostLoad struct {
 	PrefillingTokens int64  `json:"prefilling_tokens"`
 	InFlightRequests int64  `json:"in_flight_requests"`
 	Picks            int64  `json:"picks"`
+	Health           struct {
+		Down   bool   `json:"down"`
+		Reason string `json:"reason"`
+	} `json:"health"`
+	Models []string `json:"models"`
+}
+
+// host returns addr's entry of /debug/hosts.
+func (tl *tokenlb) host(addr string) hostLoad {
+	tl.t.Helper()
+	for _, h := range tl.hostLoads() {
+		if h.Address == addr {
+			return h
+		}
+	}
+	tl.t.Fatalf("/debug/hosts has no %s", addr)
+	return hostLoad{}
 }
 
 func (tl *tokenlb) hostLoads() []hostLoad {
@@ -281,6 +298,10 @@ type backend struct {
 	arrived   chan string // hold ids, as held requests arrive
 	cancelled chan string // hold ids of held requests whose client went away
 	requests  atomic.Int64
+	// models are what GET /v1/models lists; fail, when not 0, is the
+	// status every request gets at once.
+	models []string
+	fail   atomic.Int32
 }
 
 // received is a backend's answer.
@@ -291,14 +312,19 @@ type received struct {
 	Header     string `json:"destination_header"`
 }
 
-func startBackend(t testing.TB) *backend {
+// startBackend starts a backend that lists models (by default "m", the
+// model chatBody asks for).
+func startBackend(t testing.TB, models ...string) *backend {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	b := &backend{addr: l.Addr().String(), holds: map[string]chan struct{}{}, arrived: make(chan string, 100),
-		cancelled: make(chan string, 100)}
+		cancelled: make(chan string, 100), models: models}
+	if len(models) == 0 {
+		b.models = []string{"m"}
+	}
 	b.srv = &http.Server{Handler: http.HandlerFunc(b.serve)}
 	go b.srv.Serve(l)
 	t.Cleanup(func() {
@@ -334,11 +360,36 @@ func (b *backend) releaseAll() {
 }
 
 func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path == "/health" {
+	switch {
+	case r.URL.Path == "/health":
 		w.Write([]byte("ok"))
+		return
+	case r.URL.Path == "/v1/models" && r.Method == "GET":
+		type model struct {
+			ID     string `json:"id"`
+			Object string `json:"object"`
+		}
+		list := struct {
+			Object string  `json:"object"`
+			Data   []model `json:"data"`
+		}{Object: "list"}
+		for _, m := range b.models {
+			list.Data = append(list.Data, model{m, "model"})
+		}
+		w.Header().Set("content-type", "application/json")
+		json.NewEncoder(w).Encode(list)
+		return
+	case r.URL.Path == "/metrics":
+		http.NotFound(w, r)
 		return
 	}
 	b.requests.Add(1)
+	if st := b.fail.Load(); st != 0 {
+		w.Header().Set("content-type", "application/json")
+		w.WriteHeader(int(st))
+		fmt.Fprintf(w, `{"error":{"message":"failing on purpose","type":"server_error","param":null,"code":"e2e"}}`)
+		return
+	}
 	body, _ := io.ReadAll(r.Body)
 	sum := sha256.Sum256(body)
 	rec := received{Backend: b.addr, BodyLen: len(body), BodySHA256: hex.EncodeToString(sum[:]),

@@ -19,6 +19,15 @@ var (
 		"Tokens reclaimed by the sweeper from leases nobody released; anything but 0 is a bug.", nil, nil)
 	descNoCapacity = prometheus.NewDesc("tokenlb_picks_rejected_total",
 		"Picks refused because every host was at its in-flight token limit.", nil, nil)
+	descUnknownModel = prometheus.NewDesc("tokenlb_picks_unknown_model_total",
+		"Picks refused because no host serves the requested model.", nil, nil)
+	descPanic = prometheus.NewDesc("tokenlb_picks_without_healthy_host_total",
+		"Picks made among unhealthy hosts because none serving the model was healthy.", nil, nil)
+	descAffinity = prometheus.NewDesc("tokenlb_prefix_affinity_total",
+		"Picks with a prompt prefix, by what affinity did: hit (a host that served the prefix was chosen), overloaded (those were too loaded), none (no host served it recently).",
+		[]string{"result"}, nil)
+	descExternal = prometheus.NewDesc("tokenlb_host_external_load_microseconds",
+		"Load of the requests a host's backend reports beyond this tokenlb's own.", []string{"host"}, nil)
 )
 
 // Collector returns a Prometheus collector that reads the ledger at scrape
@@ -28,7 +37,7 @@ func (p *Picker) Collector() prometheus.Collector { return collector{p} }
 type collector struct{ p *Picker }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descTokens, descPrefilling, descLoad, descRequests, descPicks, descReleases, descSwept, descNoCapacity} {
+	for _, d := range []*prometheus.Desc{descTokens, descPrefilling, descLoad, descRequests, descPicks, descReleases, descSwept, descNoCapacity, descUnknownModel, descPanic, descAffinity, descExternal} {
 		ch <- d
 	}
 }
@@ -40,6 +49,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descLoad, prometheus.GaugeValue, float64(h.Load), h.Address)
 		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.GaugeValue, float64(h.InFlightRequests), h.Address)
 		ch <- prometheus.MustNewConstMetric(descPicks, prometheus.CounterValue, float64(h.Picks), h.Address)
+		ch <- prometheus.MustNewConstMetric(descExternal, prometheus.GaugeValue, float64(h.ExternalLoad), h.Address)
 	}
 	s := c.p.Stats()
 	for _, cause := range []Cause{ResponseHeaders, ResponseEnd, StreamEnd, ImmediateResponse, Swept} {
@@ -47,4 +57,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descSwept, prometheus.CounterValue, float64(s.SweptTokens))
 	ch <- prometheus.MustNewConstMetric(descNoCapacity, prometheus.CounterValue, float64(s.RejectedPicks))
+	ch <- prometheus.MustNewConstMetric(descUnknownModel, prometheus.CounterValue, float64(s.UnknownModels))
+	ch <- prometheus.MustNewConstMetric(descPanic, prometheus.CounterValue, float64(s.PanicPicks))
+	for _, r := range []AffinityResult{AffinityHit, AffinityOverloaded, AffinityNone} {
+		ch <- prometheus.MustNewConstMetric(descAffinity, prometheus.CounterValue, float64(s.Affinity[r]), string(r))
+	}
 }

@@ -11,13 +11,17 @@
 // never fire.
 //
 // What a request costs on each host is the caller's business (see package
-// cost); the picker only adds, compares and subtracts.
+// cost); the picker only adds, compares and subtracts. What it knows of each
+// host from outside its own ledger (health, models served, the backend's own
+// queue) is set by the caller too (see package backend), and weighs in each
+// pick: see Pick.
 package picker
 
 import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -28,6 +32,10 @@ import (
 // ErrNoCapacity is returned by Pick when every host is busy beyond the
 // configured in-flight token limit.
 var ErrNoCapacity = errors.New("picker: every host is at its in-flight token limit")
+
+// ErrUnknownModel is returned by Pick when no host serves the requested
+// model.
+var ErrUnknownModel = errors.New("picker: no host serves the model")
 
 // Cause says why a lease was released.
 type Cause string
@@ -62,10 +70,30 @@ type Options struct {
 	// every decoding sequence, so a long prompt stalls them all. The term
 	// only steers the pick; nothing is charged for it. 0 leaves it out.
 	StallWeight float64
+	// Affinity, when its MaxExtraLoad is positive, sends a request to a host
+	// that recently served the same prompt prefix, whose backend likely
+	// still caches it, unless that host is too loaded.
+	Affinity Affinity
 	// Seed seeds tie-breaking; 0 picks a random seed.
 	Seed uint64
 	// Now is the clock used for lease ages; nil means time.Now.
 	Now func() time.Time
+}
+
+// Affinity configures prefix affinity.
+type Affinity struct {
+	// MaxExtraLoad is how much more load (after adding the request) than
+	// the least-loaded host a host that recently served the request's
+	// prefix may have and still be chosen, in the cost's unit. 0 turns
+	// affinity off. It bounds affinity by load, so that one popular prefix
+	// cannot pile its requests onto one host.
+	MaxExtraLoad int64
+	// TTL is how long a host counts as having served a prefix; a backend's
+	// cache evicts what it has not used for a while. 0 means 5 minutes.
+	TTL time.Duration
+	// Entries bounds the prefix table (each entry about 100 bytes); 0
+	// means 1<<16.
+	Entries int
 }
 
 // Picker is a ledger of in-flight tokens per host. It is safe for concurrent
@@ -81,9 +109,17 @@ type Picker struct {
 	releases      map[Cause]uint64
 	sweptTokens   int64
 	rejectedPicks uint64
+	unknownModels uint64
+	panicPicks    uint64
+	affinity      map[AffinityResult]uint64
+	// perRequest is a moving average of the load a request charges, to
+	// price the requests a backend reports that this picker did not send.
+	perRequest float64
+	prefixes   *prefixTable
 }
 
 type host struct {
+	index      int
 	addr       string
 	tokens     int64 // prompt tokens in flight
 	prefilling int64 // prompt tokens of requests still waiting for their first token
@@ -91,6 +127,14 @@ type host struct {
 	requests   int64
 	decoding   int64 // requests past their first token
 	picks      uint64
+
+	// From outside the ledger (Set*).
+	health Health
+	models map[string]bool // nil: not known, serves any model
+	remote Remote
+	// external is the load of the requests the backend reported beyond
+	// this picker's own, priced at perRequest when the report came.
+	external int64
 }
 
 // Charge is what one request costs on one host.
@@ -102,6 +146,18 @@ type Charge struct {
 	UntilFirstToken int64
 	// UntilEnd is load released when the response ends.
 	UntilEnd int64
+}
+
+// Request is what Pick needs to know of a request.
+type Request struct {
+	// Cost prices the request on each host.
+	Cost Cost
+	// Model, when not empty, restricts the pick to the hosts that serve it
+	// (hosts whose models are not known serve any).
+	Model string
+	// Prefix holds a hash of each leading block of the prompt, each
+	// covering every block before it too, for prefix affinity.
+	Prefix []uint64
 }
 
 // Cost says what a request would cost on a host. Pick calls it once per
@@ -122,6 +178,7 @@ type Lease struct {
 	charge Charge
 	start  time.Time
 	ahead  int64 // the host's prefilling tokens when the lease was taken
+	model  string
 	// Guarded by p.mu.
 	first bool // the first-token part is released
 	done  bool
@@ -146,6 +203,7 @@ func New(hosts []string, opts Options) (*Picker, error) {
 		leases:   make(map[*Lease]struct{}),
 		rng:      rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		releases: make(map[Cause]uint64),
+		affinity: make(map[AffinityResult]uint64),
 	}
 	seen := make(map[string]bool)
 	for _, a := range hosts {
@@ -157,7 +215,13 @@ func New(hosts []string, opts Options) (*Picker, error) {
 			return nil, fmt.Errorf("picker: duplicate host %s", addr)
 		}
 		seen[addr] = true
-		p.hosts = append(p.hosts, &host{addr: addr})
+		p.hosts = append(p.hosts, &host{index: len(p.hosts), addr: addr})
+	}
+	if opts.Affinity.MaxExtraLoad > 0 {
+		if len(p.hosts) > 64 {
+			return nil, fmt.Errorf("picker: prefix affinity supports at most 64 hosts, not %d", len(p.hosts))
+		}
+		p.prefixes = newPrefixTable(opts.Affinity)
 	}
 	return p, nil
 }
@@ -181,54 +245,109 @@ func ParseAddr(s string) (string, error) {
 // host half as fast never ties with a full-speed one.
 const DefaultTolerance = 0.1
 
-// Pick charges the host with the lowest load after adding the request's cost
-// on it (within Tolerance; fewest in-flight requests next, then at random),
-// all in one step. The caller must Release the lease.
-func (p *Picker) Pick(cost Cost) (*Lease, error) {
+// Pick charges a host for r, all in one step, and returns the lease; the
+// caller must Release it.
+//
+// The hosts considered are those that serve r.Model and are healthy; when
+// none of those is healthy, all that serve the model are (as Envoy's panic
+// mode does: a health signal that rules out every host is more likely wrong
+// than the hosts). A host's score is its load after adding the request's
+// cost there, plus the load its backend reports beyond this picker's own
+// requests. The lowest score wins, within Tolerance; among near ties, the
+// fewest in-flight requests, then a host at random. With affinity on, a
+// host that recently served r's prefix wins instead when its score is
+// within Affinity.MaxExtraLoad of the lowest.
+func (p *Picker) Pick(r Request) (*Lease, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	type option struct {
 		h      *host
 		charge Charge
-		load   int64
+		score  int64
 	}
-	opts := make([]option, 0, len(p.hosts))
-	lowest, own := int64(-1), int64(0)
+	candidates := make([]*host, 0, len(p.hosts))
+	healthy := 0
 	for _, h := range p.hosts {
-		c := cost(h.addr)
+		if r.Model != "" && h.models != nil && !h.models[r.Model] {
+			continue
+		}
+		candidates = append(candidates, h)
+		if h.health.Healthy() {
+			healthy++
+		}
+	}
+	if len(candidates) == 0 {
+		p.unknownModels++
+		return nil, ErrUnknownModel
+	}
+	if healthy == 0 {
+		p.panicPicks++
+	}
+	opts := make([]option, 0, len(candidates))
+	lowest, own := int64(-1), int64(0)
+	for _, h := range candidates {
+		if healthy > 0 && !h.health.Healthy() {
+			continue
+		}
+		c := r.Cost(h.addr)
 		c.Tokens, c.UntilFirstToken, c.UntilEnd = max(c.Tokens, 0), max(c.UntilFirstToken, 0), max(c.UntilEnd, 0)
 		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+c.Tokens > p.opts.MaxInFlightTokens {
 			continue
 		}
-		load := h.load + c.UntilFirstToken + c.UntilEnd +
+		score := h.load + h.external + c.UntilFirstToken + c.UntilEnd +
 			int64(float64(c.UntilFirstToken)*float64(h.decoding)*p.opts.StallWeight)
-		opts = append(opts, option{h, c, load})
-		if lowest < 0 || load < lowest {
-			lowest, own = load, c.UntilFirstToken+c.UntilEnd
+		opts = append(opts, option{h, c, score})
+		if lowest < 0 || score < lowest {
+			lowest, own = score, c.UntilFirstToken+c.UntilEnd
 		}
 	}
 	if len(opts) == 0 {
 		p.rejectedPicks++
 		return nil, ErrNoCapacity
 	}
-	limit := lowest + int64(float64(own)*p.opts.Tolerance)
 	var best option
-	ties := 0
-	for _, o := range opts {
-		switch {
-		case o.load > limit:
-		case ties == 0 || o.h.requests < best.h.requests:
-			best, ties = o, 1
-		case o.h.requests == best.h.requests:
-			// Reservoir sampling: each of the tied hosts wins with equal odds.
-			ties++
-			if p.rng.IntN(ties) == 0 {
-				best = o
+	chosen := false
+	if p.prefixes != nil && len(r.Prefix) > 0 {
+		result := AffinityNone
+		if hosts := p.prefixes.lookup(r.Prefix, p.opts.Now()); hosts != 0 {
+			result = AffinityOverloaded
+			for _, o := range opts {
+				if hosts&(1<<o.h.index) != 0 && o.score <= lowest+p.opts.Affinity.MaxExtraLoad && (!chosen || o.score < best.score) {
+					best, chosen = o, true
+					result = AffinityHit
+				}
+			}
+		}
+		p.affinity[result]++
+	}
+	if !chosen {
+		limit := lowest + int64(float64(own)*p.opts.Tolerance)
+		ties := 0
+		for _, o := range opts {
+			switch {
+			case o.score > limit:
+			case ties == 0 || o.h.requests < best.h.requests:
+				best, ties = o, 1
+			case o.h.requests == best.h.requests:
+				// Reservoir sampling: each of the tied hosts wins with equal odds.
+				ties++
+				if p.rng.IntN(ties) == 0 {
+					best = o
+				}
 			}
 		}
 	}
 	h := best.h
-	l := &Lease{p: p, h: h, charge: best.charge, start: p.opts.Now(), ahead: h.prefilling}
+	if p.prefixes != nil && len(r.Prefix) > 0 {
+		p.prefixes.record(r.Prefix, h.index, p.opts.Now())
+	}
+	charged := float64(best.charge.UntilFirstToken + best.charge.UntilEnd)
+	if p.perRequest == 0 {
+		p.perRequest = charged
+	} else {
+		p.perRequest += (charged - p.perRequest) / perRequestMemory
+	}
+	l := &Lease{p: p, h: h, charge: best.charge, start: p.opts.Now(), ahead: h.prefilling, model: r.Model}
 	h.tokens += best.charge.Tokens
 	h.prefilling += best.charge.Tokens
 	h.load += best.charge.UntilFirstToken + best.charge.UntilEnd
@@ -238,11 +357,112 @@ func (p *Picker) Pick(cost Cost) (*Lease, error) {
 	return l, nil
 }
 
+// perRequestMemory is about how many picks the average charge remembers.
+const perRequestMemory = 100
+
+// AffinityResult says what prefix affinity did for one pick.
+type AffinityResult string
+
+// Affinity results.
+const (
+	AffinityNone       AffinityResult = "none"       // no host recently served the prefix
+	AffinityHit        AffinityResult = "hit"        // a host that did was chosen
+	AffinityOverloaded AffinityResult = "overloaded" // those that did were too loaded (or ineligible)
+)
+
+// Health is what health checks know of a host. The zero value is healthy.
+type Health struct {
+	// Down ejects the host: it gets no requests while another host that
+	// serves the model is healthy.
+	Down bool `json:"down"`
+	// Reason says why the host is down, or why it last was.
+	Reason string `json:"reason,omitempty"`
+	// Since is when the host went down.
+	Since time.Time `json:"since,omitzero"`
+	// Until is when an ejection for a time ends (zero: until checks pass).
+	Until time.Time `json:"until,omitzero"`
+}
+
+// Healthy reports whether the host may get requests.
+func (h Health) Healthy() bool { return !h.Down }
+
+// Remote is what a host's backend reports of its own queue, which holds
+// requests from every tokenlb in front of it.
+type Remote struct {
+	Running int `json:"running"` // requests in the running batch
+	Waiting int `json:"waiting"` // requests waiting to be scheduled
+	// KVCacheUsage is the share of the KV cache in use, 0 to 1.
+	KVCacheUsage float64   `json:"kv_cache_usage"`
+	At           time.Time `json:"at"` // when it was read; zero: nothing known
+}
+
+// SetHealth records what health checks know of the host at addr.
+func (p *Picker) SetHealth(addr string, h Health) error {
+	return p.update(addr, func(x *host) { x.health = h })
+}
+
+// SetModels records the models the host at addr serves; nil means not known, which
+// lets the host serve any model.
+func (p *Picker) SetModels(addr string, models []string) error {
+	return p.update(addr, func(x *host) {
+		if models == nil {
+			x.models = nil
+			return
+		}
+		x.models = make(map[string]bool, len(models))
+		for _, m := range models {
+			x.models[m] = true
+		}
+	})
+}
+
+// SetRemote records what the backend at addr reports of its queue. The requests
+// it reports beyond those this picker has in flight there came through
+// other tokenlb replicas (or around tokenlb): each is priced at the average
+// charge of this picker's recent requests and added to the host's score
+// until the next report. A KV cache that is full adds one more: the next
+// request waits for memory there. A zero Remote forgets the report.
+func (p *Picker) SetRemote(addr string, r Remote) error {
+	return p.update(addr, func(x *host) {
+		x.remote = r
+		x.external = 0
+		if r.At.IsZero() {
+			return
+		}
+		others := float64(max(0, int64(r.Running+r.Waiting)-x.requests))
+		if r.KVCacheUsage > kvFull {
+			others += min(1, (r.KVCacheUsage-kvFull)/(1-kvFull))
+		}
+		x.external = int64(others * p.perRequest)
+	})
+}
+
+// kvFull is the KV cache usage above which a backend is about to queue
+// requests for memory.
+const kvFull = 0.9
+
+func (p *Picker) update(addr string, f func(*host)) error {
+	a, err := ParseAddr(addr)
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, h := range p.hosts {
+		if h.addr == a {
+			f(h)
+			return nil
+		}
+	}
+	return fmt.Errorf("picker: unknown host %s", a)
+}
+
 // Host returns the leased host's address.
 func (l *Lease) Host() string { return l.h.addr }
 
-// Fallbacks returns up to n other hosts, least loaded first, for a proxy to
-// try if the leased host cannot be reached. They are not charged: a retry
+// Fallbacks returns up to n other healthy hosts that serve the request's
+// model, least loaded first, for a proxy to try if the leased host cannot
+// be reached. They are not charged: a retry
 // is rare, and the ledger keeps the charge on the host first picked.
 func (l *Lease) Fallbacks(n int) []string {
 	p := l.p
@@ -250,11 +470,11 @@ func (l *Lease) Fallbacks(n int) []string {
 	defer p.mu.Unlock()
 	others := make([]*host, 0, len(p.hosts)-1)
 	for _, h := range p.hosts {
-		if h != l.h {
+		if h != l.h && h.health.Healthy() && (l.model == "" || h.models == nil || h.models[l.model]) {
 			others = append(others, h)
 		}
 	}
-	slices.SortStableFunc(others, func(a, b *host) int { return cmp.Compare(a.load, b.load) })
+	slices.SortStableFunc(others, func(a, b *host) int { return cmp.Compare(a.load+a.external, b.load+b.external) })
 	out := make([]string, 0, n)
 	for _, h := range others[:min(n, len(others))] {
 		out = append(out, h.addr)
@@ -365,6 +585,13 @@ type HostLoad struct {
 	// DecodingRequests are the in-flight requests past their first token.
 	DecodingRequests int64  `json:"decoding_requests"`
 	Picks            uint64 `json:"picks"`
+	Health           Health `json:"health"`
+	// Models are the models the host serves; nil when not known.
+	Models []string `json:"models"`
+	// Remote is the backend's last report of its queue, and ExternalLoad
+	// what the requests in it beyond this picker's add to the host's score.
+	Remote       Remote `json:"remote"`
+	ExternalLoad int64  `json:"external_load"`
 }
 
 // Hosts returns a consistent snapshot of every host's load, in configuration
@@ -375,7 +602,11 @@ func (p *Picker) Hosts() []HostLoad {
 	out := make([]HostLoad, len(p.hosts))
 	for i, h := range p.hosts {
 		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, PrefillingTokens: h.prefilling, Load: h.load,
-			InFlightRequests: h.requests, DecodingRequests: h.decoding, Picks: h.picks}
+			InFlightRequests: h.requests, DecodingRequests: h.decoding, Picks: h.picks,
+			Health: h.health, Remote: h.remote, ExternalLoad: h.external}
+		if h.models != nil {
+			out[i].Models = slices.Sorted(maps.Keys(h.models))
+		}
 	}
 	return out
 }
@@ -386,16 +617,21 @@ type Stats struct {
 	SweptTokens   int64
 	RejectedPicks uint64
 	OpenLeases    int
+	// UnknownModels counts picks refused because no host serves the model.
+	UnknownModels uint64
+	// PanicPicks counts picks made among unhealthy hosts, none being
+	// healthy.
+	PanicPicks uint64
+	// Affinity counts what prefix affinity did, by result.
+	Affinity map[AffinityResult]uint64
 }
 
 // Stats returns a snapshot of the ledger's counters.
 func (p *Picker) Stats() Stats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	s := Stats{Releases: make(map[Cause]uint64, len(p.releases)), SweptTokens: p.sweptTokens,
-		RejectedPicks: p.rejectedPicks, OpenLeases: len(p.leases)}
-	for c, n := range p.releases {
-		s.Releases[c] = n
-	}
+	s := Stats{Releases: maps.Clone(p.releases), SweptTokens: p.sweptTokens,
+		RejectedPicks: p.rejectedPicks, OpenLeases: len(p.leases), UnknownModels: p.unknownModels,
+		PanicPicks: p.panicPicks, Affinity: maps.Clone(p.affinity)}
 	return s
 }

@@ -53,22 +53,22 @@ func TestNewValidates(t *testing.T) {
 
 func TestPickFollowsLoad(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}, Options{Seed: 1})
-	heavy, _ := p.Pick(Tokens(4000))
-	mid, _ := p.Pick(Tokens(2750))
+	heavy, _ := p.Pick(Request{Cost: Tokens(4000)})
+	mid, _ := p.Pick(Request{Cost: Tokens(2750)})
 	if heavy.Host() == mid.Host() {
 		t.Fatalf("second request joined the busy host %s", heavy.Host())
 	}
-	small, _ := p.Pick(Tokens(30))
+	small, _ := p.Pick(Request{Cost: Tokens(30)})
 	if small.Host() == heavy.Host() || small.Host() == mid.Host() {
 		t.Fatalf("small request went to a busy host %s", small.Host())
 	}
 	// Now 4000 / 2750 / 30: the next request goes to the 30 host.
-	next, _ := p.Pick(Tokens(3000))
+	next, _ := p.Pick(Request{Cost: Tokens(3000)})
 	if next.Host() != small.Host() {
 		t.Fatalf("next = %s, want least loaded %s", next.Host(), small.Host())
 	}
 	heavy.Release(ResponseHeaders)
-	after, _ := p.Pick(Tokens(10))
+	after, _ := p.Pick(Request{Cost: Tokens(10)})
 	if after.Host() != heavy.Host() {
 		t.Fatalf("after release = %s, want the freed host %s", after.Host(), heavy.Host())
 	}
@@ -79,7 +79,7 @@ func TestTiesAreRandom(t *testing.T) {
 	p := mustNew(t, hosts, Options{})
 	counts := map[string]int{}
 	for range 4000 {
-		l, err := p.Pick(Tokens(100))
+		l, err := p.Pick(Request{Cost: Tokens(100)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -96,8 +96,8 @@ func TestTiesAreRandom(t *testing.T) {
 
 func TestZeroCostPrefersFewerRequests(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80"}, Options{Seed: 3})
-	a, _ := p.Pick(Tokens(0))
-	b, _ := p.Pick(Tokens(0))
+	a, _ := p.Pick(Request{Cost: Tokens(0)})
+	b, _ := p.Pick(Request{Cost: Tokens(0)})
 	if a.Host() == b.Host() {
 		t.Fatalf("two zero-cost requests on one host %s while another was empty", a.Host())
 	}
@@ -115,7 +115,7 @@ func TestConcurrentPicksSpreadEvenly(t *testing.T) {
 	for range 400 {
 		wg.Go(func() {
 			<-start
-			l, err := p.Pick(Tokens(500))
+			l, err := p.Pick(Request{Cost: Tokens(500)})
 			if err != nil {
 				t.Error(err)
 				return
@@ -143,8 +143,8 @@ func TestConcurrentPicksSpreadEvenly(t *testing.T) {
 
 func TestReleaseExactlyOnce(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{})
-	keep, _ := p.Pick(Tokens(7))
-	l, _ := p.Pick(Tokens(1000))
+	keep, _ := p.Pick(Request{Cost: Tokens(7)})
+	l, _ := p.Pick(Request{Cost: Tokens(1000)})
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	winners := 0
@@ -174,18 +174,18 @@ func TestReleaseExactlyOnce(t *testing.T) {
 func TestCapacity(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80"}, Options{MaxInFlightTokens: 1000})
 	// A request above the cap still runs on an idle host.
-	big, err := p.Pick(Tokens(5000))
+	big, err := p.Pick(Request{Cost: Tokens(5000)})
 	if err != nil {
 		t.Fatalf("oversized request on an idle host: %v", err)
 	}
-	mid, err := p.Pick(Tokens(600))
+	mid, err := p.Pick(Request{Cost: Tokens(600)})
 	if err != nil || mid.Host() == big.Host() {
 		t.Fatalf("Pick(600) = %v, %v", mid, err)
 	}
-	if _, err := p.Pick(Tokens(600)); err != ErrNoCapacity {
+	if _, err := p.Pick(Request{Cost: Tokens(600)}); err != ErrNoCapacity {
 		t.Fatalf("Pick over capacity error = %v, want ErrNoCapacity", err)
 	}
-	if l, err := p.Pick(Tokens(400)); err != nil || l.Host() != mid.Host() {
+	if l, err := p.Pick(Request{Cost: Tokens(400)}); err != nil || l.Host() != mid.Host() {
 		t.Fatalf("Pick(400) within the cap = %v, %v", l, err)
 	}
 	if got := p.Stats().RejectedPicks; got != 1 {
@@ -196,9 +196,9 @@ func TestCapacity(t *testing.T) {
 func TestSweep(t *testing.T) {
 	now := time.Unix(1000, 0)
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{Now: func() time.Time { return now }})
-	old, _ := p.Pick(Tokens(300))
+	old, _ := p.Pick(Request{Cost: Tokens(300)})
 	now = now.Add(10 * time.Minute)
-	young, _ := p.Pick(Tokens(20))
+	young, _ := p.Pick(Request{Cost: Tokens(20)})
 	n, tok := p.Sweep(5 * time.Minute)
 	if n != 1 || tok != 300 {
 		t.Fatalf("Sweep = %d leases, %d tokens; want 1, 300", n, tok)
@@ -218,7 +218,7 @@ func TestSweep(t *testing.T) {
 
 func TestCollector(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{})
-	l, _ := p.Pick(Tokens(42))
+	l, _ := p.Pick(Request{Cost: Tokens(42)})
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(p.Collector())
 	want := `
@@ -254,11 +254,11 @@ func TestRunSweeper(t *testing.T) {
 	now := time.Unix(1000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{Now: clock})
-	p.Pick(Tokens(300)) // forgotten
+	p.Pick(Request{Cost: Tokens(300)}) // forgotten
 	mu.Lock()
 	now = now.Add(2 * time.Hour)
 	mu.Unlock()
-	young, _ := p.Pick(Tokens(20))
+	young, _ := p.Pick(Request{Cost: Tokens(20)})
 	stop := make(chan struct{})
 	done := make(chan struct{})
 	go func() { p.RunSweeper(stop, time.Millisecond, time.Hour); close(done) }()
@@ -284,7 +284,7 @@ func TestTwoPhaseRelease(t *testing.T) {
 	two := func(string) Charge { return Charge{Tokens: 100, UntilFirstToken: 700, UntilEnd: 300} }
 	load := func() HostLoad { return p.Hosts()[0] }
 
-	l, _ := p.Pick(two)
+	l, _ := p.Pick(Request{Cost: two})
 	if h := load(); h.Load != 1000 || h.PrefillingTokens != 100 || h.InFlightTokens != 100 {
 		t.Fatalf("after pick: %+v", h)
 	}
@@ -303,7 +303,7 @@ func TestTwoPhaseRelease(t *testing.T) {
 
 	// An abort before the first token releases both parts; a late
 	// FirstToken does nothing.
-	l, _ = p.Pick(two)
+	l, _ = p.Pick(Request{Cost: two})
 	l.Release(StreamEnd)
 	if l.FirstToken() {
 		t.Fatal("FirstToken after Release took effect")
@@ -317,10 +317,10 @@ func TestTwoPhaseRelease(t *testing.T) {
 // token on its host.
 func TestAhead(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{})
-	a, _ := p.Pick(Tokens(500))
-	b, _ := p.Pick(Tokens(200))
+	a, _ := p.Pick(Request{Cost: Tokens(500)})
+	b, _ := p.Pick(Request{Cost: Tokens(200)})
 	a.FirstToken()
-	c, _ := p.Pick(Tokens(50))
+	c, _ := p.Pick(Request{Cost: Tokens(50)})
 	if a.Ahead() != 0 || b.Ahead() != 500 || c.Ahead() != 200 {
 		t.Fatalf("ahead %d, %d, %d; want 0, 500, 200", a.Ahead(), b.Ahead(), c.Ahead())
 	}
@@ -338,15 +338,15 @@ func TestCostPerHost(t *testing.T) {
 		return Charge{UntilEnd: 100}
 	}
 	for range 20 {
-		l, _ := p.Pick(slow)
+		l, _ := p.Pick(Request{Cost: slow})
 		if l.Host() != "10.0.0.1:80" {
 			t.Fatal("idle slow host picked over an idle fast one")
 		}
 		l.Release(ResponseEnd)
 	}
-	busy, _ := p.Pick(Tokens(150)) // lands on .1 or .2 (tied at 150)
+	busy, _ := p.Pick(Request{Cost: Tokens(150)}) // lands on .1 or .2 (tied at 150)
 	other := map[string]string{"10.0.0.1:80": "10.0.0.2:80", "10.0.0.2:80": "10.0.0.1:80"}[busy.Host()]
-	if l, _ := p.Pick(slow); l.Host() != other {
+	if l, _ := p.Pick(Request{Cost: slow}); l.Host() != other {
 		t.Fatalf("picked %s carrying 150 over %s", l.Host(), other)
 	}
 }
@@ -367,7 +367,7 @@ func TestToleranceSpreadsNearTies(t *testing.T) {
 		p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80"}, Options{Tolerance: tc.tol, Seed: 1})
 		seen := map[string]bool{}
 		for range 50 {
-			l, _ := p.Pick(near)
+			l, _ := p.Pick(Request{Cost: near})
 			seen[l.Host()] = true
 			l.Release(ResponseEnd)
 		}
@@ -389,25 +389,25 @@ func TestStallWeight(t *testing.T) {
 		// .1: two decoding requests holding 100 each; .2: one request
 		// still prefilling, holding 300.
 		for range 2 {
-			l, _ := p.Pick(func(h string) Charge {
+			l, _ := p.Pick(Request{Cost: func(h string) Charge {
 				if h == "10.0.0.1:80" {
 					return Charge{UntilEnd: 100}
 				}
 				return Charge{UntilEnd: 1000}
-			})
+			}})
 			l.FirstToken()
 		}
-		p.Pick(func(h string) Charge {
+		p.Pick(Request{Cost: func(h string) Charge {
 			if h == "10.0.0.2:80" {
 				return Charge{UntilFirstToken: 300}
 			}
 			return Charge{UntilFirstToken: 1000}
-		})
+		}})
 		if h := p.Hosts(); h[0].DecodingRequests != 2 || h[1].DecodingRequests != 0 {
 			t.Fatalf("decoding requests %d, %d; want 2, 0", h[0].DecodingRequests, h[1].DecodingRequests)
 		}
 		// A 150 prefill: .1 scores 200 + 150 (+ 2 × 150 × weight), .2 300 + 150.
-		l, _ := p.Pick(func(string) Charge { return Charge{UntilFirstToken: 150} })
+		l, _ := p.Pick(Request{Cost: func(string) Charge { return Charge{UntilFirstToken: 150} }})
 		if l.Host() != tc.want {
 			t.Errorf("stall weight %v: picked %s, want %s", tc.weight, l.Host(), tc.want)
 		}

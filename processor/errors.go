@@ -23,6 +23,7 @@ type apiError struct {
 	code       string // OpenAI error "code"
 	reason     string // metric label and Envoy response details
 	message    string
+	param      string // OpenAI error "param", if any
 	retryAfter time.Duration
 }
 
@@ -33,9 +34,13 @@ func (e *apiError) body() []byte {
 		Param   *string `json:"param"`
 		Code    string  `json:"code"`
 	}
-	b, _ := json.Marshal(struct {
+	v := struct {
 		Error inner `json:"error"`
-	}{inner{Message: e.message, Type: e.kind, Code: e.code}})
+	}{inner{Message: e.message, Type: e.kind, Code: e.code}}
+	if e.param != "" {
+		v.Error.Param = &e.param
+	}
+	b, _ := json.Marshal(v)
 	return b
 }
 
@@ -85,6 +90,11 @@ func errMediaType(ct string) *apiError {
 func errNoCapacity(retryAfter time.Duration) *apiError {
 	return &apiError{status: 503, kind: "server_error", code: "no_capacity", reason: "no_capacity", retryAfter: retryAfter,
 		message: "every backend is at its in-flight token limit; retry later"}
+}
+
+func errUnknownModel(model string) *apiError {
+	return &apiError{status: 404, kind: "invalid_request_error", code: "model_not_found", reason: "unknown_model",
+		param: "model", message: fmt.Sprintf("The model %q does not exist or no backend serves it.", model)}
 }
 
 func errUnsupportedMode(m filterv3.ProcessingMode_BodySendMode) *apiError {

@@ -92,6 +92,13 @@ type Config struct {
 	// have prefilled the request, by the cost model's speed, instead of
 	// waiting to see the first token (for responses tokenlb never sees).
 	EstimateFirstToken bool
+	// ModelRouting sends each request only to hosts that serve its model
+	// (picker.Request.Model), and answers 404 when none does.
+	ModelRouting bool
+	// ResponseStatus, when set, is told the status of each routed request's
+	// response, from its response headers: passive health checks
+	// (backend.Watcher.Observe) learn from it which hosts fail.
+	ResponseStatus func(host string, status int)
 	// Logger receives per-request debug logs and errors; nil discards them.
 	Logger *slog.Logger
 	// Metrics records request metrics; nil records nothing.
@@ -430,9 +437,16 @@ func (x *exchange) pick(prompt tokenizer.Prompt, in replyIn, body []byte) (bool,
 	req := cost.Request{Model: prompt.Model, Route: string(prompt.API), PromptTokens: prompt.Tokens,
 		MaxOutputTokens: prompt.MaxOutputTokens}
 	output := s.cost.Output(req)
-	lease, err := s.picker.Pick(s.cost.Cost(req, output))
+	pr := picker.Request{Cost: s.cost.Cost(req, output), Prefix: prompt.Prefix}
+	if s.cfg.ModelRouting {
+		pr.Model = prompt.Model
+	}
+	lease, err := s.picker.Pick(pr)
 	s.m.pickSeconds.Observe(time.Since(start).Seconds())
-	if err != nil {
+	switch {
+	case errors.Is(err, picker.ErrUnknownModel):
+		return x.reject(errUnknownModel(prompt.Model))
+	case err != nil:
 		return x.reject(errNoCapacity(s.cfg.RetryAfter))
 	}
 	x.t = newTracker(s, lease, req)

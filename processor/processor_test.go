@@ -615,3 +615,41 @@ func TestStreamedResponseHeldUntilBodyEnds(t *testing.T) {
 	}
 	f.close()
 }
+
+// TestUnknownModel: with model routing, a model no host serves gets a 404
+// naming it; without, the request is routed.
+func TestUnknownModel(t *testing.T) {
+	for _, routing := range []bool{true, false} {
+		env := startEnv(t, threeHosts, picker.Options{}, Config{ModelRouting: routing})
+		for _, h := range threeHosts {
+			env.picker.SetModels(h, []string{"llama"})
+		}
+		f := env.open(t, buffered)
+		out, err := f.do(post([]byte(`{"model":"gpt-x","messages":[{"role":"user","content":"hi"}]}`)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !routing {
+			if out.immediate != nil {
+				t.Fatalf("model routing off: rejected with %s", out.immediate.GetBody())
+			}
+			f.close()
+			continue
+		}
+		if out.immediate == nil || out.immediate.GetStatus().GetCode() != 404 {
+			t.Fatalf("want 404, got %+v", out)
+		}
+		var v struct {
+			Error struct{ Message, Type, Code, Param string }
+		}
+		if err := json.Unmarshal(out.immediate.GetBody(), &v); err != nil || v.Error.Code != "model_not_found" ||
+			v.Error.Param != "model" || v.Error.Type != "invalid_request_error" || !strings.Contains(v.Error.Message, "gpt-x") {
+			t.Fatalf("404 body %s (%v)", out.immediate.GetBody(), err)
+		}
+		f.close()
+		env.waitEnded(t, 1)
+		if tok, req := env.inFlight(); tok != 0 || req != 0 {
+			t.Fatalf("in flight after a 404: %d tokens, %d requests", tok, req)
+		}
+	}
+}

@@ -49,6 +49,7 @@ type tracker struct {
 	tail     []byte // the response body's last tailBytes
 	timer    *time.Timer
 	finished bool
+	reported bool // the status went to Config.ResponseStatus
 }
 
 func newTracker(s *Server, lease *picker.Lease, req cost.Request) *tracker {
@@ -73,6 +74,10 @@ func (t *tracker) responseHeaders(hs *corev3.HeaderMap, eos bool) {
 		case "content-type":
 			t.streamed = strings.HasPrefix(strings.ToLower(headerValue(hv)), "text/event-stream")
 		}
+	}
+	if t.status != 0 && !t.reported && t.s.cfg.ResponseStatus != nil {
+		t.reported = true
+		t.s.cfg.ResponseStatus(t.lease.Host(), t.status)
 	}
 	if eos {
 		t.finishLocked(picker.ResponseHeaders)

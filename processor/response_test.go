@@ -67,7 +67,10 @@ func respBody(b string, eos bool) *extprocv3.ProcessingRequest {
 }
 
 // ledger sums the picker's view of every host.
-func (e *testEnv) ledger() (h picker.HostLoad) {
+// ledgerSum is the fleet's ledger, summed over hosts.
+type ledgerSum struct{ InFlightTokens, PrefillingTokens, Load, InFlightRequests int64 }
+
+func (e *testEnv) ledger() (h ledgerSum) {
 	for _, x := range e.picker.Hosts() {
 		h.InFlightTokens += x.InFlightTokens
 		h.PrefillingTokens += x.PrefillingTokens
@@ -120,7 +123,7 @@ func TestTwoPhaseOnTheRoutingStream(t *testing.T) {
 		t.Fatalf("a later token changed the ledger: %+v, was %+v", got, mid)
 	}
 	step(t, f, respBody(usageChunk, true))
-	if got := env.ledger(); got != (picker.HostLoad{}) {
+	if got := env.ledger(); got != (ledgerSum{}) {
 		t.Fatalf("after the end: %+v", got)
 	}
 	f.close()
@@ -144,7 +147,7 @@ func TestErrorResponseTeachesNothing(t *testing.T) {
 	}
 	step(t, f, respBody("", true))
 	f.close()
-	if got := env.ledger(); got != (picker.HostLoad{}) {
+	if got := env.ledger(); got != (ledgerSum{}) {
 		t.Fatalf("after the end: %+v", got)
 	}
 	if got := model.Output(cost.Request{Model: "m", Route: "chat_completions"}); got != cost.DefaultOutputTokens {
@@ -200,7 +203,7 @@ func TestObserverFollowsResponse(t *testing.T) {
 		t.Fatalf("after the first token: %+v", got)
 	}
 	o.send(respBody(usageChunk, true))
-	eventually(t, "the release at the end", func() bool { return env.ledger() == picker.HostLoad{} })
+	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
 	if got := env.picker.Stats().Releases[picker.ResponseEnd]; got != 1 {
 		t.Fatalf("releases by response_end: %d", got)
 	}
@@ -228,7 +231,7 @@ func TestObserverAbort(t *testing.T) {
 	f.respond200Streaming()
 	f.close()
 	o.abort()
-	eventually(t, "the release", func() bool { return env.ledger() == picker.HostLoad{} })
+	eventually(t, "the release", func() bool { return env.ledger() == ledgerSum{} })
 	if got := env.picker.Stats().Releases[picker.StreamEnd]; got != 1 {
 		t.Fatalf("releases by stream_end: %d", got)
 	}
@@ -261,14 +264,14 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	late.send(observerHeaders(out.headers[DefaultLeaseHeader]))
 	eventually(t, "the late claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
 	late.send(respBody(usageChunk, true))
-	eventually(t, "the release at the end", func() bool { return env.ledger() == picker.HostLoad{} })
+	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
 
 	// Nobody claims this one: released when the grace period ends.
 	f = env.open(t, buffered)
 	routed(t, f, post(chat(100)))
 	f.respond200Streaming()
 	f.close()
-	eventually(t, "the release after the grace period", func() bool { return env.ledger() == picker.HostLoad{} })
+	eventually(t, "the release after the grace period", func() bool { return env.ledger() == ledgerSum{} })
 	if got := counter(t, env.s.m.observerClaims, "none"); got != 1 {
 		t.Fatalf("unclaimed requests counted: %v", got)
 	}
@@ -305,7 +308,7 @@ func TestEstimateFirstToken(t *testing.T) {
 	short.close()
 	long.close()
 	env.waitEnded(t, 2)
-	if got := env.ledger(); got != (picker.HostLoad{}) {
+	if got := env.ledger(); got != (ledgerSum{}) {
 		t.Fatalf("after both streams ended: %+v", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -67,7 +68,7 @@ func TestCacheCountsRepeatedTexts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got != want {
+		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("request %d with the cache = %+v, without = %+v", i, got, want)
 		}
 	}
@@ -179,7 +180,7 @@ func TestBudget(t *testing.T) {
 			}
 			s := tk.Stats()
 			if c.why == "" {
-				if got != want || s.EstimatedSize+s.EstimatedTime != 0 {
+				if !reflect.DeepEqual(got, want) || s.EstimatedSize+s.EstimatedTime != 0 {
 					t.Fatalf("count %+v (stats %+v), want exactly %+v", got, s, want)
 				}
 				return
@@ -284,5 +285,48 @@ func TestAlignRune(t *testing.T) {
 		if got := alignRune(c.s, c.i); got != c.want {
 			t.Errorf("alignRune(%q, %d) = %d, want %d", c.s, c.i, got, c.want)
 		}
+	}
+}
+
+// TestPrefixHashes: prompts that start with the same text share the hashes
+// of their common full blocks, and no others; a partial block is left out;
+// with PrefixBlocks 0 nothing is hashed.
+func TestPrefixHashes(t *testing.T) {
+	tk, err := New(Options{PrefixBlocks: 8, PrefixBlockBytes: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := strings.Repeat("the same long document, ", 20) // 480 bytes
+	prefix := func(system, user string) []uint64 {
+		p, err := tk.CountRequest("/v1/chat/completions", chatBody(t, system, user))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Prefix
+	}
+	a, b := prefix(doc, "question one"), prefix(doc, "question two, longer than the first one is")
+	// "system" + doc is 486 bytes: 7 full blocks, then the rest of the doc
+	// and the question.
+	if len(a) != 7 || len(b) != 8 {
+		t.Fatalf("blocks %d and %d, want 7 (a partial eighth left out) and 8", len(a), len(b))
+	}
+	if !reflect.DeepEqual(a, b[:7]) {
+		t.Fatal("two prompts with the same first 7 blocks differ in them")
+	}
+	c := prefix("x"+doc, "question one")
+	for i := range c {
+		if c[i] == a[i] {
+			t.Fatalf("block %d of a different prompt hashes the same", i)
+		}
+	}
+	// A change in block 3 changes blocks 3 on and nothing before.
+	changed := doc[:200] + "X" + doc[201:]
+	d := prefix(changed, "question one")
+	if !reflect.DeepEqual(d[:3], a[:3]) || d[3] == a[3] || d[6] == a[6] {
+		t.Fatal("a change in block 4 did not change exactly the hashes from block 4 on")
+	}
+	off, _ := New(Options{})
+	if p, _ := off.CountRequest("/v1/chat/completions", chatBody(t, doc, "q")); p.Prefix != nil {
+		t.Fatalf("hashed %d blocks with PrefixBlocks 0", len(p.Prefix))
 	}
 }

@@ -58,6 +58,10 @@ type Prompt struct {
 	// Estimated is "" when Tokens is exact, else why part of it was
 	// estimated: EstimatedSize or EstimatedTime.
 	Estimated string
+	// Prefix hashes the prompt's leading blocks (Options.PrefixBlocks):
+	// Prefix[i] covers its first i+1 blocks of Options.PrefixBlockBytes.
+	// Two prompts that start with the same text share leading hashes.
+	Prefix []uint64
 }
 
 // APIFor returns the request shape served at path (query string ignored).
@@ -129,7 +133,7 @@ func (tk *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
 	t := tk.newBudget()
 	p, err := t.request(path, body)
 	t.done()
-	p.Estimated = t.estimated
+	p.Estimated, p.Prefix = t.estimated, t.prefix.hashes
 	return p, err
 }
 

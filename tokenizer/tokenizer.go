@@ -16,7 +16,9 @@
 package tokenizer
 
 import (
+	"encoding/binary"
 	"fmt"
+	"hash/maphash"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -66,6 +68,11 @@ type Options struct {
 	ExactBytes  int
 	TimeLimit   time.Duration
 	SampleBytes int
+	// PrefixBlocks, when positive, makes CountRequest hash the prompt's
+	// first PrefixBlocks blocks of PrefixBlockBytes (Prompt.Prefix), for
+	// prefix affinity. 0 leaves it out.
+	PrefixBlocks     int
+	PrefixBlockBytes int
 }
 
 func (o Options) withDefaults() Options {
@@ -90,8 +97,15 @@ func (o Options) withDefaults() Options {
 	if o.SampleBytes <= 0 {
 		o.SampleBytes = DefaultSampleBytes
 	}
+	if o.PrefixBlockBytes <= 0 {
+		o.PrefixBlockBytes = DefaultPrefixBlockBytes
+	}
 	return o
 }
+
+// DefaultPrefixBlockBytes is the prefix hash's block: about 128 tokens,
+// a few of a backend's cache blocks.
+const DefaultPrefixBlockBytes = 512
 
 // engine counts the tokens of a text.
 type engine interface {
@@ -108,6 +122,7 @@ type Tokenizer struct {
 	cache  *cache // nil when off
 	// estimated counts requests whose count was partly estimated.
 	estimatedSize, estimatedTime atomic.Uint64
+	seed                         maphash.Seed // of prefix hashes
 }
 
 // fastEncodings builds each fast encoding once per process, on first use:
@@ -125,7 +140,7 @@ func New(opts Options) (*Tokenizer, error) {
 	if !slices.Contains(Encodings, opts.Encoding) {
 		return nil, fmt.Errorf("tokenizer: unknown encoding %q (want one of %v)", opts.Encoding, Encodings)
 	}
-	t := &Tokenizer{opts: opts}
+	t := &Tokenizer{opts: opts, seed: maphash.MakeSeed()}
 	switch opts.Engine {
 	case "fast":
 		e, err := fastEncodings[opts.Encoding]()
@@ -228,6 +243,7 @@ type budget struct {
 	// tokens and bytes counted exactly so far, for the ratio.
 	tokens, bytes int
 	estimated     string // "", EstimatedSize or EstimatedTime
+	prefix        prefixHasher
 }
 
 func (t *Tokenizer) newBudget() *budget {
@@ -235,10 +251,48 @@ func (t *Tokenizer) newBudget() *budget {
 		exactLeft: t.opts.ExactBytes, sampleLeft: t.opts.SampleBytes}
 }
 
+// prefixHasher hashes the leading blocks of a request's texts, in the order
+// the model reads them: each block's hash covers every block before it, so
+// two prompts share a block's hash exactly when they start with the same
+// text up to its end. A last block that is not full is left out, as a
+// backend's prefix cache leaves out its last partial block.
+type prefixHasher struct {
+	hashes []uint64
+	buf    []byte
+}
+
+func (b *budget) hashPrefix(s string) {
+	t := b.t
+	ph := &b.prefix
+	for len(s) > 0 && len(ph.hashes) < t.opts.PrefixBlocks {
+		if ph.buf == nil {
+			ph.buf = make([]byte, 0, t.opts.PrefixBlockBytes)
+		}
+		n := min(len(s), t.opts.PrefixBlockBytes-len(ph.buf))
+		ph.buf = append(ph.buf, s[:n]...)
+		s = s[n:]
+		if len(ph.buf) == t.opts.PrefixBlockBytes {
+			var h maphash.Hash
+			h.SetSeed(t.seed)
+			if k := len(ph.hashes); k > 0 {
+				var prev [8]byte
+				binary.LittleEndian.PutUint64(prev[:], ph.hashes[k-1])
+				h.Write(prev[:])
+			}
+			h.Write(ph.buf)
+			ph.hashes = append(ph.hashes, h.Sum64())
+			ph.buf = ph.buf[:0]
+		}
+	}
+}
+
 // text returns the tokens of s, exactly while the budget lasts.
 func (b *budget) text(s string) int {
 	if s == "" {
 		return 0
+	}
+	if len(b.prefix.hashes) < b.t.opts.PrefixBlocks {
+		b.hashPrefix(s)
 	}
 	k, n, ok := b.t.cached(s)
 	if ok {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -271,7 +272,7 @@ func TestCountRequest(t *testing.T) {
 			if err != nil {
 				t.Fatalf("CountRequest: %v", err)
 			}
-			if got != c.want {
+			if !reflect.DeepEqual(got, c.want) {
 				t.Fatalf("CountRequest = %+v, want %+v", got, c.want)
 			}
 		})

@@ -28,6 +28,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/tokenlb/tokenlb/admin"
+	"github.com/tokenlb/tokenlb/backend"
 	"github.com/tokenlb/tokenlb/config"
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
@@ -80,12 +81,24 @@ func listenAndServe(ctx context.Context, cfg config.Config, log *slog.Logger) er
 // down: not ready, wait ShutdownDelay, stop accepting streams, drain the
 // in-flight ones for up to DrainTimeout.
 func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, adminLis net.Listener) error {
-	tok, err := tokenizer.New(cfg.Tokenizer.Options(cfg.Encoding))
+	tok, err := tokenizer.New(cfg.Tokenizer.Options(cfg.Encoding, cfg.PrefixAffinity))
 	if err != nil {
 		return err
 	}
 	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost, Tolerance: picker.DefaultTolerance,
-		StallWeight: cfg.Cost.StallWeight})
+		StallWeight: cfg.Cost.StallWeight, Affinity: cfg.Affinity()})
+	if err != nil {
+		return err
+	}
+	for _, h := range cfg.Hosts {
+		if len(h.Models) > 0 {
+			p.SetModels(h.Address, h.Models)
+		}
+	}
+	wopts := cfg.Watch()
+	wopts.Logger = log
+	watchMetrics := backend.NewMetrics()
+	watcher, err := backend.New(p, cfg.HostAddresses(), wopts, watchMetrics)
 	if err != nil {
 		return err
 	}
@@ -93,6 +106,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(p.Collector(), tok.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(metrics.Collectors()...)
+	reg.MustRegister(watchMetrics.Collectors()...)
 
 	model := cost.New(cfg.Cost.Options())
 	srv := processor.New(p, tok, processor.Config{
@@ -105,6 +119,8 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 		LeaseHeader:        cfg.Response.LeaseHeader,
 		ObserverGrace:      cfg.Response.ObserverGrace,
 		EstimateFirstToken: cfg.Response.EstimateFirstToken,
+		ModelRouting:       cfg.Models.Routing,
+		ResponseStatus:     watcher.Observe,
 		Logger:             log,
 		Metrics:            metrics,
 	})
@@ -121,6 +137,10 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	stopSweeper := make(chan struct{})
 	defer close(stopSweeper)
 	go p.RunSweeper(stopSweeper, cfg.SweepInterval, cfg.LeaseTTL)
+	watchCtx, stopWatching := context.WithCancel(context.Background())
+	watched := make(chan struct{})
+	go func() { watcher.Run(watchCtx); close(watched) }()
+	defer func() { stopWatching(); <-watched }()
 
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(grpcLis) }()

@@ -1,0 +1,407 @@
+// Package backend watches tokenlb's backend hosts from outside the request
+// path and tells the picker what it learns: whether each host is healthy
+// (active checks, and passive ejection on failed responses), which models
+// it serves (GET /v1/models), and how many requests its engine holds from
+// every router in front of it (vLLM's or SGLang's Prometheus metrics).
+//
+// Each source can be switched off on its own; with all off, a Watcher only
+// passes responses' statuses through to nobody.
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/tokenlb/tokenlb/picker"
+)
+
+// Target receives what a Watcher learns; *picker.Picker is one.
+type Target interface {
+	SetHealth(addr string, h picker.Health) error
+	SetModels(addr string, models []string) error
+	SetRemote(addr string, r picker.Remote) error
+}
+
+// Options configure a Watcher. Zero intervals and thresholds switch a
+// source off.
+type Options struct {
+	Health  HealthCheck
+	Outlier Outlier
+	Models  Discovery
+	Metrics Scrape
+	// Client makes every request; nil means a plain client. Each request
+	// is bounded by its source's Timeout.
+	Client *http.Client
+	Logger *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// After schedules f after d (readmission after an ejection); nil means
+	// time.AfterFunc.
+	After func(d time.Duration, f func()) func() bool
+}
+
+// HealthCheck configures active health checks: a GET of Path on each host
+// every Interval, failed by a transport error, a timeout or a status other
+// than 2xx.
+type HealthCheck struct {
+	Path     string
+	Interval time.Duration // 0: off
+	Timeout  time.Duration
+	// UnhealthyThreshold failures in a row eject a host;
+	// HealthyThreshold successes in a row readmit it.
+	UnhealthyThreshold int
+	HealthyThreshold   int
+}
+
+// Outlier configures passive ejection: ConsecutiveFailures responses in a
+// row with a 5xx status (Envoy answers 503 when it cannot connect) eject a
+// host for BaseEjection, doubled for each ejection that follows within
+// MaxEjection of the last one ended, up to MaxEjection.
+type Outlier struct {
+	ConsecutiveFailures int // 0: off
+	BaseEjection        time.Duration
+	MaxEjection         time.Duration
+}
+
+// Discovery configures model discovery: a GET of Path (an OpenAI model
+// list) on each host every Interval. A host whose list was never read serves
+// any model; one whose list was read keeps it until the next read succeeds.
+type Discovery struct {
+	Path     string
+	Interval time.Duration // 0: off
+	Timeout  time.Duration
+	// Skip lists hosts not to ask: their models are configured.
+	Skip []string
+}
+
+// Scrape configures reading each host's engine metrics: a GET of Path in
+// Prometheus text format every Interval. A failed read forgets the last one.
+type Scrape struct {
+	Path     string
+	Interval time.Duration // 0: off
+	Timeout  time.Duration
+}
+
+// Defaults for zero fields of enabled sources.
+var (
+	DefaultHealth  = HealthCheck{Path: "/health", Interval: 5 * time.Second, Timeout: time.Second, UnhealthyThreshold: 2, HealthyThreshold: 2}
+	DefaultOutlier = Outlier{ConsecutiveFailures: 3, BaseEjection: 5 * time.Second, MaxEjection: 2 * time.Minute}
+	DefaultModels  = Discovery{Path: "/v1/models", Interval: 30 * time.Second, Timeout: 2 * time.Second}
+	DefaultMetrics = Scrape{Path: "/metrics", Interval: time.Second, Timeout: 500 * time.Millisecond}
+)
+
+// Watcher watches a fixed set of hosts. Run starts the active sources;
+// Observe feeds the passive one.
+type Watcher struct {
+	target Target
+	opts   Options
+	log    *slog.Logger
+	m      *Metrics
+
+	mu    sync.Mutex
+	hosts map[string]*state
+	order []string
+}
+
+// state is one host's health, guarded by Watcher.mu.
+type state struct {
+	addr string
+	// Active checks.
+	activeDown   bool
+	activeFails  int
+	activeOKs    int
+	activeReason string
+	activeSince  time.Time
+	// Passive ejection.
+	failures     int // 5xx responses in a row
+	lastStatus   int
+	ejections    int // ejections in a row, for the backoff
+	ejectedUntil time.Time
+	ejectedAt    time.Time
+	lastEnd      time.Time // when the last ejection ended
+	cancel       func() bool
+	// What the picker was last told.
+	told picker.Health
+}
+
+// New returns a Watcher of hosts (as picker.ParseAddr accepts them) that
+// reports to target. It fills zero fields of enabled sources with the
+// defaults.
+func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, error) {
+	if opts.Health.Interval > 0 {
+		opts.Health = withDefaults(opts.Health, DefaultHealth)
+	}
+	if opts.Outlier.ConsecutiveFailures > 0 {
+		if opts.Outlier.BaseEjection <= 0 {
+			opts.Outlier.BaseEjection = DefaultOutlier.BaseEjection
+		}
+		if opts.Outlier.MaxEjection < opts.Outlier.BaseEjection {
+			opts.Outlier.MaxEjection = max(opts.Outlier.BaseEjection, DefaultOutlier.MaxEjection)
+		}
+	}
+	if opts.Models.Interval > 0 {
+		opts.Models.Path = cmpOr(opts.Models.Path, DefaultModels.Path)
+		opts.Models.Timeout = cmpOr(opts.Models.Timeout, DefaultModels.Timeout)
+	}
+	if opts.Metrics.Interval > 0 {
+		opts.Metrics.Path = cmpOr(opts.Metrics.Path, DefaultMetrics.Path)
+		opts.Metrics.Timeout = cmpOr(opts.Metrics.Timeout, DefaultMetrics.Timeout)
+	}
+	if opts.Client == nil {
+		opts.Client = &http.Client{}
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.After == nil {
+		opts.After = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if m == nil {
+		m = NewMetrics()
+	}
+	w := &Watcher{target: target, opts: opts, log: log, m: m, hosts: map[string]*state{}}
+	for _, h := range hosts {
+		addr, err := picker.ParseAddr(h)
+		if err != nil {
+			return nil, fmt.Errorf("backend: %w", err)
+		}
+		w.hosts[addr] = &state{addr: addr}
+		m.healthy.WithLabelValues(addr).Set(1)
+		w.order = append(w.order, addr)
+	}
+	return w, nil
+}
+
+func withDefaults(h, d HealthCheck) HealthCheck {
+	h.Path = cmpOr(h.Path, d.Path)
+	h.Timeout = cmpOr(h.Timeout, d.Timeout)
+	h.UnhealthyThreshold = cmpOr(h.UnhealthyThreshold, d.UnhealthyThreshold)
+	h.HealthyThreshold = cmpOr(h.HealthyThreshold, d.HealthyThreshold)
+	return h
+}
+
+func cmpOr[T comparable](v, d T) T {
+	var zero T
+	if v == zero {
+		return d
+	}
+	return v
+}
+
+// Run runs the active sources until ctx is done. It reads every host's
+// models and metrics once before it returns from the first round, so call
+// it in its own goroutine and use Ready to wait for that round.
+func (w *Watcher) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, addr := range w.order {
+		if w.opts.Health.Interval > 0 {
+			wg.Go(func() { w.every(ctx, w.opts.Health.Interval, func() { w.check(ctx, addr) }) })
+		}
+		if w.opts.Models.Interval > 0 && !w.skipModels(addr) {
+			wg.Go(func() { w.every(ctx, w.opts.Models.Interval, func() { w.discover(ctx, addr) }) })
+		}
+		if w.opts.Metrics.Interval > 0 {
+			wg.Go(func() { w.every(ctx, w.opts.Metrics.Interval, func() { w.scrape(ctx, addr) }) })
+		}
+	}
+	wg.Wait()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, s := range w.hosts {
+		if s.cancel != nil {
+			s.cancel()
+		}
+	}
+}
+
+func (w *Watcher) skipModels(addr string) bool {
+	for _, h := range w.opts.Models.Skip {
+		if a, err := picker.ParseAddr(h); err == nil && a == addr {
+			return true
+		}
+	}
+	return false
+}
+
+// every calls f now and then every interval until ctx is done.
+func (w *Watcher) every(ctx context.Context, interval time.Duration, f func()) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		f()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// get fetches path on addr within timeout and returns the response, whose
+// body the caller closes.
+func (w *Watcher) get(ctx context.Context, addr, path string, timeout time.Duration) (*http.Response, context.CancelFunc, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+addr+path, nil)
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	resp, err := w.opts.Client.Do(req)
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	return resp, cancel, nil
+}
+
+// check runs one active health check of addr.
+func (w *Watcher) check(ctx context.Context, addr string) {
+	h := w.opts.Health
+	resp, cancel, err := w.get(ctx, addr, h.Path, h.Timeout)
+	if ctx.Err() != nil {
+		if err == nil {
+			resp.Body.Close()
+			cancel()
+		}
+		return // shutting down: not the host's fault
+	}
+	var reason string
+	if err != nil {
+		reason = fmt.Sprintf("GET %s: %v", h.Path, unwrapURL(err))
+	} else {
+		resp.Body.Close()
+		cancel()
+		if resp.StatusCode/100 != 2 {
+			reason = fmt.Sprintf("GET %s: status %d", h.Path, resp.StatusCode)
+		}
+	}
+	w.m.checks.WithLabelValues(addr, map[bool]string{true: "ok", false: "failed"}[reason == ""]).Inc()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s := w.hosts[addr]
+	if reason == "" {
+		s.activeFails = 0
+		s.activeOKs++
+		if s.activeDown && s.activeOKs >= h.HealthyThreshold {
+			s.activeDown = false
+			w.log.Info("host passes its health checks again", "host", addr, "checks", s.activeOKs)
+		}
+	} else {
+		s.activeOKs = 0
+		s.activeFails++
+		s.activeReason = fmt.Sprintf("health check: %s (%d in a row)", reason, s.activeFails)
+		if !s.activeDown && s.activeFails >= h.UnhealthyThreshold {
+			s.activeDown = true
+			s.activeSince = w.opts.Now()
+			w.m.ejections.WithLabelValues(addr, "health_check").Inc()
+			w.log.Warn("host ejected: health checks fail", "host", addr, "reason", reason, "failures", s.activeFails)
+		}
+	}
+	w.tellLocked(s)
+}
+
+// Observe notes the status of a response from addr (0 when none came), for
+// passive ejection: a 5xx counts as a failure, anything else resets the
+// count.
+func (w *Watcher) Observe(addr string, status int) {
+	o := w.opts.Outlier
+	if o.ConsecutiveFailures <= 0 || status == 0 {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s := w.hosts[addr]
+	if s == nil {
+		return
+	}
+	now := w.opts.Now()
+	if now.Before(s.ejectedUntil) {
+		return // answers to requests sent before the ejection
+	}
+	if status < 500 {
+		s.failures = 0
+		return
+	}
+	s.failures++
+	s.lastStatus = status
+	if s.failures < o.ConsecutiveFailures {
+		return
+	}
+	// Eject, for longer each time it happens again soon after the last
+	// ejection ended.
+	if !s.lastEnd.IsZero() && now.Sub(s.lastEnd) > o.MaxEjection {
+		s.ejections = 0
+	}
+	s.ejections++
+	d := o.BaseEjection << min(s.ejections-1, 20)
+	d = min(d, o.MaxEjection)
+	s.failures = 0
+	s.ejectedAt, s.ejectedUntil = now, now.Add(d)
+	w.m.ejections.WithLabelValues(addr, "responses").Inc()
+	w.log.Warn("host ejected: responses fail", "host", addr, "status", status, "in_a_row", o.ConsecutiveFailures,
+		"for", d, "ejections_in_a_row", s.ejections)
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.cancel = w.opts.After(d, func() { w.readmit(addr) })
+	w.tellLocked(s)
+}
+
+// readmit ends a passive ejection that has run its time.
+func (w *Watcher) readmit(addr string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s := w.hosts[addr]
+	now := w.opts.Now()
+	if now.Before(s.ejectedUntil) {
+		return // ejected again since
+	}
+	s.lastEnd = now
+	s.cancel = nil
+	w.log.Info("host readmitted after its ejection", "host", addr)
+	w.tellLocked(s)
+}
+
+// tellLocked tells the picker the host's health when it changed.
+func (w *Watcher) tellLocked(s *state) {
+	now := w.opts.Now()
+	var h picker.Health
+	switch {
+	case s.activeDown:
+		h = picker.Health{Down: true, Reason: s.activeReason, Since: s.activeSince}
+	case now.Before(s.ejectedUntil):
+		h = picker.Health{Down: true, Since: s.ejectedAt, Until: s.ejectedUntil,
+			Reason: fmt.Sprintf("ejected: %d responses in a row with a 5xx status (the last %d); ejection %d in a row",
+				w.opts.Outlier.ConsecutiveFailures, s.lastStatus, s.ejections)}
+	case s.told.Down:
+		h = picker.Health{Reason: "recovered from: " + s.told.Reason}
+	default:
+		return // up, and was
+	}
+	if h == s.told {
+		return
+	}
+	s.told = h
+	w.m.healthy.WithLabelValues(s.addr).Set(map[bool]float64{true: 0, false: 1}[h.Down])
+	w.target.SetHealth(s.addr, h)
+}
+
+// unwrapURL drops the `Get "http://...": ` that net/http puts before a
+// transport error: the host and path are said already.
+func unwrapURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}

@@ -1,0 +1,185 @@
+package backend
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/tokenlb/tokenlb/picker"
+)
+
+// maxListBytes bounds a model list or a metrics page read from a host.
+const maxListBytes = 4 << 20
+
+// discover reads the models addr serves.
+func (w *Watcher) discover(ctx context.Context, addr string) {
+	models, err := w.readModels(ctx, addr)
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		w.m.reads.WithLabelValues(addr, "models", "failed").Inc()
+		w.log.Debug("model list not read", "host", addr, "err", err)
+		return // keep what was known
+	}
+	w.m.reads.WithLabelValues(addr, "models", "ok").Inc()
+	w.target.SetModels(addr, models)
+}
+
+func (w *Watcher) readModels(ctx context.Context, addr string) ([]string, error) {
+	d := w.opts.Models
+	resp, cancel, err := w.get(ctx, addr, d.Path, d.Timeout)
+	if err != nil {
+		return nil, unwrapURL(err)
+	}
+	defer cancel()
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return nil, fmt.Errorf("GET %s: status %d", d.Path, resp.StatusCode)
+	}
+	var list struct {
+		Data []struct {
+			ID string `json:"id"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxListBytes)).Decode(&list); err != nil {
+		return nil, fmt.Errorf("GET %s: %w", d.Path, err)
+	}
+	if list.Data == nil {
+		return nil, fmt.Errorf("GET %s: no \"data\" list", d.Path)
+	}
+	models := make([]string, 0, len(list.Data))
+	for _, m := range list.Data {
+		if m.ID != "" {
+			models = append(models, m.ID)
+		}
+	}
+	return models, nil
+}
+
+// Engine metrics read, by engine. Counts are summed over label sets (one
+// per model served), usage is the highest of them.
+var (
+	runningNames = []string{"vllm:num_requests_running", "sglang:num_running_reqs"}
+	waitingNames = []string{"vllm:num_requests_waiting", "sglang:num_queue_reqs"}
+	usageNames   = []string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}
+)
+
+// scrape reads addr's engine metrics.
+func (w *Watcher) scrape(ctx context.Context, addr string) {
+	r, err := w.readMetrics(ctx, addr)
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		w.m.reads.WithLabelValues(addr, "metrics", "failed").Inc()
+		w.log.Debug("engine metrics not read", "host", addr, "err", err)
+		w.target.SetRemote(addr, picker.Remote{})
+		return
+	}
+	w.m.reads.WithLabelValues(addr, "metrics", "ok").Inc()
+	w.target.SetRemote(addr, r)
+}
+
+func (w *Watcher) readMetrics(ctx context.Context, addr string) (picker.Remote, error) {
+	sc := w.opts.Metrics
+	at := w.opts.Now()
+	resp, cancel, err := w.get(ctx, addr, sc.Path, sc.Timeout)
+	if err != nil {
+		return picker.Remote{}, unwrapURL(err)
+	}
+	defer cancel()
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return picker.Remote{}, fmt.Errorf("GET %s: status %d", sc.Path, resp.StatusCode)
+	}
+	r, found, err := parseMetrics(io.LimitReader(resp.Body, maxListBytes))
+	if err != nil {
+		return picker.Remote{}, fmt.Errorf("GET %s: %w", sc.Path, err)
+	}
+	if !found {
+		return picker.Remote{}, fmt.Errorf("GET %s: no vLLM or SGLang queue metrics", sc.Path)
+	}
+	r.At = at
+	return r, nil
+}
+
+// parseMetrics reads the engine's queue from a Prometheus text page; found
+// reports whether it had a running or waiting count.
+func parseMetrics(r io.Reader) (rem picker.Remote, found bool, err error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		name, rest, ok := metricName(line)
+		if !ok {
+			continue
+		}
+		var into func(float64)
+		switch {
+		case contains(runningNames, name):
+			into = func(v float64) { rem.Running += int(v + 0.5); found = true }
+		case contains(waitingNames, name):
+			into = func(v float64) { rem.Waiting += int(v + 0.5); found = true }
+		case contains(usageNames, name):
+			into = func(v float64) { rem.KVCacheUsage = max(rem.KVCacheUsage, min(1, v)) }
+		default:
+			continue
+		}
+		fields := strings.Fields(rest)
+		if len(fields) == 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(fields[0], 64)
+		if err != nil || v != v || v < 0 || v > 1e9 {
+			continue
+		}
+		into(v)
+	}
+	return rem, found, sc.Err()
+}
+
+// metricName splits a sample line into its metric name and what follows
+// the labels.
+func metricName(line string) (name, rest string, ok bool) {
+	i := strings.IndexAny(line, "{ ")
+	if i <= 0 {
+		return "", "", false
+	}
+	name, rest = line[:i], line[i:]
+	if rest[0] == '{' {
+		// Label values may hold '}' inside quotes.
+		inQuote, esc := false, false
+		for j := 1; j < len(rest); j++ {
+			c := rest[j]
+			switch {
+			case esc:
+				esc = false
+			case c == '\\':
+				esc = true
+			case c == '"':
+				inQuote = !inQuote
+			case c == '}' && !inQuote:
+				return name, rest[j+1:], true
+			}
+		}
+		return "", "", false
+	}
+	return name, rest, true
+}
+
+func contains(names []string, name string) bool {
+	for _, n := range names {
+		if n == name {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,234 @@
+package picker
+
+import (
+	"testing"
+	"time"
+)
+
+var three = []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}
+
+func TestUnhealthyHostsAreSkipped(t *testing.T) {
+	p := mustNew(t, three, Options{Seed: 1})
+	p.SetHealth(three[0], Health{Down: true, Reason: "test"})
+	for range 30 {
+		l, err := p.Pick(Request{Cost: Tokens(10)})
+		if err != nil || l.Host() == three[0] {
+			t.Fatalf("picked %v, %v", l.Host(), err)
+		}
+		for _, f := range l.Fallbacks(5) {
+			if f == three[0] {
+				t.Fatalf("fallbacks %v list the unhealthy host", l.Fallbacks(5))
+			}
+		}
+		l.Release(ResponseEnd)
+	}
+	if h := p.Hosts()[0]; !h.Health.Down || h.Health.Reason != "test" {
+		t.Fatalf("Hosts shows %+v", h.Health)
+	}
+	// Every host down: pick among them anyway, and count it.
+	p.SetHealth(three[1], Health{Down: true})
+	p.SetHealth(three[2], Health{Down: true})
+	l, err := p.Pick(Request{Cost: Tokens(10)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Release(ResponseEnd)
+	if s := p.Stats(); s.PanicPicks != 1 {
+		t.Fatalf("panic picks %d, want 1", s.PanicPicks)
+	}
+	if err := p.SetHealth("10.9.9.9:80", Health{}); err == nil {
+		t.Fatal("SetHealth of an unknown host succeeded")
+	}
+}
+
+// TestFastFailingHost: a host whose requests fail at once is always idle in
+// the ledger, so it draws every request; ejecting it is what stops that.
+func TestFastFailingHost(t *testing.T) {
+	for _, eject := range []bool{false, true} {
+		p := mustNew(t, three, Options{Seed: 1})
+		var held []*Lease
+		failing := 0
+		for i := range 60 {
+			if eject && i == 3 {
+				p.SetHealth(three[0], Health{Down: true}) // what backend.Watcher does after 3 failures
+			}
+			l, _ := p.Pick(Request{Cost: Tokens(1000)})
+			if l.Host() == three[0] {
+				failing++
+				l.Release(ResponseHeaders) // a 500 at once
+				continue
+			}
+			held = append(held, l) // the healthy hosts take their time
+		}
+		for _, l := range held {
+			l.Release(ResponseEnd)
+		}
+		if !eject && failing < 50 {
+			t.Errorf("without ejection the failing host drew %d of 60 requests; the test expects it to draw most", failing)
+		}
+		if eject && failing > 3 {
+			t.Errorf("with ejection the failing host drew %d of 60 requests, want at most the 3 before it", failing)
+		}
+	}
+}
+
+func TestModels(t *testing.T) {
+	p := mustNew(t, three, Options{Seed: 1})
+	p.SetModels(three[0], []string{"llama"})
+	p.SetModels(three[1], []string{"llama", "qwen"})
+	p.SetModels(three[2], []string{"qwen"})
+	for _, tc := range []struct {
+		model string
+		want  map[string]bool
+	}{
+		{"llama", map[string]bool{three[0]: true, three[1]: true}},
+		{"qwen", map[string]bool{three[1]: true, three[2]: true}},
+		{"", map[string]bool{three[0]: true, three[1]: true, three[2]: true}},
+	} {
+		seen := map[string]bool{}
+		for range 40 {
+			l, err := p.Pick(Request{Cost: Tokens(100), Model: tc.model})
+			if err != nil || !tc.want[l.Host()] {
+				t.Fatalf("model %q: %v, %v", tc.model, l, err)
+			}
+			for _, f := range l.Fallbacks(3) {
+				if !tc.want[f] {
+					t.Fatalf("model %q: fallback %s does not serve it", tc.model, f)
+				}
+			}
+			seen[l.Host()] = true
+			l.Release(ResponseEnd)
+		}
+		if len(seen) != len(tc.want) {
+			t.Errorf("model %q went to %v, want %v", tc.model, seen, tc.want)
+		}
+	}
+	if _, err := p.Pick(Request{Cost: Tokens(1), Model: "gpt"}); err != ErrUnknownModel {
+		t.Fatalf("unknown model: %v", err)
+	}
+	if p.Stats().UnknownModels != 1 {
+		t.Fatal("unknown model not counted")
+	}
+	// A host whose models are not known serves any model.
+	p.SetModels(three[2], nil)
+	if l, err := p.Pick(Request{Cost: Tokens(1), Model: "gpt"}); err != nil || l.Host() != three[2] {
+		t.Fatalf("model on the host of unknown models: %v, %v", l, err)
+	}
+}
+
+// TestRemoteLoad: requests a backend reports beyond the picker's own count
+// as load, priced at the average recent charge; requests the picker sent are
+// not counted twice; a zero report forgets it.
+func TestRemoteLoad(t *testing.T) {
+	p := mustNew(t, three, Options{Seed: 1})
+	mine, _ := p.Pick(Request{Cost: Tokens(100)}) // sets the average charge to 100
+	now := time.Now()
+	p.SetRemote(mine.Host(), Remote{Running: 1, At: now}) // only mine
+	if got := p.Hosts()[hostIndex(mine.Host())].ExternalLoad; got != 0 {
+		t.Fatalf("own request counted as external load %d", got)
+	}
+	other := three[(hostIndex(mine.Host())+1)%3]
+	p.SetRemote(other, Remote{Running: 2, Waiting: 1, KVCacheUsage: 1, At: now})
+	if got := p.Hosts()[hostIndex(other)].ExternalLoad; got != 400 {
+		t.Fatalf("external load %d, want 3 requests and one more for the full cache, at 100 each = 400", got)
+	}
+	// The busy-elsewhere host is avoided.
+	for range 10 {
+		l, _ := p.Pick(Request{Cost: Tokens(100)})
+		if l.Host() == other {
+			t.Fatal("picked the host other replicas loaded")
+		}
+		l.Release(ResponseEnd)
+	}
+	p.SetRemote(other, Remote{})
+	if got := p.Hosts()[hostIndex(other)].ExternalLoad; got != 0 {
+		t.Fatalf("a zero report left %d", got)
+	}
+	mine.Release(ResponseEnd)
+}
+
+func hostIndex(addr string) int {
+	for i, h := range three {
+		if h == addr {
+			return i
+		}
+	}
+	return -1
+}
+
+func TestPrefixAffinity(t *testing.T) {
+	now := time.Unix(1000, 0)
+	clock := func() time.Time { return now }
+	p := mustNew(t, three, Options{Seed: 1, Now: clock, Affinity: Affinity{MaxExtraLoad: 500, TTL: time.Minute}})
+	doc := []uint64{11, 12, 13}
+	first, _ := p.Pick(Request{Cost: Tokens(100), Prefix: doc})
+	first.Release(ResponseEnd)
+	home := first.Host()
+	// The same prefix, and a longer one sharing it, go home.
+	for _, pre := range [][]uint64{doc, {11, 12, 13, 14}, {11, 12}} {
+		l, _ := p.Pick(Request{Cost: Tokens(100), Prefix: pre})
+		if l.Host() != home {
+			t.Fatalf("prefix %v went to %s, not %s which served it", pre, l.Host(), home)
+		}
+		l.Release(ResponseEnd)
+	}
+	// Home busy by up to MaxExtraLoad: still home.
+	busy, _ := p.Pick(Request{Cost: func(h string) Charge {
+		if h == home {
+			return Charge{UntilEnd: 400}
+		}
+		return Charge{UntilEnd: 1 << 30}
+	}})
+	l, _ := p.Pick(Request{Cost: Tokens(100), Prefix: doc})
+	if l.Host() != home {
+		t.Fatalf("with 400 extra load, went to %s", l.Host())
+	}
+	l.Release(ResponseEnd)
+	// Busier than that: the least loaded instead.
+	busier, _ := p.Pick(Request{Cost: func(h string) Charge {
+		if h == home {
+			return Charge{UntilEnd: 200}
+		}
+		return Charge{UntilEnd: 1 << 30}
+	}})
+	l, _ = p.Pick(Request{Cost: Tokens(100), Prefix: doc})
+	if l.Host() == home {
+		t.Fatal("affinity ignored the load bound")
+	}
+	l.Release(ResponseEnd)
+	busy.Release(ResponseEnd)
+	busier.Release(ResponseEnd)
+	s := p.Stats().Affinity
+	if s[AffinityHit] != 4 || s[AffinityOverloaded] != 1 || s[AffinityNone] != 1 {
+		t.Fatalf("affinity results %v", s)
+	}
+	// Past the TTL, the prefix is forgotten.
+	now = now.Add(2 * time.Minute)
+	l, _ = p.Pick(Request{Cost: Tokens(100), Prefix: []uint64{11}})
+	l.Release(ResponseEnd)
+	if p.Stats().Affinity[AffinityNone] != 2 {
+		t.Fatalf("a prefix older than the TTL still counted: %v", p.Stats().Affinity)
+	}
+}
+
+func TestPrefixTableBounded(t *testing.T) {
+	tab := newPrefixTable(Affinity{Entries: 100, TTL: time.Hour})
+	now := time.Unix(0, 0)
+	for i := range uint64(10000) {
+		tab.record([]uint64{i}, int(i%3), now)
+		if tab.len() > 100 {
+			t.Fatalf("%d entries after %d records, bound 100", tab.len(), i+1)
+		}
+	}
+	// The most recent are still there, the oldest gone.
+	if tab.lookup([]uint64{9999}, now) != 1<<(9999%3) || tab.lookup([]uint64{0}, now) != 0 {
+		t.Fatal("the table did not keep the most recent prefixes")
+	}
+	// An entry remembers the last prefixHosts hosts.
+	for h := range 6 {
+		tab.record([]uint64{42}, h, now.Add(time.Duration(h)))
+	}
+	if got := tab.lookup([]uint64{42}, now); got != 0b111100 {
+		t.Fatalf("hosts of a prefix served by 6: %b, want the last 4", got)
+	}
+}

@@ -1,0 +1,103 @@
+package picker
+
+import "time"
+
+// prefixTable remembers which hosts recently served each prompt prefix, by
+// the hashes of the prefix's leading blocks. It is bounded by two
+// generations: when the current one is half of Entries, it becomes the old
+// one and the one before is dropped, so what was used least recently goes
+// first. The picker's lock guards it.
+type prefixTable struct {
+	ttl      time.Duration
+	half     int
+	cur, old map[uint64]*prefixEntry
+}
+
+// prefixHosts is how many hosts an entry remembers: the most recent.
+const prefixHosts = 4
+
+type prefixEntry struct {
+	host [prefixHosts]int8  // host index + 1; 0 is empty
+	at   [prefixHosts]int64 // when it last served the prefix, Unix ns
+}
+
+func newPrefixTable(a Affinity) *prefixTable {
+	if a.TTL <= 0 {
+		a.TTL = 5 * time.Minute
+	}
+	if a.Entries <= 0 {
+		a.Entries = 1 << 16
+	}
+	return &prefixTable{ttl: a.TTL, half: max(1, a.Entries/2), cur: map[uint64]*prefixEntry{}, old: map[uint64]*prefixEntry{}}
+}
+
+func (t *prefixTable) get(k uint64) *prefixEntry {
+	if e, ok := t.cur[k]; ok {
+		return e
+	}
+	return t.old[k]
+}
+
+// lookup returns the hosts (a bit each, by index) that served the longest
+// of the prefixes within the TTL, or 0.
+func (t *prefixTable) lookup(prefix []uint64, now time.Time) uint64 {
+	since := now.Add(-t.ttl).UnixNano()
+	for i := len(prefix) - 1; i >= 0; i-- {
+		e := t.get(prefix[i])
+		if e == nil {
+			continue
+		}
+		var hosts uint64
+		for j, h := range e.host {
+			if h != 0 && e.at[j] >= since {
+				hosts |= 1 << (h - 1)
+			}
+		}
+		if hosts != 0 {
+			return hosts
+		}
+	}
+	return 0
+}
+
+// record notes that host served every prefix.
+func (t *prefixTable) record(prefix []uint64, host int, now time.Time) {
+	at := now.UnixNano()
+	for _, k := range prefix {
+		e, ok := t.cur[k]
+		if !ok {
+			if len(t.cur) >= t.half {
+				t.old, t.cur = t.cur, make(map[uint64]*prefixEntry, t.half)
+			}
+			e = t.old[k]
+			if e == nil {
+				e = &prefixEntry{}
+			}
+			t.cur[k] = e
+		}
+		// Replace this host's slot, else an empty one, else the oldest.
+		slot := -1
+		for j := range e.host {
+			if int(e.host[j]) == host+1 {
+				slot = j
+				break
+			}
+		}
+		if slot < 0 {
+			slot = 0
+			for j := range e.host {
+				if e.host[j] == 0 {
+					slot = j
+					break
+				}
+				if e.at[j] < e.at[slot] {
+					slot = j
+				}
+			}
+		}
+		e.host[slot], e.at[slot] = int8(host+1), at
+	}
+}
+
+// len returns how many prefixes the table holds.
+func (t *prefixTable) len() int { return len(t.cur) + len(t.old) }
