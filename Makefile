@@ -42,15 +42,25 @@ bench-quick: build tools
 # 400 requests a run, open loop at 80% utilization: seed, heavy and seed-slow
 # (backend-1 at half speed) against every tokenlb variant (the cost model's
 # pieces switched on in turn, the stall term, and the three ways of seeing
-# responses); chat
-# and prefix against the shipped tokenlb; the original experiment's closed
-# loops (seed at concurrency 30, heavy at 5, 60 requests); then the overhead
-# run. About 40 minutes.
+# responses); chat against the shipped tokenlb, prefix with and without
+# prefix affinity; two Envoy + tokenlb replicas sharing the backends, with and
+# without the backends' metrics, against single-replica tokenlb; backend-1
+# killed halfway, with and without health checks; the original experiment's
+# closed loops (seed at concurrency 30, heavy at 5, 60 requests); then the
+# overhead run. About an hour.
 BENCH_ARMS = envoy-round-robin,envoy-least-request,tokenlb-prompt-only,tokenlb-two-phase,tokenlb-estimate-output,tokenlb,tokenlb-stall,tokenlb-streamed,tokenlb-estimate
 bench: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" --arms $(BENCH_ARMS) \
 		--profiles seed,heavy,seed-slow --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
-	./bin/tokenlb-bench --envoy "$$envoy" --profiles chat,prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --profiles chat --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-round-robin,envoy-least-request,tokenlb,tokenlb-no-affinity \
+		--profiles prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-feedback --replicas 2 \
+		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/replicas && \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms tokenlb \
+		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/replicas/one && \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-no-health --kill-at 0.5 \
+		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/kill && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles seed --seeds 1,2,3 --requests 60 --concurrency 30 \
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \

@@ -62,7 +62,9 @@ type HealthCheck struct {
 // Outlier configures passive ejection: ConsecutiveFailures responses in a
 // row with a 5xx status (Envoy answers 503 when it cannot connect) eject a
 // host for BaseEjection, doubled for each ejection that follows within
-// MaxEjection of the last one ended, up to MaxEjection.
+// MaxEjection of the last one ended, up to MaxEjection. When the ejection
+// ends while the host's last active health check failed, the host stays
+// out until the checks pass.
 type Outlier struct {
 	ConsecutiveFailures int // 0: off
 	BaseEjection        time.Duration
@@ -368,7 +370,18 @@ func (w *Watcher) readmit(addr string) {
 	}
 	s.lastEnd = now
 	s.cancel = nil
-	w.log.Info("host readmitted after its ejection", "host", addr)
+	if s.activeFails > 0 && !s.activeDown {
+		// The last health check failed too: the checks decide when the
+		// host is back, rather than a timer letting requests fail on it
+		// again.
+		s.activeDown = true
+		s.activeSince = s.ejectedAt
+		s.activeReason = fmt.Sprintf("ejected after %d responses in a row with a 5xx status, and the last health check failed",
+			w.opts.Outlier.ConsecutiveFailures)
+		w.log.Warn("host stays ejected: its health checks fail", "host", addr)
+	} else {
+		w.log.Info("host readmitted after its ejection", "host", addr)
+	}
 	w.tellLocked(s)
 }
 

@@ -299,3 +299,41 @@ func TestFailedReads(t *testing.T) {
 		t.Errorf("a bad metrics page left %+v", rem)
 	}
 }
+
+// TestEjectionHandsOverToChecks: a passive ejection that ends while the
+// host's last health check failed keeps the host out until a check passes.
+func TestEjectionHandsOverToChecks(t *testing.T) {
+	var status atomic.Int32
+	status.Store(503)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(int(status.Load())) }))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "http://")
+	c := &clock{now: time.Unix(1000, 0)}
+	r := newRecorder()
+	w, _ := New(r, []string{host}, Options{Health: HealthCheck{Interval: time.Hour, UnhealthyThreshold: 5, HealthyThreshold: 1},
+		Outlier: Outlier{ConsecutiveFailures: 3, BaseEjection: 5 * time.Second}, Now: c.Now, After: c.After}, nil)
+	w.check(context.Background(), host) // one failure: not enough to eject
+	if r.healthOf(host).Down {
+		t.Fatal("ejected by one failed check")
+	}
+	for range 3 {
+		w.Observe(host, 503)
+	}
+	c.advance(5 * time.Second)
+	if h := r.healthOf(host); !h.Down || !strings.Contains(h.Reason, "health check failed") {
+		t.Fatalf("after the ejection, with the last check failed: %+v", h)
+	}
+	status.Store(200)
+	w.check(context.Background(), host)
+	if h := r.healthOf(host); h.Down {
+		t.Fatalf("after a passing check: %+v", h)
+	}
+	// Without a failed check, the ejection simply ends.
+	for range 3 {
+		w.Observe(host, 503)
+	}
+	c.advance(10 * time.Second)
+	if h := r.healthOf(host); h.Down {
+		t.Fatalf("after an ejection with passing checks: %+v", h)
+	}
+}

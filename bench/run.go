@@ -52,6 +52,12 @@ var Variants = map[string]Variant{
 		About: "as shipped, but the routing filter sees the response body (STREAMED): a round trip per chunk"},
 	"tokenlb-estimate": {Response: "estimate", Flags: []string{"--observer=false", "--estimate-first-token"},
 		About: "as shipped, but no response body: prefill released at the estimated first token, the rest at the end of the stream"},
+	"tokenlb-no-affinity": {Flags: []string{"--prefix-max-extra-load=0"},
+		About: "as shipped, without prefix affinity"},
+	"tokenlb-feedback": {Flags: []string{"--backend-metrics-interval=1s"},
+		About: "as shipped, plus the backends' engine metrics read every second (replicas see each other's requests)"},
+	"tokenlb-no-health": {Flags: []string{"--health-check-interval=0", "--consecutive-5xx=0"},
+		About: "as shipped, without health checks or passive ejection"},
 }
 
 // Options configure one run of one arm.
@@ -70,6 +76,12 @@ type Options struct {
 	Concurrency int
 	Seed        uint64
 	Log         io.Writer
+	// Replicas runs that many Envoy (+ tokenlb) pairs in front of the same
+	// backends; the client sends request i to pair i mod Replicas. 0 is 1.
+	Replicas int
+	// KillAt, when in (0, 1), stops backend-1 (its server closed, its
+	// connections cut) when that share of the requests has been sent.
+	KillAt float64
 
 	// For the overhead run: a fixed open-loop rate (requests/s) instead of
 	// one derived from Utilization, and hooks given tokenlb's pid before
@@ -88,6 +100,12 @@ type Result struct {
 	HostShare map[string]float64 `json:"host_share"`
 	// Throughput is completed requests per second of the run's wall time.
 	Throughput float64 `json:"throughput_rps"`
+	// With KillAt: failed requests sent before the kill (some were in
+	// flight on the killed backend), failed requests sent after it, and
+	// the last of those, in ms after the kill.
+	KilledBefore    int     `json:"killed_errors_before,omitempty"`
+	KilledAfter     int     `json:"killed_errors_after,omitempty"`
+	LastErrorMillis float64 `json:"killed_last_error_ms,omitempty"`
 	ttfts      []float64
 	e2es       []float64
 }
@@ -154,6 +172,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	simCtx, stopSims := context.WithCancel(ctx)
 	defer stopSims()
 	var hosts []string
+	var servers []*http.Server
 	for i := range o.Backends {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -170,37 +189,49 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 		srv := &http.Server{Handler: s}
 		go srv.Serve(l)
 		defer srv.Close()
+		servers = append(servers, srv)
 		hosts = append(hosts, l.Addr().String())
 	}
-	eo := envoycfg.Options{Backends: hosts}
-	config := "envoy.yaml"
+	replicas := max(1, o.Replicas)
 	variant, isTokenlb := Variants[arm]
+	config := "envoy.yaml"
+	var policy string
 	switch {
 	case isTokenlb:
-		grpcPort, _ := proc.FreePort()
-		tlAdmin, _ := proc.FreePort()
-		eo.TokenlbPort = grpcPort
-		eo.Response = variant.Response
-		args := append([]string{"--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
-			"--admin", fmt.Sprintf("127.0.0.1:%d", tlAdmin), "--hosts", strings.Join(hosts, ","), "--log-level", "warn"},
-			append(slices.Clone(variant.Flags), o.TokenlbFlags...)...)
-		if err := g.Start("tokenlb", o.Tokenlb, args...); err != nil {
-			return res, err
-		}
-		if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/readyz", tlAdmin)); err != nil {
-			return res, err
-		}
 	case arm == "envoy-round-robin" || arm == "envoy-least-request":
 		config = "envoy-override-host.yaml"
-		eo.Policy = map[string]string{"envoy-round-robin": "ROUND_ROBIN", "envoy-least-request": "LEAST_REQUEST"}[arm]
+		policy = map[string]string{"envoy-round-robin": "ROUND_ROBIN", "envoy-least-request": "LEAST_REQUEST"}[arm]
 	default:
 		return res, fmt.Errorf("bench: unknown arm %q", arm)
 	}
-	eo, err = g.StartEnvoy(ctx, o.Envoy, filepath.Join(o.DeployDir, config), eo, "--concurrency", "1", "-l", "error")
-	if err != nil {
-		return res, err
+	var urls []string
+	for r := range replicas {
+		eo := envoycfg.Options{Backends: hosts, Policy: policy}
+		name := "tokenlb"
+		if r > 0 {
+			name = fmt.Sprintf("tokenlb-%d", r+1)
+		}
+		if isTokenlb {
+			grpcPort, _ := proc.FreePort()
+			tlAdmin, _ := proc.FreePort()
+			eo.TokenlbPort = grpcPort
+			eo.Response = variant.Response
+			args := append([]string{"--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
+				"--admin", fmt.Sprintf("127.0.0.1:%d", tlAdmin), "--hosts", strings.Join(hosts, ","), "--log-level", "warn"},
+				append(slices.Clone(variant.Flags), o.TokenlbFlags...)...)
+			if err := g.Start(name, o.Tokenlb, args...); err != nil {
+				return res, err
+			}
+			if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/readyz", tlAdmin)); err != nil {
+				return res, err
+			}
+		}
+		eo, err = g.StartEnvoy(ctx, o.Envoy, filepath.Join(o.DeployDir, config), eo, "--concurrency", "1", "-l", "error")
+		if err != nil {
+			return res, err
+		}
+		urls = append(urls, fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", eo.ListenPort))
 	}
-	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", eo.ListenPort)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, MaxConnsPerHost: 0}}
 	defer client.CloseIdleConnections()
 
@@ -209,11 +240,31 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	}
 	var mu sync.Mutex
 	shares := map[string]int{}
+	var killed time.Time // guarded by mu
+	killAt := -1
+	if o.KillAt > 0 && o.KillAt < 1 {
+		killAt = int(o.KillAt * float64(len(reqs)))
+	}
+	kill := func() {
+		mu.Lock()
+		killed = time.Now()
+		mu.Unlock()
+		servers[0].Close()
+		fmt.Fprintf(o.Log, "bench: backend-1 killed after %d requests\n", killAt)
+	}
 	record := func(s sample) {
 		mu.Lock()
 		defer mu.Unlock()
 		if s.err != nil {
 			res.Errors++
+			if killAt >= 0 {
+				if killed.IsZero() || s.start.Before(killed) {
+					res.KilledBefore++
+				} else {
+					res.KilledAfter++
+					res.LastErrorMillis = max(res.LastErrorMillis, float64(s.start.Sub(killed).Milliseconds()))
+				}
+			}
 			return
 		}
 		res.ttfts = append(res.ttfts, s.ttft.Seconds()*1000)
@@ -223,16 +274,23 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	var wg sync.WaitGroup
 	began := time.Now()
 	if o.Concurrency > 0 {
-		next := make(chan Request)
+		type job struct {
+			r Request
+			i int
+		}
+		next := make(chan job)
 		for range o.Concurrency {
 			wg.Go(func() {
-				for r := range next {
-					record(send(ctx, client, url, r))
+				for j := range next {
+					record(send(ctx, client, urls[j.i%len(urls)], j.r))
 				}
 			})
 		}
-		for _, r := range reqs {
-			next <- r
+		for i, r := range reqs {
+			if i == killAt {
+				kill()
+			}
+			next <- job{r, i}
 		}
 		close(next)
 	} else {
@@ -243,7 +301,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 		rng := rand.New(rand.NewPCG(o.Seed, 0xa441))
 		start := time.Now()
 		at := time.Duration(0)
-		for _, r := range reqs {
+		for i, r := range reqs {
 			at += time.Duration(rng.ExpFloat64() / rate * float64(time.Second))
 			if d := time.Until(start.Add(at)); d > 0 {
 				select {
@@ -251,6 +309,10 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 				case <-time.After(d):
 				}
 			}
+			if i == killAt {
+				kill()
+			}
+			url := urls[i%len(urls)]
 			wg.Go(func() { record(send(ctx, client, url, r)) })
 		}
 	}
@@ -273,6 +335,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 }
 
 type sample struct {
+	start     time.Time
 	ttft, e2e time.Duration
 	host      string
 	err       error
@@ -289,14 +352,14 @@ func send(ctx context.Context, client *http.Client, url string, r Request) sampl
 	start := time.Now()
 	resp, err := client.Do(req)
 	if err != nil {
-		return sample{err: err}
+		return sample{start: start, err: err}
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != 200 {
 		b, _ := io.ReadAll(resp.Body)
-		return sample{err: fmt.Errorf("status %d: %.200s", resp.StatusCode, b)}
+		return sample{start: start, err: fmt.Errorf("status %d: %.200s", resp.StatusCode, b)}
 	}
-	s := sample{host: resp.Header.Get("x-llmsim-instance")}
+	s := sample{start: start, host: resp.Header.Get("x-llmsim-instance")}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -309,5 +372,5 @@ func send(ctx context.Context, client *http.Client, url string, r Request) sampl
 			s.ttft = time.Since(start)
 		}
 	}
-	return sample{err: fmt.Errorf("stream ended without [DONE]: %v", sc.Err())}
+	return sample{start: start, err: fmt.Errorf("stream ended without [DONE]: %v", sc.Err())}
 }

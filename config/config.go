@@ -239,7 +239,8 @@ func Default() Config {
 		OutlierDetection: OutlierDetection{Consecutive5xx: backend.DefaultOutlier.ConsecutiveFailures,
 			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection},
 		Models:         Models{Routing: true, DiscoveryInterval: backend.DefaultModels.Interval},
-		BackendMetrics: BackendMetrics{Path: backend.DefaultMetrics.Path, Interval: backend.DefaultMetrics.Interval},
+		// Off by default: see bench/RESULTS.md, "Two replicas".
+		BackendMetrics: BackendMetrics{Path: backend.DefaultMetrics.Path},
 		PrefixAffinity: PrefixAffinity{MaxExtraLoad: DefaultPrefixMaxExtraLoad, BlockBytes: tokenizer.DefaultPrefixBlockBytes,
 			Blocks: DefaultPrefixBlocks, TTL: 5 * time.Minute, Entries: 1 << 16},
 		LogLevel:  "info",

@@ -29,6 +29,8 @@ func main() {
 	flag.Float64Var(&o.TimeScale, "time-scale", 0.5, "llmsim time scale (latencies are reported in real ms)")
 	flag.Float64Var(&o.Utilization, "utilization", 0.8, "open loop: offered load as a fraction of estimated backend capacity")
 	flag.IntVar(&o.Concurrency, "concurrency", 0, "closed loop with this many clients (0: open loop)")
+	flag.IntVar(&o.Replicas, "replicas", 1, "Envoy (+ tokenlb) pairs in front of the same backends; requests alternate between them")
+	flag.Float64Var(&o.KillAt, "kill-at", 0, "stop backend-1 once this share of the requests has been sent (0: never)")
 	profiles := flag.String("profiles", "seed,heavy,chat,prefix", "workload profiles; a -slow suffix (seed-slow) runs backend-1 at half speed")
 	seeds := flag.String("seeds", "1,2,3", "workload seeds; each profile runs once per seed and arm")
 	arms := flag.String("arms", strings.Join(bench.Arms, ","), "arms to run: envoy-round-robin, envoy-least-request, and the tokenlb variants "+variants())
@@ -93,6 +95,10 @@ func main() {
 				}
 				fmt.Fprintf(os.Stderr, "%-7s seed %d %-20s %3d errors  TTFT p50 %6.0f p90 %6.0f ms  E2E mean %6.0f p90 %6.0f ms  (%s)\n",
 					profile, seed, arm, r.Errors, r.TTFT.P50, r.TTFT.P90, r.E2E.Mean, r.E2E.P90, time.Since(start).Round(time.Second))
+				if o.KillAt > 0 {
+					fmt.Fprintf(os.Stderr, "        backend-1 killed: %d failed requests sent before, %d after (the last %.0f ms after the kill)\n",
+						r.KilledBefore, r.KilledAfter, r.LastErrorMillis)
+				}
 				rep.Runs[s] = append(rep.Runs[s], r)
 			}
 		}
