@@ -106,8 +106,8 @@ type Result struct {
 	KilledBefore    int     `json:"killed_errors_before,omitempty"`
 	KilledAfter     int     `json:"killed_errors_after,omitempty"`
 	LastErrorMillis float64 `json:"killed_last_error_ms,omitempty"`
-	ttfts      []float64
-	e2es       []float64
+	ttfts           []float64
+	e2es            []float64
 }
 
 // Stats summarise latencies in milliseconds.

@@ -238,7 +238,7 @@ func Default() Config {
 			HealthyThreshold: backend.DefaultHealth.HealthyThreshold},
 		OutlierDetection: OutlierDetection{Consecutive5xx: backend.DefaultOutlier.ConsecutiveFailures,
 			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection},
-		Models:         Models{Routing: true, DiscoveryInterval: backend.DefaultModels.Interval},
+		Models: Models{Routing: true, DiscoveryInterval: backend.DefaultModels.Interval},
 		// Off by default: see bench/RESULTS.md, "Two replicas".
 		BackendMetrics: BackendMetrics{Path: backend.DefaultMetrics.Path},
 		PrefixAffinity: PrefixAffinity{MaxExtraLoad: DefaultPrefixMaxExtraLoad, BlockBytes: tokenizer.DefaultPrefixBlockBytes,
