@@ -45,7 +45,8 @@ bench-quick: build tools
 # responses); chat against the shipped tokenlb, prefix with and without
 # prefix affinity; two Envoy + tokenlb replicas sharing the backends, with and
 # without the backends' metrics, against single-replica tokenlb; backend-1
-# killed halfway, with and without health checks; the original experiment's
+# killed halfway, with and without health checks; a quarter of the requests
+# sent straight to backend-1, with and without the backends' metrics; the original experiment's
 # closed loops (seed at concurrency 30, heavy at 5, 60 requests); then the
 # overhead run. About an hour.
 BENCH_ARMS = envoy-round-robin,envoy-least-request,tokenlb-prompt-only,tokenlb-two-phase,tokenlb-estimate-output,tokenlb,tokenlb-stall,tokenlb-streamed,tokenlb-estimate
@@ -59,8 +60,10 @@ bench: build tools
 		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/replicas && \
 	./bin/tokenlb-bench --envoy "$$envoy" --arms tokenlb \
 		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/replicas/one && \
-	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-no-health --kill-at 0.5 \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-override-host,tokenlb-no-health --kill-at 0.5 \
 		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/kill && \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-feedback --direct 0.25 \
+		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/direct && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles seed --seeds 1,2,3 --requests 60 --concurrency 30 \
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \

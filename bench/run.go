@@ -32,7 +32,9 @@ var Arms = []string{"envoy-round-robin", "envoy-least-request", "tokenlb"}
 type Variant struct {
 	Flags    []string
 	Response string
-	About    string
+	// Config is the deploy/ Envoy configuration; "" is envoy.yaml.
+	Config string
+	About  string
 }
 
 // Variants are the tokenlb arms. "tokenlb" is the shipped configuration;
@@ -56,6 +58,8 @@ var Variants = map[string]Variant{
 		About: "as shipped, without prefix affinity"},
 	"tokenlb-feedback": {Flags: []string{"--backend-metrics-interval=1s"},
 		About: "as shipped, plus the backends' engine metrics read every second (replicas see each other's requests)"},
+	"tokenlb-override-host": {Config: "envoy-override-host.yaml",
+		About: "as shipped, behind deploy/envoy-override-host.yaml: Envoy's override_host policy, health checks and retries on the fallback hosts tokenlb lists"},
 	"tokenlb-no-health": {Flags: []string{"--health-check-interval=0", "--consecutive-5xx=0"},
 		About: "as shipped, without health checks or passive ejection"},
 }
@@ -79,6 +83,10 @@ type Options struct {
 	// Replicas runs that many Envoy (+ tokenlb) pairs in front of the same
 	// backends; the client sends request i to pair i mod Replicas. 0 is 1.
 	Replicas int
+	// Direct, when in (0, 1), is the share of requests sent straight to
+	// backend-1, around Envoy and tokenlb (another client, a batch job):
+	// load that only the backend's own metrics show.
+	Direct float64
 	// KillAt, when in (0, 1), stops backend-1 (its server closed, its
 	// connections cut) when that share of the requests has been sent.
 	KillAt float64
@@ -198,6 +206,9 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	var policy string
 	switch {
 	case isTokenlb:
+		if variant.Config != "" {
+			config = variant.Config
+		}
 	case arm == "envoy-round-robin" || arm == "envoy-least-request":
 		config = "envoy-override-host.yaml"
 		policy = map[string]string{"envoy-round-robin": "ROUND_ROBIN", "envoy-least-request": "LEAST_REQUEST"}[arm]
@@ -299,6 +310,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 			rate = Rate(reqs, float64(o.Backends)-float64(o.SlowHosts)/2, o.Utilization, o.TimeScale)
 		}
 		rng := rand.New(rand.NewPCG(o.Seed, 0xa441))
+		direct := rand.New(rand.NewPCG(o.Seed, 0xd1ec))
 		start := time.Now()
 		at := time.Duration(0)
 		for i, r := range reqs {
@@ -313,6 +325,9 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 				kill()
 			}
 			url := urls[i%len(urls)]
+			if o.Direct > 0 && direct.Float64() < o.Direct {
+				url = "http://" + hosts[0] + "/v1/chat/completions"
+			}
 			wg.Go(func() { record(send(ctx, client, url, r)) })
 		}
 	}

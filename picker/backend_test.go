@@ -147,6 +147,34 @@ func TestRemoteLoad(t *testing.T) {
 	mine.Release(ResponseEnd)
 }
 
+// TestRemotePricing: a waiting request from elsewhere is priced at a whole
+// charge, a running one at its decode part, and this picker's own requests
+// not yet decoding are taken to be the waiting ones.
+func TestRemotePricing(t *testing.T) {
+	p := mustNew(t, three[:1], Options{Seed: 1})
+	twoPart := func(string) Charge { return Charge{Tokens: 1, UntilFirstToken: 900, UntilEnd: 100} }
+	a, _ := p.Pick(Request{Cost: twoPart}) // averages: 1,000 whole, 100 decode
+	b, _ := p.Pick(Request{Cost: twoPart})
+	a.FirstToken() // a decodes, b waits
+	now := time.Now()
+	for _, tc := range []struct {
+		running, waiting int
+		want             int64
+	}{
+		{1, 1, 0},          // a and b
+		{3, 1, 200},        // two more running
+		{1, 3, 2000},       // two more waiting
+		{4, 4, 3000 + 300}, // beyond a and b: three more running, three more waiting
+	} {
+		p.SetRemote(three[0], Remote{Running: tc.running, Waiting: tc.waiting, At: now})
+		if got := p.Hosts()[0].ExternalLoad; got != tc.want {
+			t.Errorf("%d running, %d waiting: external load %d, want %d", tc.running, tc.waiting, got, tc.want)
+		}
+	}
+	a.Release(ResponseEnd)
+	b.Release(ResponseEnd)
+}
+
 func hostIndex(addr string) int {
 	for i, h := range three {
 		if h == addr {

@@ -111,10 +111,13 @@ type Picker struct {
 	rejectedPicks uint64
 	unknownModels uint64
 	panicPicks    uint64
+	picks         uint64
 	affinity      map[AffinityResult]uint64
-	// perRequest is a moving average of the load a request charges, to
-	// price the requests a backend reports that this picker did not send.
-	perRequest float64
+	// perRequest and perDecode are moving averages of the load a request
+	// charges in all and until its end (its decode part), to price the
+	// requests a backend reports that this picker did not send: a waiting
+	// one at the first, a running one at the second.
+	perRequest, perDecode float64
 	prefixes   *prefixTable
 }
 
@@ -341,12 +344,14 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	if p.prefixes != nil && len(r.Prefix) > 0 {
 		p.prefixes.record(r.Prefix, h.index, p.opts.Now())
 	}
-	charged := float64(best.charge.UntilFirstToken + best.charge.UntilEnd)
-	if p.perRequest == 0 {
-		p.perRequest = charged
+	charged, decode := float64(best.charge.UntilFirstToken+best.charge.UntilEnd), float64(best.charge.UntilEnd)
+	if p.picks == 0 {
+		p.perRequest, p.perDecode = charged, decode
 	} else {
 		p.perRequest += (charged - p.perRequest) / perRequestMemory
+		p.perDecode += (decode - p.perDecode) / perRequestMemory
 	}
+	p.picks++
 	l := &Lease{p: p, h: h, charge: best.charge, start: p.opts.Now(), ahead: h.prefilling, model: r.Model}
 	h.tokens += best.charge.Tokens
 	h.prefilling += best.charge.Tokens
@@ -418,10 +423,12 @@ func (p *Picker) SetModels(addr string, models []string) error {
 
 // SetRemote records what the backend at addr reports of its queue. The requests
 // it reports beyond those this picker has in flight there came through
-// other tokenlb replicas (or around tokenlb): each is priced at the average
-// charge of this picker's recent requests and added to the host's score
-// until the next report. A KV cache that is full adds one more: the next
-// request waits for memory there. A zero Remote forgets the report.
+// other tokenlb replicas (or around tokenlb), and add to the host's score
+// until the next report: a waiting one at the average whole charge of this
+// picker's recent requests, a running one at their average decode part (its
+// prefill is mostly done). A KV cache that is full adds one more waiting
+// request: the next one waits for memory there. A zero Remote forgets the
+// report.
 func (p *Picker) SetRemote(addr string, r Remote) error {
 	return p.update(addr, func(x *host) {
 		x.remote = r
@@ -429,11 +436,15 @@ func (p *Picker) SetRemote(addr string, r Remote) error {
 		if r.At.IsZero() {
 			return
 		}
-		others := float64(max(0, int64(r.Running+r.Waiting)-x.requests))
+		others := max(0, int64(r.Running+r.Waiting)-x.requests)
+		// This picker's requests not yet decoding are most of what waits.
+		waiting := min(others, max(0, int64(r.Waiting)-(x.requests-x.decoding)))
+		running := others - waiting
+		load := float64(waiting)*p.perRequest + float64(running)*p.perDecode
 		if r.KVCacheUsage > kvFull {
-			others += min(1, (r.KVCacheUsage-kvFull)/(1-kvFull))
+			load += min(1, (r.KVCacheUsage-kvFull)/(1-kvFull)) * p.perRequest
 		}
-		x.external = int64(others * p.perRequest)
+		x.external = int64(load)
 	})
 }
 

@@ -30,6 +30,7 @@ func main() {
 	flag.Float64Var(&o.Utilization, "utilization", 0.8, "open loop: offered load as a fraction of estimated backend capacity")
 	flag.IntVar(&o.Concurrency, "concurrency", 0, "closed loop with this many clients (0: open loop)")
 	flag.IntVar(&o.Replicas, "replicas", 1, "Envoy (+ tokenlb) pairs in front of the same backends; requests alternate between them")
+	flag.Float64Var(&o.Direct, "direct", 0, "share of requests sent straight to backend-1, around Envoy and tokenlb (0: none)")
 	flag.Float64Var(&o.KillAt, "kill-at", 0, "stop backend-1 once this share of the requests has been sent (0: never)")
 	profiles := flag.String("profiles", "seed,heavy,chat,prefix", "workload profiles; a -slow suffix (seed-slow) runs backend-1 at half speed")
 	seeds := flag.String("seeds", "1,2,3", "workload seeds; each profile runs once per seed and arm")
