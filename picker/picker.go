@@ -118,7 +118,7 @@ type Picker struct {
 	// requests a backend reports that this picker did not send: a waiting
 	// one at the first, a running one at the second.
 	perRequest, perDecode float64
-	prefixes   *prefixTable
+	prefixes              *prefixTable
 }
 
 type host struct {
