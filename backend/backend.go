@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -69,6 +70,11 @@ type Outlier struct {
 	ConsecutiveFailures int // 0: off
 	BaseEjection        time.Duration
 	MaxEjection         time.Duration
+	// MaxEjectionPercent bounds the share of hosts ejected passively at
+	// once (at least one may be), so that failures a client provokes, or
+	// an outage of something every host depends on, cannot empty the
+	// fleet; 0 means 50.
+	MaxEjectionPercent int
 }
 
 // Discovery configures model discovery: a GET of Path (an OpenAI model
@@ -93,7 +99,7 @@ type Scrape struct {
 // Defaults for zero fields of enabled sources.
 var (
 	DefaultHealth  = HealthCheck{Path: "/health", Interval: 5 * time.Second, Timeout: time.Second, UnhealthyThreshold: 2, HealthyThreshold: 2}
-	DefaultOutlier = Outlier{ConsecutiveFailures: 3, BaseEjection: 5 * time.Second, MaxEjection: 2 * time.Minute}
+	DefaultOutlier = Outlier{ConsecutiveFailures: 3, BaseEjection: 5 * time.Second, MaxEjection: 2 * time.Minute, MaxEjectionPercent: 50}
 	DefaultModels  = Discovery{Path: "/v1/models", Interval: 30 * time.Second, Timeout: 2 * time.Second}
 	DefaultMetrics = Scrape{Path: "/metrics", Interval: time.Second, Timeout: 500 * time.Millisecond}
 )
@@ -105,6 +111,8 @@ type Watcher struct {
 	opts   Options
 	log    *slog.Logger
 	m      *Metrics
+
+	ready chan struct{} // closed after the first round
 
 	mu    sync.Mutex
 	hosts map[string]*state
@@ -130,6 +138,9 @@ type state struct {
 	cancel       func() bool
 	// What the picker was last told.
 	told picker.Health
+	// recovered asks for the host's models again when it comes back up:
+	// an engine that was loading answers /v1/models only once it is ready.
+	recovered chan struct{}
 }
 
 // New returns a Watcher of hosts (as picker.ParseAddr accepts them) that
@@ -146,6 +157,9 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 		if opts.Outlier.MaxEjection < opts.Outlier.BaseEjection {
 			opts.Outlier.MaxEjection = max(opts.Outlier.BaseEjection, DefaultOutlier.MaxEjection)
 		}
+		if opts.Outlier.MaxEjectionPercent <= 0 {
+			opts.Outlier.MaxEjectionPercent = DefaultOutlier.MaxEjectionPercent
+		}
 	}
 	if opts.Models.Interval > 0 {
 		opts.Models.Path = cmpOr(opts.Models.Path, DefaultModels.Path)
@@ -156,7 +170,10 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 		opts.Metrics.Timeout = cmpOr(opts.Metrics.Timeout, DefaultMetrics.Timeout)
 	}
 	if opts.Client == nil {
-		opts.Client = &http.Client{}
+		// Backends are addressed by IP: never through a proxy from the
+		// environment.
+		opts.Client = &http.Client{Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 4,
+			IdleConnTimeout: time.Minute, ResponseHeaderTimeout: time.Minute}}
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -171,13 +188,13 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 	if m == nil {
 		m = NewMetrics()
 	}
-	w := &Watcher{target: target, opts: opts, log: log, m: m, hosts: map[string]*state{}}
+	w := &Watcher{target: target, opts: opts, log: log, m: m, hosts: map[string]*state{}, ready: make(chan struct{})}
 	for _, h := range hosts {
 		addr, err := picker.ParseAddr(h)
 		if err != nil {
 			return nil, fmt.Errorf("backend: %w", err)
 		}
-		w.hosts[addr] = &state{addr: addr}
+		w.hosts[addr] = &state{addr: addr, recovered: make(chan struct{}, 1)}
 		m.healthy.WithLabelValues(addr).Set(1)
 		w.order = append(w.order, addr)
 	}
@@ -200,20 +217,35 @@ func cmpOr[T comparable](v, d T) T {
 	return v
 }
 
-// Run runs the active sources until ctx is done. It reads every host's
-// models and metrics once before it returns from the first round, so call
-// it in its own goroutine and use Ready to wait for that round.
+// Run runs the active sources until ctx is done: a first round over every
+// host at once (after which Ready is closed), then each source on its own
+// interval.
 func (w *Watcher) Run(ctx context.Context) {
+	var first sync.WaitGroup
+	for _, addr := range w.order {
+		if w.opts.Health.Interval > 0 {
+			first.Go(func() { w.check(ctx, addr) })
+		}
+		if w.opts.Models.Interval > 0 && !w.skipModels(addr) {
+			first.Go(func() { w.discover(ctx, addr) })
+		}
+		if w.opts.Metrics.Interval > 0 {
+			first.Go(func() { w.scrape(ctx, addr) })
+		}
+	}
+	first.Wait()
+	close(w.ready)
 	var wg sync.WaitGroup
 	for _, addr := range w.order {
 		if w.opts.Health.Interval > 0 {
-			wg.Go(func() { w.every(ctx, w.opts.Health.Interval, func() { w.check(ctx, addr) }) })
+			wg.Go(func() { w.every(ctx, w.opts.Health.Interval, nil, func() { w.check(ctx, addr) }) })
 		}
 		if w.opts.Models.Interval > 0 && !w.skipModels(addr) {
-			wg.Go(func() { w.every(ctx, w.opts.Models.Interval, func() { w.discover(ctx, addr) }) })
+			recovered := w.hosts[addr].recovered
+			wg.Go(func() { w.every(ctx, w.opts.Models.Interval, recovered, func() { w.discover(ctx, addr) }) })
 		}
 		if w.opts.Metrics.Interval > 0 {
-			wg.Go(func() { w.every(ctx, w.opts.Metrics.Interval, func() { w.scrape(ctx, addr) }) })
+			wg.Go(func() { w.every(ctx, w.opts.Metrics.Interval, nil, func() { w.scrape(ctx, addr) }) })
 		}
 	}
 	wg.Wait()
@@ -226,6 +258,10 @@ func (w *Watcher) Run(ctx context.Context) {
 	}
 }
 
+// Ready is closed once Run has checked every host, and read its models and
+// metrics, once (each bounded by its timeout).
+func (w *Watcher) Ready() <-chan struct{} { return w.ready }
+
 func (w *Watcher) skipModels(addr string) bool {
 	for _, h := range w.opts.Models.Skip {
 		if a, err := picker.ParseAddr(h); err == nil && a == addr {
@@ -235,17 +271,19 @@ func (w *Watcher) skipModels(addr string) bool {
 	return false
 }
 
-// every calls f now and then every interval until ctx is done.
-func (w *Watcher) every(ctx context.Context, interval time.Duration, f func()) {
+// every calls f every interval, and whenever now receives, until ctx is
+// done.
+func (w *Watcher) every(ctx context.Context, interval time.Duration, now <-chan struct{}, f func()) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		f()
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-now:
 		}
+		f()
 	}
 }
 
@@ -281,6 +319,7 @@ func (w *Watcher) check(ctx context.Context, addr string) {
 	if err != nil {
 		reason = fmt.Sprintf("GET %s: %v", h.Path, unwrapURL(err))
 	} else {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection is reused
 		resp.Body.Close()
 		cancel()
 		if resp.StatusCode/100 != 2 {
@@ -344,8 +383,20 @@ func (w *Watcher) Observe(addr string, status int) {
 	if !s.lastEnd.IsZero() && now.Sub(s.lastEnd) > o.MaxEjection {
 		s.ejections = 0
 	}
+	if ejected, most := w.ejectedLocked(now), o.MaxEjectionPercent*len(w.hosts)/100; ejected >= max(1, most) {
+		w.log.Warn("host not ejected: too many hosts are ejected already", "host", addr, "ejected", ejected,
+			"max_ejection_percent", o.MaxEjectionPercent)
+		s.failures = 0
+		return
+	}
 	s.ejections++
-	d := o.BaseEjection << min(s.ejections-1, 20)
+	d := o.BaseEjection
+	for range s.ejections - 1 {
+		if d >= o.MaxEjection {
+			break
+		}
+		d *= 2
+	}
 	d = min(d, o.MaxEjection)
 	s.failures = 0
 	s.ejectedAt, s.ejectedUntil = now, now.Add(d)
@@ -357,6 +408,17 @@ func (w *Watcher) Observe(addr string, status int) {
 	}
 	s.cancel = w.opts.After(d, func() { w.readmit(addr) })
 	w.tellLocked(s)
+}
+
+// ejectedLocked counts the hosts passively ejected now.
+func (w *Watcher) ejectedLocked(now time.Time) int {
+	n := 0
+	for _, s := range w.hosts {
+		if now.Before(s.ejectedUntil) {
+			n++
+		}
+	}
+	return n
 }
 
 // readmit ends a passive ejection that has run its time.
@@ -403,6 +465,12 @@ func (w *Watcher) tellLocked(s *state) {
 	}
 	if h == s.told {
 		return
+	}
+	if s.told.Down && !h.Down {
+		select {
+		case s.recovered <- struct{}{}:
+		default:
+		}
 	}
 	s.told = h
 	w.m.healthy.WithLabelValues(s.addr).Set(map[bool]float64{true: 0, false: 1}[h.Down])

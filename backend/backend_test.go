@@ -337,3 +337,48 @@ func TestEjectionHandsOverToChecks(t *testing.T) {
 		t.Fatalf("after an ejection with passing checks: %+v", h)
 	}
 }
+
+// TestMaxEjectionPercent: failures on every host eject at most half of them
+// (at least one).
+func TestMaxEjectionPercent(t *testing.T) {
+	hosts := []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"}
+	c := &clock{now: time.Unix(1000, 0)}
+	r := newRecorder()
+	w, _ := New(r, hosts, Options{Outlier: Outlier{ConsecutiveFailures: 1, BaseEjection: time.Second, MaxEjectionPercent: 50},
+		Now: c.Now, After: c.After}, nil)
+	for _, h := range hosts {
+		w.Observe(h, 503)
+	}
+	down := 0
+	for _, h := range hosts {
+		if r.healthOf(h).Down {
+			down++
+		}
+	}
+	if down != 2 {
+		t.Fatalf("%d of 4 hosts ejected, want 2 (50%%)", down)
+	}
+	// Once those are back, the others can be ejected.
+	c.advance(time.Second)
+	w.Observe(hosts[3], 503)
+	if !r.healthOf(hosts[3]).Down {
+		t.Fatal("a host was not ejected after the others came back")
+	}
+}
+
+// TestBackoffHasNoOverflow: a base ejection time whose doubling would
+// overflow stays at the maximum.
+func TestBackoffHasNoOverflow(t *testing.T) {
+	c := &clock{now: time.Unix(1000, 0)}
+	r := newRecorder()
+	w, _ := New(r, []string{addr}, Options{Outlier: Outlier{ConsecutiveFailures: 1, BaseEjection: 3 * time.Hour,
+		MaxEjection: 1000 * time.Hour}, Now: c.Now, After: c.After}, nil)
+	for i := range 30 {
+		w.Observe(addr, 500)
+		h := r.healthOf(addr)
+		if d := h.Until.Sub(c.Now()); !h.Down || d < 3*time.Hour || d > 1000*time.Hour {
+			t.Fatalf("ejection %d lasts %v", i+1, d)
+		}
+		c.advance(h.Until.Sub(c.Now()))
+	}
+}

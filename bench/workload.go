@@ -62,7 +62,7 @@ func lognormal(rng *rand.Rand, median, sigma float64, lo, hi int) int {
 //	seed    50% ~30 tokens, 25% ~2,750, 25% ~7,500 (±20%), the original experiment's mix
 //	heavy   20% / 40% / 40% of the same sizes
 //	chat    log-normal prompts and outputs, one of 4 shared system prompts, 0-3 earlier turns
-//	prefix  one of 48 long documents (~3,000 tokens) then a short question:
+//	prefix  one of 24 long documents (~3,000 tokens) then a short question:
 //	        40% ask about the first document, the rest about any of them
 //
 // seed and heavy ask for 32-96 output tokens, prefix for 64.
@@ -75,8 +75,9 @@ func Generate(profile string, seed uint64, n int) ([]Request, error) {
 	for range 4 {
 		systems = append(systems, Text(shared, 400))
 	}
-	// 48 documents of 3,000 tokens are 144,000 tokens: more than one
-	// backend's prefix cache holds (llmsim's 65,536), less than three do.
+	// 24 documents of 3,000 tokens are 72,000 tokens: more than one
+	// backend's prefix cache holds (llmsim's 65,536, shared with the
+	// running requests), less than three do.
 	for range prefixDocs {
 		docs = append(docs, Text(shared, 3000))
 	}

@@ -171,9 +171,10 @@ type HealthCheck struct {
 
 // OutlierDetection configures passive ejection (package backend).
 type OutlierDetection struct {
-	Consecutive5xx   int           `yaml:"consecutive_5xx"` // 0 turns it off
-	BaseEjectionTime time.Duration `yaml:"base_ejection_time"`
-	MaxEjectionTime  time.Duration `yaml:"max_ejection_time"`
+	Consecutive5xx     int           `yaml:"consecutive_5xx"` // 0 turns it off
+	BaseEjectionTime   time.Duration `yaml:"base_ejection_time"`
+	MaxEjectionTime    time.Duration `yaml:"max_ejection_time"`
+	MaxEjectionPercent int           `yaml:"max_ejection_percent"`
 }
 
 // Models configures model-aware routing.
@@ -237,7 +238,8 @@ func Default() Config {
 			Timeout: backend.DefaultHealth.Timeout, UnhealthyThreshold: backend.DefaultHealth.UnhealthyThreshold,
 			HealthyThreshold: backend.DefaultHealth.HealthyThreshold},
 		OutlierDetection: OutlierDetection{Consecutive5xx: backend.DefaultOutlier.ConsecutiveFailures,
-			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection},
+			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection,
+			MaxEjectionPercent: backend.DefaultOutlier.MaxEjectionPercent},
 		Models: Models{Routing: true, DiscoveryInterval: backend.DefaultModels.Interval},
 		// Off by default: see bench/RESULTS.md, "Two replicas".
 		BackendMetrics: BackendMetrics{Path: backend.DefaultMetrics.Path},
@@ -263,7 +265,8 @@ func (c *Config) Watch() backend.Options {
 		Health: backend.HealthCheck{Path: c.HealthCheck.Path, Interval: c.HealthCheck.Interval, Timeout: c.HealthCheck.Timeout,
 			UnhealthyThreshold: c.HealthCheck.UnhealthyThreshold, HealthyThreshold: c.HealthCheck.HealthyThreshold},
 		Outlier: backend.Outlier{ConsecutiveFailures: c.OutlierDetection.Consecutive5xx,
-			BaseEjection: c.OutlierDetection.BaseEjectionTime, MaxEjection: c.OutlierDetection.MaxEjectionTime},
+			BaseEjection: c.OutlierDetection.BaseEjectionTime, MaxEjection: c.OutlierDetection.MaxEjectionTime,
+			MaxEjectionPercent: c.OutlierDetection.MaxEjectionPercent},
 		Metrics: backend.Scrape{Path: c.BackendMetrics.Path, Interval: c.BackendMetrics.Interval},
 	}
 	if c.Models.Routing {
@@ -396,8 +399,9 @@ func (c *Config) Validate() error {
 		c.HealthCheck.UnhealthyThreshold < 1 || c.HealthCheck.HealthyThreshold < 1 || !strings.HasPrefix(c.HealthCheck.Path, "/")) {
 		bad("health_check", "needs a path starting with /, a positive timeout and thresholds of at least 1 (interval 0s turns checks off)")
 	}
-	if o := c.OutlierDetection; o.Consecutive5xx < 0 || o.Consecutive5xx > 0 && (o.BaseEjectionTime <= 0 || o.MaxEjectionTime < o.BaseEjectionTime) {
-		bad("outlier_detection", "needs base_ejection_time > 0 and max_ejection_time >= it (consecutive_5xx 0 turns it off)")
+	if o := c.OutlierDetection; o.Consecutive5xx < 0 || o.Consecutive5xx > 0 && (o.BaseEjectionTime <= 0 ||
+		o.MaxEjectionTime < o.BaseEjectionTime || o.MaxEjectionPercent < 1 || o.MaxEjectionPercent > 100) {
+		bad("outlier_detection", "needs base_ejection_time > 0, max_ejection_time >= it and max_ejection_percent 1 to 100 (consecutive_5xx 0 turns it off)")
 	}
 	if c.Models.DiscoveryInterval < 0 {
 		bad("models.discovery_interval", "must not be negative")
@@ -480,6 +484,7 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&f.HealthCheck.UnhealthyThreshold, "unhealthy-threshold", d.HealthCheck.UnhealthyThreshold, "failed health checks in a row that eject a host")
 	fs.IntVar(&f.HealthCheck.HealthyThreshold, "healthy-threshold", d.HealthCheck.HealthyThreshold, "passed health checks in a row that readmit it")
 	fs.DurationVar(&f.OutlierDetection.MaxEjectionTime, "max-ejection-time", d.OutlierDetection.MaxEjectionTime, "longest ejection")
+	fs.IntVar(&f.OutlierDetection.MaxEjectionPercent, "max-ejection-percent", d.OutlierDetection.MaxEjectionPercent, "most hosts ejected passively at once, in per cent (at least one)")
 	fs.StringVar(&f.BackendMetrics.Path, "backend-metrics-path", d.BackendMetrics.Path, "path of each backend's Prometheus metrics")
 	fs.IntVar(&f.PrefixAffinity.BlockBytes, "prefix-block-bytes", d.PrefixAffinity.BlockBytes, "bytes of prompt per prefix hash")
 	fs.IntVar(&f.PrefixAffinity.Blocks, "prefix-blocks", d.PrefixAffinity.Blocks, "leading blocks of the prompt hashed")
@@ -588,6 +593,8 @@ func FromArgs(name string, args []string, stderr io.Writer) (Config, error) {
 			c.HealthCheck.HealthyThreshold = f.HealthCheck.HealthyThreshold
 		case "max-ejection-time":
 			c.OutlierDetection.MaxEjectionTime = f.OutlierDetection.MaxEjectionTime
+		case "max-ejection-percent":
+			c.OutlierDetection.MaxEjectionPercent = f.OutlierDetection.MaxEjectionPercent
 		case "backend-metrics-path":
 			c.BackendMetrics.Path = f.BackendMetrics.Path
 		case "prefix-block-bytes":

@@ -415,5 +415,10 @@ func TestDeadBackendOverrideHost(t *testing.T) {
 	if n := s.envoy.stat(t, "cluster.llm_backends.upstream_rq_retry"); n == 0 {
 		t.Fatal("no retries: the dead backend was never chosen, so the test proves nothing")
 	}
+	// Each retry told tokenlb (x-envoy-attempt-count) that the host it
+	// chose failed: three in a row ejected it.
+	if got := s.tokenlb.metric(fmt.Sprintf(`tokenlb_host_ejections_total{host=%q,reason="responses"}`, dead.addr)); got != 1 {
+		t.Fatalf("the dead host was ejected %v times, want 1", got)
+	}
 	s.tokenlb.waitIdle()
 }

@@ -109,10 +109,18 @@ func TestModels(t *testing.T) {
 	if p.Stats().UnknownModels != 1 {
 		t.Fatal("unknown model not counted")
 	}
-	// A host whose models are not known serves any model.
+	// A host whose models are not known gets a model no known host serves,
+	// and no other: it could turn them away at once and look idle.
 	p.SetModels(three[2], nil)
 	if l, err := p.Pick(Request{Cost: Tokens(1), Model: "gpt"}); err != nil || l.Host() != three[2] {
 		t.Fatalf("model on the host of unknown models: %v, %v", l, err)
+	}
+	for range 30 {
+		l, _ := p.Pick(Request{Cost: Tokens(1), Model: "llama"})
+		if l.Host() == three[2] {
+			t.Fatal("a model known hosts serve went to the host of unknown models")
+		}
+		l.Release(ResponseEnd)
 	}
 }
 
@@ -248,15 +256,59 @@ func TestPrefixTableBounded(t *testing.T) {
 			t.Fatalf("%d entries after %d records, bound 100", tab.len(), i+1)
 		}
 	}
+	all := ^uint64(0)
 	// The most recent are still there, the oldest gone.
-	if tab.lookup([]uint64{9999}, now) != 1<<(9999%3) || tab.lookup([]uint64{0}, now) != 0 {
-		t.Fatal("the table did not keep the most recent prefixes")
+	if h, _ := tab.lookup([]uint64{9999}, all, now); h != 1<<(9999%3) {
+		t.Fatal("the table lost the most recent prefix")
+	}
+	if _, served := tab.lookup([]uint64{0}, all, now); served {
+		t.Fatal("the table kept the oldest prefix")
 	}
 	// An entry remembers the last prefixHosts hosts.
 	for h := range 6 {
 		tab.record([]uint64{42}, h, now.Add(time.Duration(h)))
 	}
-	if got := tab.lookup([]uint64{42}, now); got != 0b111100 {
+	if got, _ := tab.lookup([]uint64{42}, all, now); got != 0b111100 {
 		t.Fatalf("hosts of a prefix served by 6: %b, want the last 4", got)
+	}
+	// A prefix used again while in the old generation is carried over, and
+	// survives the next rotation with what it knew.
+	tab = newPrefixTable(Affinity{Entries: 4, TTL: time.Hour})
+	tab.record([]uint64{1}, 0, now)
+	tab.record([]uint64{2}, 0, now) // cur full: {1, 2}
+	tab.record([]uint64{3}, 0, now) // rotation: old {1, 2}, cur {3}
+	tab.record([]uint64{1}, 1, now) // carried over: cur {3, 1}
+	tab.record([]uint64{4}, 0, now) // rotation: old {3, 1}, cur {4}
+	if got, _ := tab.lookup([]uint64{1}, all, now); got != 0b11 {
+		t.Fatalf("a carried-over prefix knows hosts %b, want both that served it", got)
+	}
+}
+
+// TestPrefixTableKeeps: a prompt takes at most 8 entries (blocks 1, 2, 4,
+// ... and its last), and prompts sharing a prefix meet at those blocks.
+func TestPrefixTableKeeps(t *testing.T) {
+	tab := newPrefixTable(Affinity{TTL: time.Hour})
+	now := time.Unix(0, 0)
+	long := make([]uint64, 64)
+	for i := range long {
+		long[i] = uint64(1000 + i)
+	}
+	tab.record(long, 2, now)
+	if n := tab.len(); n != 7 {
+		t.Fatalf("a 64-block prompt took %d entries, want 7 (blocks 1, 2, 4, ..., 64)", n)
+	}
+	// A prompt sharing the first 40 blocks meets it at block 32.
+	other := append(append([]uint64{}, long[:40]...), 7, 8, 9)
+	if got, _ := tab.lookup(other, ^uint64(0), now); got != 1<<2 {
+		t.Fatalf("a prompt sharing 40 blocks found hosts %b", got)
+	}
+	// When the host that served the longer prefix is not eligible, a
+	// shorter prefix another host served counts.
+	tab.record(long[:4], 1, now)
+	if got, _ := tab.lookup(long, 1<<1, now); got != 1<<1 {
+		t.Fatalf("with only host 1 eligible, found %b", got)
+	}
+	if got, served := tab.lookup(long, 1<<0, now); got != 0 || !served {
+		t.Fatalf("with only host 0 eligible: %b, served %v; want none, served", got, served)
 	}
 }

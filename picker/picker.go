@@ -111,7 +111,7 @@ type Picker struct {
 	rejectedPicks uint64
 	unknownModels uint64
 	panicPicks    uint64
-	picks         uint64
+	priced        uint64 // picks that taught perRequest and perDecode
 	affinity      map[AffinityResult]uint64
 	// perRequest and perDecode are moving averages of the load a request
 	// charges in all and until its end (its decode part), to price the
@@ -136,7 +136,7 @@ type host struct {
 	models map[string]bool // nil: not known, serves any model
 	remote Remote
 	// external is the load of the requests the backend reported beyond
-	// this picker's own, priced at perRequest when the report came.
+	// this picker's own, priced by SetRemote when the report came.
 	external int64
 }
 
@@ -156,7 +156,7 @@ type Request struct {
 	// Cost prices the request on each host.
 	Cost Cost
 	// Model, when not empty, restricts the pick to the hosts that serve it
-	// (hosts whose models are not known serve any).
+	// (or, when no host is known to, to those whose models are not known).
 	Model string
 	// Prefix holds a hash of each leading block of the prompt, each
 	// covering every block before it too, for prefix affinity.
@@ -268,13 +268,9 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 		charge Charge
 		score  int64
 	}
-	candidates := make([]*host, 0, len(p.hosts))
+	candidates := p.serving(r.Model)
 	healthy := 0
-	for _, h := range p.hosts {
-		if r.Model != "" && h.models != nil && !h.models[r.Model] {
-			continue
-		}
-		candidates = append(candidates, h)
+	for _, h := range candidates {
 		if h.health.Healthy() {
 			healthy++
 		}
@@ -311,17 +307,28 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	var best option
 	chosen := false
 	if p.prefixes != nil && len(r.Prefix) > 0 {
-		result := AffinityNone
-		if hosts := p.prefixes.lookup(r.Prefix, p.opts.Now()); hosts != 0 {
-			result = AffinityOverloaded
-			for _, o := range opts {
-				if hosts&(1<<o.h.index) != 0 && o.score <= lowest+p.opts.Affinity.MaxExtraLoad && (!chosen || o.score < best.score) {
-					best, chosen = o, true
-					result = AffinityHit
-				}
+		// Hosts within the load bound are eligible; the longest prefix one
+		// of them served wins.
+		var eligible uint64
+		for _, o := range opts {
+			if o.score <= lowest+p.opts.Affinity.MaxExtraLoad {
+				eligible |= 1 << o.h.index
 			}
 		}
-		p.affinity[result]++
+		hosts, served := p.prefixes.lookup(r.Prefix, eligible, p.opts.Now())
+		for _, o := range opts {
+			if hosts&(1<<o.h.index) != 0 && (!chosen || o.score < best.score) {
+				best, chosen = o, true
+			}
+		}
+		switch {
+		case chosen:
+			p.affinity[AffinityHit]++
+		case served:
+			p.affinity[AffinityOverloaded]++
+		default:
+			p.affinity[AffinityNone]++
+		}
 	}
 	if !chosen {
 		limit := lowest + int64(float64(own)*p.opts.Tolerance)
@@ -344,14 +351,17 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	if p.prefixes != nil && len(r.Prefix) > 0 {
 		p.prefixes.record(r.Prefix, h.index, p.opts.Now())
 	}
-	charged, decode := float64(best.charge.UntilFirstToken+best.charge.UntilEnd), float64(best.charge.UntilEnd)
-	if p.picks == 0 {
-		p.perRequest, p.perDecode = charged, decode
-	} else {
-		p.perRequest += (charged - p.perRequest) / perRequestMemory
-		p.perDecode += (decode - p.perDecode) / perRequestMemory
+	// Requests that cost nothing (a GET, an empty body) do not teach the
+	// averages.
+	if charged, decode := float64(best.charge.UntilFirstToken+best.charge.UntilEnd), float64(best.charge.UntilEnd); charged > 0 {
+		if p.priced == 0 {
+			p.perRequest, p.perDecode = charged, decode
+		} else {
+			p.perRequest += (charged - p.perRequest) / perRequestMemory
+			p.perDecode += (decode - p.perDecode) / perRequestMemory
+		}
+		p.priced++
 	}
-	p.picks++
 	l := &Lease{p: p, h: h, charge: best.charge, start: p.opts.Now(), ahead: h.prefilling, model: r.Model}
 	h.tokens += best.charge.Tokens
 	h.prefilling += best.charge.Tokens
@@ -360,6 +370,29 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	h.picks++
 	p.leases[l] = struct{}{}
 	return l, nil
+}
+
+// serving returns the hosts that serve model: those whose models are known
+// and include it or, when there are none, those whose models are not known
+// yet (which may serve it). A host whose list is unknown would otherwise
+// draw requests for models it turns away at once, and look idle doing so.
+func (p *Picker) serving(model string) []*host {
+	if model == "" {
+		return p.hosts
+	}
+	var known, unknown []*host
+	for _, h := range p.hosts {
+		switch {
+		case h.models == nil:
+			unknown = append(unknown, h)
+		case h.models[model]:
+			known = append(known, h)
+		}
+	}
+	if len(known) > 0 {
+		return known
+	}
+	return unknown
 }
 
 // perRequestMemory is about how many picks the average charge remembers.
@@ -406,8 +439,9 @@ func (p *Picker) SetHealth(addr string, h Health) error {
 	return p.update(addr, func(x *host) { x.health = h })
 }
 
-// SetModels records the models the host at addr serves; nil means not known, which
-// lets the host serve any model.
+// SetModels records the models the host at addr serves; nil means not
+// known: the host then gets requests for a model only when no host is known
+// to serve it.
 func (p *Picker) SetModels(addr string, models []string) error {
 	return p.update(addr, func(x *host) {
 		if models == nil {
@@ -480,8 +514,8 @@ func (l *Lease) Fallbacks(n int) []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	others := make([]*host, 0, len(p.hosts)-1)
-	for _, h := range p.hosts {
-		if h != l.h && h.health.Healthy() && (l.model == "" || h.models == nil || h.models[l.model]) {
+	for _, h := range p.serving(l.model) {
+		if h != l.h && h.health.Healthy() {
 			others = append(others, h)
 		}
 	}

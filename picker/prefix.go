@@ -3,8 +3,8 @@ package picker
 import "time"
 
 // prefixTable remembers which hosts recently served each prompt prefix, by
-// the hashes of the prefix's leading blocks. It is bounded by two
-// generations: when the current one is half of Entries, it becomes the old
+// the hashes of some of the prefix's leading blocks (see kept): an entry is
+// a block, not a prompt. It is bounded by two generations: when the current one is half of Entries, it becomes the old
 // one and the one before is dropped, so what was used least recently goes
 // first. The picker's lock guards it.
 type prefixTable struct {
@@ -38,38 +38,53 @@ func (t *prefixTable) get(k uint64) *prefixEntry {
 	return t.old[k]
 }
 
-// lookup returns the hosts (a bit each, by index) that served the longest
-// of the prefixes within the TTL, or 0.
-func (t *prefixTable) lookup(prefix []uint64, now time.Time) uint64 {
+// kept reports whether the table keeps block i of a prompt of n blocks:
+// blocks 1, 2, 4, 8, ... and the last, so that one prompt takes at most
+// eight entries of the table, and prompts that share a prefix meet at
+// every power of two within it.
+func kept(i, n int) bool { return i == n-1 || (i+1)&i == 0 }
+
+// lookup returns the hosts among eligible (a bit each, by index) that
+// served the longest of the prefixes within the TTL, trying shorter ones
+// while none of the hosts that served a longer one is eligible; served
+// reports whether any host served any of them.
+func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (hosts uint64, served bool) {
 	since := now.Add(-t.ttl).UnixNano()
 	for i := len(prefix) - 1; i >= 0; i-- {
+		if !kept(i, len(prefix)) {
+			continue
+		}
 		e := t.get(prefix[i])
 		if e == nil {
 			continue
 		}
-		var hosts uint64
 		for j, h := range e.host {
 			if h != 0 && e.at[j] >= since {
+				served = true
 				hosts |= 1 << (h - 1)
 			}
 		}
-		if hosts != 0 {
-			return hosts
+		if hosts&eligible != 0 {
+			return hosts & eligible, true
 		}
+		hosts = 0
 	}
-	return 0
+	return 0, served
 }
 
-// record notes that host served every prefix.
+// record notes that host served every prefix (the blocks the table keeps).
 func (t *prefixTable) record(prefix []uint64, host int, now time.Time) {
 	at := now.UnixNano()
-	for _, k := range prefix {
+	for i, k := range prefix {
+		if !kept(i, len(prefix)) {
+			continue
+		}
 		e, ok := t.cur[k]
 		if !ok {
+			e = t.old[k] // carried over, before a rotation drops the old generation
 			if len(t.cur) >= t.half {
 				t.old, t.cur = t.cur, make(map[uint64]*prefixEntry, t.half)
 			}
-			e = t.old[k]
 			if e == nil {
 				e = &prefixEntry{}
 			}

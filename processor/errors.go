@@ -93,6 +93,9 @@ func errNoCapacity(retryAfter time.Duration) *apiError {
 }
 
 func errUnknownModel(model string) *apiError {
+	if len(model) > 256 {
+		model = model[:256] + "..."
+	}
 	return &apiError{status: 404, kind: "invalid_request_error", code: "model_not_found", reason: "unknown_model",
 		param: "model", message: fmt.Sprintf("The model %q does not exist or no backend serves it.", model)}
 }

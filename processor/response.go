@@ -67,17 +67,31 @@ func newTracker(s *Server, lease *picker.Lease, req cost.Request) *tracker {
 func (t *tracker) responseHeaders(hs *corev3.HeaderMap, eos bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	overloaded, attempts := false, 1
 	for _, hv := range hs.GetHeaders() {
 		switch strings.ToLower(hv.GetKey()) {
 		case ":status":
 			t.status, _ = strconv.Atoi(headerValue(hv))
 		case "content-type":
 			t.streamed = strings.HasPrefix(strings.ToLower(headerValue(hv)), "text/event-stream")
+		case "x-envoy-overloaded":
+			overloaded = true
+		case "x-envoy-attempt-count":
+			attempts, _ = strconv.Atoi(headerValue(hv))
 		}
 	}
 	if t.status != 0 && !t.reported && t.s.cfg.ResponseStatus != nil {
 		t.reported = true
-		t.s.cfg.ResponseStatus(t.lease.Host(), t.status)
+		switch {
+		case attempts > 1:
+			// Envoy retried the request elsewhere (override_host's
+			// fallbacks): the chosen host failed it, whatever the answer.
+			t.s.cfg.ResponseStatus(t.lease.Host(), 503)
+		case overloaded:
+			// Envoy's own circuit breaker, not the host.
+		default:
+			t.s.cfg.ResponseStatus(t.lease.Host(), t.status)
+		}
 	}
 	if eos {
 		t.finishLocked(picker.ResponseHeaders)

@@ -361,3 +361,62 @@ func TestSpeedsLearnedFromStreamsOnly(t *testing.T) {
 		t.Fatalf("a streamed response taught no prefill speed: %+v", s)
 	}
 }
+
+// TestResponseStatusReported: each routed response's status reaches
+// Config.ResponseStatus once, for the host tokenlb chose; a request Envoy
+// retried elsewhere counts as a failure of that host; Envoy's own overload
+// answers and tokenlb's rejections are not reported.
+func TestResponseStatusReported(t *testing.T) {
+	type report struct {
+		host   string
+		status int
+	}
+	for _, tc := range []struct {
+		name    string
+		headers map[string]string
+		want    int // 0: no report
+	}{
+		{"ok", map[string]string{":status": "200"}, 200},
+		{"server error", map[string]string{":status": "503"}, 503},
+		{"retried elsewhere", map[string]string{":status": "200", "x-envoy-attempt-count": "2"}, 503},
+		{"envoy overloaded", map[string]string{":status": "503", "x-envoy-overloaded": "true"}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reports := make(chan report, 10)
+			env := startEnv(t, threeHosts, picker.Options{}, Config{ResponseStatus: func(h string, s int) { reports <- report{h, s} }})
+			f := env.open(t, buffered)
+			host := routed(t, f, post(chat(10))).headers[DefaultDestinationHeader]
+			var hs []*corev3.HeaderValue
+			for k, v := range tc.headers {
+				hs = append(hs, &corev3.HeaderValue{Key: k, RawValue: []byte(v)})
+			}
+			step(t, f, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+				ResponseHeaders: &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: hs}, EndOfStream: true}}})
+			f.close()
+			env.waitEnded(t, 1)
+			close(reports)
+			var got []report
+			for r := range reports {
+				got = append(got, r)
+			}
+			switch {
+			case tc.want == 0 && len(got) != 0:
+				t.Fatalf("reported %v", got)
+			case tc.want != 0 && (len(got) != 1 || got[0] != report{host, tc.want}):
+				t.Fatalf("reported %v, want [{%s %d}]", got, host, tc.want)
+			}
+		})
+	}
+	// A rejected request has no response to report.
+	reports := 0
+	env := startEnv(t, threeHosts, picker.Options{}, Config{ResponseStatus: func(string, int) { reports++ }})
+	f := env.open(t, buffered)
+	if out, err := f.do(post([]byte(`{"messages": [`))); err != nil || out.immediate == nil {
+		t.Fatalf("invalid JSON not rejected: %v", err)
+	}
+	f.close()
+	env.waitEnded(t, 1)
+	if reports != 0 {
+		t.Fatalf("a rejection reported %d statuses", reports)
+	}
+}

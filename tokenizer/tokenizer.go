@@ -252,10 +252,12 @@ func (t *Tokenizer) newBudget() *budget {
 }
 
 // prefixHasher hashes the leading blocks of a request's texts, in the order
-// the model reads them: each block's hash covers every block before it, so
-// two prompts share a block's hash exactly when they start with the same
-// text up to its end. A last block that is not full is left out, as a
-// backend's prefix cache leaves out its last partial block.
+// the request lists them (for chat: each message's role and content in turn,
+// then tool definitions), each text followed by a separator byte: each
+// block's hash covers every block before it, so two prompts share a block's
+// hash exactly when they start with the same texts up to its end. A last
+// block that is not full is left out, as a backend's prefix cache leaves out
+// its last partial block. Prompts given as token ids are not hashed.
 type prefixHasher struct {
 	hashes []uint64
 	buf    []byte
@@ -293,6 +295,7 @@ func (b *budget) text(s string) int {
 	}
 	if len(b.prefix.hashes) < b.t.opts.PrefixBlocks {
 		b.hashPrefix(s)
+		b.hashPrefix("\x1e") // so that "ab" then "c" is not "a" then "bc"
 	}
 	k, n, ok := b.t.cached(s)
 	if ok {

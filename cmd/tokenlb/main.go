@@ -77,6 +77,10 @@ func listenAndServe(ctx context.Context, cfg config.Config, log *slog.Logger) er
 	return serve(ctx, cfg, log, grpcLis, adminLis)
 }
 
+// readyWait bounds how long tokenlb waits for its first look at the
+// backends before it reports ready.
+const readyWait = 5 * time.Second
+
 // serve runs tokenlb on the given listeners until ctx is done, then shuts
 // down: not ready, wait ShutdownDelay, stop accepting streams, drain the
 // in-flight ones for up to DrainTimeout.
@@ -128,11 +132,18 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	extprocv3.RegisterExternalProcessorServer(gs, srv)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
-	hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
 
-	var ready atomic.Bool
-	ready.Store(true)
-	adminSrv := &http.Server{Handler: admin.Handler(p, model, reg, ready.Load), ReadHeaderTimeout: 10 * time.Second}
+	// Ready once the watcher has checked every host and read its models
+	// (each bounded by its timeout), or after readyWait whatever it knows.
+	var state atomic.Int32 // starting, ready, stopping
+	const (
+		starting int32 = iota
+		ready
+		stopping
+	)
+	isReady := func() bool { return state.Load() == ready }
+	adminSrv := &http.Server{Handler: admin.Handler(p, model, reg, isReady), ReadHeaderTimeout: 10 * time.Second}
 
 	stopSweeper := make(chan struct{})
 	defer close(stopSweeper)
@@ -141,6 +152,18 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	watched := make(chan struct{})
 	go func() { watcher.Run(watchCtx); close(watched) }()
 	defer func() { stopWatching(); <-watched }()
+	go func() {
+		select {
+		case <-watcher.Ready():
+		case <-time.After(readyWait):
+			log.Warn("backends not all checked yet; serving anyway", "waited", readyWait)
+		case <-watchCtx.Done():
+			return
+		}
+		if state.CompareAndSwap(starting, ready) {
+			hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+		}
+	}()
 
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(grpcLis) }()
@@ -155,7 +178,7 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 	}
 
 	log.Info("shutting down", "shutdown_delay", cfg.ShutdownDelay, "drain_timeout", cfg.DrainTimeout)
-	ready.Store(false)
+	state.Store(stopping)
 	hs.Shutdown() // every service NOT_SERVING: Envoy's health check stops sending streams
 	if serveErr == nil {
 		select {
