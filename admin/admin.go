@@ -16,7 +16,8 @@ import (
 //
 //	/metrics      Prometheus metrics from reg
 //	/healthz      200 while the process is up
-//	/readyz       200 while ready() is true, else 503 (shutting down)
+//	/readyz       200 while ready() is true, else 503 (starting: backends
+//	              not yet checked, at most a few seconds; or shutting down)
 //	/debug/hosts  JSON: each host's in-flight tokens, load and requests, and
 //	              what the cost model believes of its speed
 func Handler(p *picker.Picker, model *cost.Model, reg *prometheus.Registry, ready func() bool) http.Handler {
@@ -27,7 +28,7 @@ func Handler(p *picker.Picker, model *cost.Model, reg *prometheus.Registry, read
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ready() {
-			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			http.Error(w, "not ready: starting or shutting down", http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ready\n"))

@@ -78,8 +78,10 @@ type Outlier struct {
 }
 
 // Discovery configures model discovery: a GET of Path (an OpenAI model
-// list) on each host every Interval. A host whose list was never read serves
-// any model; one whose list was read keeps it until the next read succeeds.
+// list) on each host every Interval, sooner after a failed read, and at once
+// when the host passes its health checks again. A host whose list was read
+// keeps it until the next read succeeds; until one is read, the picker sends
+// it a model only when no healthy host is known to serve it.
 type Discovery struct {
 	Path     string
 	Interval time.Duration // 0: off
@@ -135,7 +137,9 @@ type state struct {
 	ejectedUntil time.Time
 	ejectedAt    time.Time
 	lastEnd      time.Time // when the last ejection ended
+	handedOver   bool      // out since its ejection ended, until checks pass
 	cancel       func() bool
+	modelsFailed bool // the last model list read failed
 	// What the picker was last told.
 	told picker.Health
 	// recovered asks for the host's models again when it comes back up:
@@ -241,8 +245,7 @@ func (w *Watcher) Run(ctx context.Context) {
 			wg.Go(func() { w.every(ctx, w.opts.Health.Interval, nil, func() { w.check(ctx, addr) }) })
 		}
 		if w.opts.Models.Interval > 0 && !w.skipModels(addr) {
-			recovered := w.hosts[addr].recovered
-			wg.Go(func() { w.every(ctx, w.opts.Models.Interval, recovered, func() { w.discover(ctx, addr) }) })
+			wg.Go(func() { w.discoverLoop(ctx, addr) })
 		}
 		if w.opts.Metrics.Interval > 0 {
 			wg.Go(func() { w.every(ctx, w.opts.Metrics.Interval, nil, func() { w.scrape(ctx, addr) }) })
@@ -257,6 +260,37 @@ func (w *Watcher) Run(ctx context.Context) {
 		}
 	}
 }
+
+// discoverLoop reads addr's models every Models.Interval, sooner after a
+// failed read (every modelsRetry) and at once when the host recovers: an
+// engine still loading its model answers /v1/models only once it is ready.
+func (w *Watcher) discoverLoop(ctx context.Context, addr string) {
+	recovered := w.hosts[addr].recovered
+	w.mu.Lock()
+	failed := w.hosts[addr].modelsFailed
+	w.mu.Unlock()
+	next := func(failed bool) time.Duration {
+		if failed {
+			return min(w.opts.Models.Interval, modelsRetry)
+		}
+		return w.opts.Models.Interval
+	}
+	t := time.NewTimer(next(failed))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-recovered:
+			t.Stop()
+		}
+		t.Reset(next(!w.discover(ctx, addr)))
+	}
+}
+
+// modelsRetry is how soon a failed model list read is tried again.
+const modelsRetry = 5 * time.Second
 
 // Ready is closed once Run has checked every host, and read its models and
 // metrics, once (each bounded by its timeout).
@@ -334,7 +368,7 @@ func (w *Watcher) check(ctx context.Context, addr string) {
 		s.activeFails = 0
 		s.activeOKs++
 		if s.activeDown && s.activeOKs >= h.HealthyThreshold {
-			s.activeDown = false
+			s.activeDown, s.handedOver = false, false
 			w.log.Info("host passes its health checks again", "host", addr, "checks", s.activeOKs)
 		}
 	} else {
@@ -384,8 +418,9 @@ func (w *Watcher) Observe(addr string, status int) {
 		s.ejections = 0
 	}
 	if ejected, most := w.ejectedLocked(now), o.MaxEjectionPercent*len(w.hosts)/100; ejected >= max(1, most) {
-		w.log.Warn("host not ejected: too many hosts are ejected already", "host", addr, "ejected", ejected,
+		w.log.Debug("host not ejected: too many hosts are ejected already", "host", addr, "ejected", ejected,
 			"max_ejection_percent", o.MaxEjectionPercent)
+		w.m.ejections.WithLabelValues(addr, "skipped_max_percent").Inc()
 		s.failures = 0
 		return
 	}
@@ -414,7 +449,7 @@ func (w *Watcher) Observe(addr string, status int) {
 func (w *Watcher) ejectedLocked(now time.Time) int {
 	n := 0
 	for _, s := range w.hosts {
-		if now.Before(s.ejectedUntil) {
+		if now.Before(s.ejectedUntil) || s.handedOver {
 			n++
 		}
 	}
@@ -436,7 +471,7 @@ func (w *Watcher) readmit(addr string) {
 		// The last health check failed too: the checks decide when the
 		// host is back, rather than a timer letting requests fail on it
 		// again.
-		s.activeDown = true
+		s.activeDown, s.handedOver = true, true
 		s.activeSince = s.ejectedAt
 		s.activeReason = fmt.Sprintf("ejected after %d responses in a row with a 5xx status, and the last health check failed",
 			w.opts.Outlier.ConsecutiveFailures)

@@ -15,19 +15,32 @@ import (
 // maxListBytes bounds a model list or a metrics page read from a host.
 const maxListBytes = 4 << 20
 
-// discover reads the models addr serves.
-func (w *Watcher) discover(ctx context.Context, addr string) {
+// discover reads the models addr serves and reports whether it could. The
+// first failure after a success (or at start) is logged as a warning: until
+// a list is read, the host gets requests only for models no healthy host is
+// known to serve.
+func (w *Watcher) discover(ctx context.Context, addr string) bool {
 	models, err := w.readModels(ctx, addr)
 	if ctx.Err() != nil {
-		return
+		return true
 	}
+	w.mu.Lock()
+	s := w.hosts[addr]
+	first := !s.modelsFailed
+	s.modelsFailed = err != nil
+	w.mu.Unlock()
 	if err != nil {
 		w.m.reads.WithLabelValues(addr, "models", "failed").Inc()
-		w.log.Debug("model list not read", "host", addr, "err", err)
-		return // keep what was known
+		if first {
+			w.log.Warn("model list not read; retrying", "host", addr, "err", err, "every", min(w.opts.Models.Interval, modelsRetry))
+		} else {
+			w.log.Debug("model list not read", "host", addr, "err", err)
+		}
+		return false // keep what was known
 	}
 	w.m.reads.WithLabelValues(addr, "models", "ok").Inc()
 	w.target.SetModels(addr, models)
+	return true
 }
 
 func (w *Watcher) readModels(ctx context.Context, addr string) ([]string, error) {
@@ -38,6 +51,7 @@ func (w *Watcher) readModels(ctx context.Context, addr string) ([]string, error)
 	}
 	defer cancel()
 	defer resp.Body.Close()
+	defer io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection is reused
 	if resp.StatusCode != 200 {
 		return nil, fmt.Errorf("GET %s: status %d", d.Path, resp.StatusCode)
 	}

@@ -122,6 +122,26 @@ func TestModels(t *testing.T) {
 		}
 		l.Release(ResponseEnd)
 	}
+	// With every host known to serve it down, a healthy host of unknown
+	// models is tried before the unhealthy ones.
+	p.SetHealth(three[0], Health{Down: true})
+	p.SetHealth(three[1], Health{Down: true})
+	if l, _ := p.Pick(Request{Cost: Tokens(1), Model: "llama"}); l.Host() != three[2] {
+		t.Fatalf("llama with its hosts down went to %s", l.Host())
+	}
+	// UnknownServesAny: a host of unknown models is one of the model's.
+	q := mustNew(t, three, Options{Seed: 1, UnknownServesAny: true})
+	q.SetModels(three[0], []string{"llama"})
+	q.SetModels(three[1], []string{"qwen"})
+	seen := map[string]bool{}
+	for range 40 {
+		l, _ := q.Pick(Request{Cost: Tokens(1), Model: "llama"})
+		seen[l.Host()] = true
+		l.Release(ResponseEnd)
+	}
+	if !seen[three[0]] || !seen[three[2]] || seen[three[1]] {
+		t.Fatalf("with UnknownServesAny, llama went to %v", seen)
+	}
 }
 
 // TestRemoteLoad: requests a backend reports beyond the picker's own count
@@ -303,12 +323,13 @@ func TestPrefixTableKeeps(t *testing.T) {
 		t.Fatalf("a prompt sharing 40 blocks found hosts %b", got)
 	}
 	// When the host that served the longer prefix is not eligible, a
-	// shorter prefix another host served counts.
-	tab.record(long[:4], 1, now)
+	// shorter prefix another host served counts, down to half the longest.
+	tab.record(long[:40], 1, now)
+	tab.record(long[:4], 0, now)
 	if got, _ := tab.lookup(long, 1<<1, now); got != 1<<1 {
-		t.Fatalf("with only host 1 eligible, found %b", got)
+		t.Fatalf("with only host 1 (32 blocks in common) eligible, found %b", got)
 	}
 	if got, served := tab.lookup(long, 1<<0, now); got != 0 || !served {
-		t.Fatalf("with only host 0 eligible: %b, served %v; want none, served", got, served)
+		t.Fatalf("with only host 0 (4 blocks in common of 64) eligible: %b, served %v; want none, served", got, served)
 	}
 }

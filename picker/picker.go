@@ -74,6 +74,11 @@ type Options struct {
 	// that recently served the same prompt prefix, whose backend likely
 	// still caches it, unless that host is too loaded.
 	Affinity Affinity
+	// UnknownServesAny makes hosts whose models are not known (SetModels
+	// never called, or with nil) serve every model, as when models are
+	// configured for some hosts and never asked of the others; otherwise
+	// they get a model only when no healthy host is known to serve it.
+	UnknownServesAny bool
 	// Seed seeds tie-breaking; 0 picks a random seed.
 	Seed uint64
 	// Now is the clock used for lease ages; nil means time.Now.
@@ -133,7 +138,7 @@ type host struct {
 
 	// From outside the ledger (Set*).
 	health Health
-	models map[string]bool // nil: not known, serves any model
+	models map[string]bool // nil: not known
 	remote Remote
 	// external is the load of the requests the backend reported beyond
 	// this picker's own, priced by SetRemote when the report came.
@@ -156,7 +161,7 @@ type Request struct {
 	// Cost prices the request on each host.
 	Cost Cost
 	// Model, when not empty, restricts the pick to the hosts that serve it
-	// (or, when no host is known to, to those whose models are not known).
+	// (see serving for hosts whose models are not known).
 	Model string
 	// Prefix holds a hash of each leading block of the prompt, each
 	// covering every block before it too, for prefix affinity.
@@ -372,27 +377,39 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	return l, nil
 }
 
-// serving returns the hosts that serve model: those whose models are known
-// and include it or, when there are none, those whose models are not known
-// yet (which may serve it). A host whose list is unknown would otherwise
-// draw requests for models it turns away at once, and look idle doing so.
+// serving returns the hosts that may serve model: those known to serve it,
+// if one of them is healthy; else those whose models are not known (which
+// may serve it), if one of them is healthy; else all of these, for a pick
+// among unhealthy hosts. A host whose list is unknown would otherwise draw
+// requests for models it turns away at once, and look idle doing so. With
+// Options.UnknownServesAny, hosts whose models are not known count as
+// serving every model.
 func (p *Picker) serving(model string) []*host {
 	if model == "" {
 		return p.hosts
 	}
 	var known, unknown []*host
+	knownUp, unknownUp := false, false
 	for _, h := range p.hosts {
 		switch {
+		case h.models == nil && p.opts.UnknownServesAny:
+			known = append(known, h)
+			knownUp = knownUp || h.health.Healthy()
 		case h.models == nil:
 			unknown = append(unknown, h)
+			unknownUp = unknownUp || h.health.Healthy()
 		case h.models[model]:
 			known = append(known, h)
+			knownUp = knownUp || h.health.Healthy()
 		}
 	}
-	if len(known) > 0 {
+	switch {
+	case knownUp:
 		return known
+	case unknownUp:
+		return unknown
 	}
-	return unknown
+	return append(known, unknown...)
 }
 
 // perRequestMemory is about how many picks the average charge remembers.
@@ -440,8 +457,7 @@ func (p *Picker) SetHealth(addr string, h Health) error {
 }
 
 // SetModels records the models the host at addr serves; nil means not
-// known: the host then gets requests for a model only when no host is known
-// to serve it.
+// known (see Options.UnknownServesAny).
 func (p *Picker) SetModels(addr string, models []string) error {
 	return p.update(addr, func(x *host) {
 		if models == nil {

@@ -39,18 +39,21 @@ func (t *prefixTable) get(k uint64) *prefixEntry {
 }
 
 // kept reports whether the table keeps block i of a prompt of n blocks:
-// blocks 1, 2, 4, 8, ... and the last, so that one prompt takes at most
-// eight entries of the table, and prompts that share a prefix meet at
-// every power of two within it.
+// blocks 1, 2, 4, 8, ... and the last, so that one prompt takes about
+// log2(n)+2 entries of the table (7 for 64 blocks), and prompts that share
+// a prefix meet at every power of two within it.
 func kept(i, n int) bool { return i == n-1 || (i+1)&i == 0 }
 
 // lookup returns the hosts among eligible (a bit each, by index) that
 // served the longest of the prefixes within the TTL, trying shorter ones
-// while none of the hosts that served a longer one is eligible; served
-// reports whether any host served any of them.
+// while none of the hosts that served a longer one is eligible, down to
+// half the longest served (a host that shares only a prompt's first block,
+// a common system prompt, saves it little); served reports whether any host
+// served any of them.
 func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (hosts uint64, served bool) {
 	since := now.Add(-t.ttl).UnixNano()
-	for i := len(prefix) - 1; i >= 0; i-- {
+	floor := 0
+	for i := len(prefix) - 1; i >= floor; i-- {
 		if !kept(i, len(prefix)) {
 			continue
 		}
@@ -60,7 +63,9 @@ func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (h
 		}
 		for j, h := range e.host {
 			if h != 0 && e.at[j] >= since {
-				served = true
+				if !served {
+					served, floor = true, i/2
+				}
 				hosts |= 1 << (h - 1)
 			}
 		}

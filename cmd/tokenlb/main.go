@@ -90,7 +90,9 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 		return err
 	}
 	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost, Tolerance: picker.DefaultTolerance,
-		StallWeight: cfg.Cost.StallWeight, Affinity: cfg.Affinity()})
+		StallWeight: cfg.Cost.StallWeight, Affinity: cfg.Affinity(),
+		// Hosts whose models are never asked for serve any model.
+		UnknownServesAny: cfg.Models.DiscoveryInterval == 0})
 	if err != nil {
 		return err
 	}
@@ -160,9 +162,10 @@ func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, ad
 		case <-watchCtx.Done():
 			return
 		}
-		if state.CompareAndSwap(starting, ready) {
-			hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-		}
+		// Serving first, so that /readyz never says ready before the gRPC
+		// health does; after a shutdown began, Shutdown overrides it.
+		hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+		state.CompareAndSwap(starting, ready)
 	}()
 
 	errc := make(chan error, 2)
