@@ -52,6 +52,22 @@ func (r *recorder) SetRemote(addr string, rem picker.Remote) error {
 	return nil
 }
 
+// await reads what the target is told until cond holds, failing after 5 s.
+func (r *recorder) await(t *testing.T, what string, cond func(string) bool) {
+	t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case got := <-r.told:
+			if cond(got) {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
 func (r *recorder) healthOf(addr string) picker.Health {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -380,5 +396,39 @@ func TestBackoffHasNoOverflow(t *testing.T) {
 			t.Fatalf("ejection %d lasts %v", i+1, d)
 		}
 		c.advance(h.Until.Sub(c.Now()))
+	}
+}
+
+// TestModelsReadWhenHostRecovers: an engine that was loading (failing its
+// health checks and its model list) is asked for its models as soon as it
+// passes its checks, not a discovery interval later.
+func TestModelsReadWhenHostRecovers(t *testing.T) {
+	var up atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !up.Load() {
+			w.WriteHeader(503)
+			return
+		}
+		if r.URL.Path == "/v1/models" {
+			fmt.Fprint(w, `{"data":[{"id":"llama"}]}`)
+		}
+	}))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "http://")
+	r := newRecorder()
+	w, _ := New(r, []string{host}, Options{Health: HealthCheck{Interval: 5 * time.Millisecond, UnhealthyThreshold: 1, HealthyThreshold: 1},
+		Models: Discovery{Interval: time.Hour}}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	<-w.Ready()
+	r.await(t, "the host down", func(got string) bool { return got == "health "+host && r.healthOf(host).Down })
+	up.Store(true)
+	r.await(t, "the models read", func(got string) bool { return got == "models "+host })
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if m := r.models[host]; len(m) != 1 || m[0] != "llama" {
+		t.Fatalf("models %v", m)
 	}
 }
