@@ -216,13 +216,16 @@ func TestPrefixAffinity(t *testing.T) {
 	now := time.Unix(1000, 0)
 	clock := func() time.Time { return now }
 	p := mustNew(t, three, Options{Seed: 1, Now: clock, Affinity: Affinity{MaxExtraLoad: 500, TTL: time.Minute}})
+	// A request whose prefill costs 1,000 here: a host that holds its
+	// whole prompt saves all of it, more than MaxExtraLoad.
+	prefill := func(string) Charge { return Charge{Tokens: 100, UntilFirstToken: 1000} }
 	doc := []uint64{11, 12, 13}
-	first, _ := p.Pick(Request{Cost: Tokens(100), Prefix: doc})
+	first, _ := p.Pick(Request{Cost: prefill, Prefix: doc})
 	first.Release(ResponseEnd)
 	home := first.Host()
 	// The same prefix, and a longer one sharing it, go home.
 	for _, pre := range [][]uint64{doc, {11, 12, 13, 14}, {11, 12}} {
-		l, _ := p.Pick(Request{Cost: Tokens(100), Prefix: pre})
+		l, _ := p.Pick(Request{Cost: prefill, Prefix: pre})
 		if l.Host() != home {
 			t.Fatalf("prefix %v went to %s, not %s which served it", pre, l.Host(), home)
 		}
@@ -235,9 +238,16 @@ func TestPrefixAffinity(t *testing.T) {
 		}
 		return Charge{UntilEnd: 1 << 30}
 	}})
-	l, _ := p.Pick(Request{Cost: Tokens(100), Prefix: doc})
+	l, _ := p.Pick(Request{Cost: prefill, Prefix: doc})
 	if l.Host() != home {
 		t.Fatalf("with 400 extra load, went to %s", l.Host())
+	}
+	l.Release(ResponseEnd)
+	// The same, but the three shared blocks of 100 bytes are 30% of a
+	// 1,000-byte prompt: they save 300 of its prefill, less than the 400.
+	l, _ = p.Pick(Request{Cost: prefill, Prefix: doc, PrefixBlockBytes: 100, PromptBytes: 1000})
+	if l.Host() == home {
+		t.Fatal("affinity kept a host 400 ahead to save 300")
 	}
 	l.Release(ResponseEnd)
 	// Busier than that: the least loaded instead.
@@ -247,7 +257,7 @@ func TestPrefixAffinity(t *testing.T) {
 		}
 		return Charge{UntilEnd: 1 << 30}
 	}})
-	l, _ = p.Pick(Request{Cost: Tokens(100), Prefix: doc})
+	l, _ = p.Pick(Request{Cost: prefill, Prefix: doc})
 	if l.Host() == home {
 		t.Fatal("affinity ignored the load bound")
 	}
@@ -255,12 +265,14 @@ func TestPrefixAffinity(t *testing.T) {
 	busy.Release(ResponseEnd)
 	busier.Release(ResponseEnd)
 	s := p.Stats().Affinity
-	if s[AffinityHit] != 4 || s[AffinityOverloaded] != 1 || s[AffinityNone] != 1 {
+	// The 30% request went to another host, which then holds the prefix too
+	// and takes the last one by affinity.
+	if s[AffinityHit] != 5 || s[AffinityOverloaded] != 1 || s[AffinityNone] != 1 {
 		t.Fatalf("affinity results %v", s)
 	}
 	// Past the TTL, the prefix is forgotten.
 	now = now.Add(2 * time.Minute)
-	l, _ = p.Pick(Request{Cost: Tokens(100), Prefix: []uint64{11}})
+	l, _ = p.Pick(Request{Cost: prefill, Prefix: []uint64{11}})
 	l.Release(ResponseEnd)
 	if p.Stats().Affinity[AffinityNone] != 2 {
 		t.Fatalf("a prefix older than the TTL still counted: %v", p.Stats().Affinity)
@@ -278,17 +290,17 @@ func TestPrefixTableBounded(t *testing.T) {
 	}
 	all := ^uint64(0)
 	// The most recent are still there, the oldest gone.
-	if h, _ := tab.lookup([]uint64{9999}, all, now); h != 1<<(9999%3) {
+	if h, _, _ := tab.lookup([]uint64{9999}, all, now); h != 1<<(9999%3) {
 		t.Fatal("the table lost the most recent prefix")
 	}
-	if _, served := tab.lookup([]uint64{0}, all, now); served {
+	if _, _, served := tab.lookup([]uint64{0}, all, now); served {
 		t.Fatal("the table kept the oldest prefix")
 	}
 	// An entry remembers the last prefixHosts hosts.
 	for h := range 6 {
 		tab.record([]uint64{42}, h, now.Add(time.Duration(h)))
 	}
-	if got, _ := tab.lookup([]uint64{42}, all, now); got != 0b111100 {
+	if got, _, _ := tab.lookup([]uint64{42}, all, now); got != 0b111100 {
 		t.Fatalf("hosts of a prefix served by 6: %b, want the last 4", got)
 	}
 	// A prefix used again while in the old generation is carried over, and
@@ -299,7 +311,7 @@ func TestPrefixTableBounded(t *testing.T) {
 	tab.record([]uint64{3}, 0, now) // rotation: old {1, 2}, cur {3}
 	tab.record([]uint64{1}, 1, now) // carried over: cur {3, 1}
 	tab.record([]uint64{4}, 0, now) // rotation: old {3, 1}, cur {4}
-	if got, _ := tab.lookup([]uint64{1}, all, now); got != 0b11 {
+	if got, _, _ := tab.lookup([]uint64{1}, all, now); got != 0b11 {
 		t.Fatalf("a carried-over prefix knows hosts %b, want both that served it", got)
 	}
 }
@@ -319,17 +331,17 @@ func TestPrefixTableKeeps(t *testing.T) {
 	}
 	// A prompt sharing the first 40 blocks meets it at block 32.
 	other := append(append([]uint64{}, long[:40]...), 7, 8, 9)
-	if got, _ := tab.lookup(other, ^uint64(0), now); got != 1<<2 {
+	if got, matched, _ := tab.lookup(other, ^uint64(0), now); got != 1<<2 || matched != 32 {
 		t.Fatalf("a prompt sharing 40 blocks found hosts %b", got)
 	}
 	// When the host that served the longer prefix is not eligible, a
 	// shorter prefix another host served counts, down to half the longest.
 	tab.record(long[:40], 1, now)
 	tab.record(long[:4], 0, now)
-	if got, _ := tab.lookup(long, 1<<1, now); got != 1<<1 {
+	if got, _, _ := tab.lookup(long, 1<<1, now); got != 1<<1 {
 		t.Fatalf("with only host 1 (32 blocks in common) eligible, found %b", got)
 	}
-	if got, served := tab.lookup(long, 1<<0, now); got != 0 || !served {
+	if got, _, served := tab.lookup(long, 1<<0, now); got != 0 || !served {
 		t.Fatalf("with only host 0 (4 blocks in common of 64) eligible: %b, served %v; want none, served", got, served)
 	}
 }

@@ -89,9 +89,11 @@ type Options struct {
 type Affinity struct {
 	// MaxExtraLoad is how much more load (after adding the request) than
 	// the least-loaded host a host that recently served the request's
-	// prefix may have and still be chosen, in the cost's unit. 0 turns
-	// affinity off. It bounds affinity by load, so that one popular prefix
-	// cannot pile its requests onto one host.
+	// prefix may have and still be chosen, in the cost's unit; it may
+	// never have more than the prefill the prefix saves (the prefix's
+	// share of the prompt times the request's UntilFirstToken there). 0
+	// turns affinity off. It bounds affinity by load, so that one popular
+	// prefix cannot pile its requests onto one host.
 	MaxExtraLoad int64
 	// TTL is how long a host counts as having served a prefix; a backend's
 	// cache evicts what it has not used for a while. 0 means 5 minutes.
@@ -164,8 +166,11 @@ type Request struct {
 	// (see serving for hosts whose models are not known).
 	Model string
 	// Prefix holds a hash of each leading block of the prompt, each
-	// covering every block before it too, for prefix affinity.
-	Prefix []uint64
+	// covering every block before it too, for prefix affinity; the blocks
+	// are PrefixBlockBytes long, of a prompt of PromptBytes.
+	Prefix           []uint64
+	PrefixBlockBytes int
+	PromptBytes      int
 }
 
 // Cost says what a request would cost on a host. Pick calls it once per
@@ -264,7 +269,8 @@ const DefaultTolerance = 0.1
 // requests. The lowest score wins, within Tolerance; among near ties, the
 // fewest in-flight requests, then a host at random. With affinity on, a
 // host that recently served r's prefix wins instead when its score is
-// within Affinity.MaxExtraLoad of the lowest.
+// above the lowest by no more than the prefill the prefix saves there, nor
+// than Affinity.MaxExtraLoad.
 func (p *Picker) Pick(r Request) (*Lease, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -320,9 +326,17 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 				eligible |= 1 << o.h.index
 			}
 		}
-		hosts, served := p.prefixes.lookup(r.Prefix, eligible, p.opts.Now())
+		hosts, matched, served := p.prefixes.lookup(r.Prefix, eligible, p.opts.Now())
+		// A host that holds the prefix saves the prefill of that part of
+		// the prompt: it may be ahead of the least loaded by no more than
+		// that (and MaxExtraLoad).
+		share := 1.0
+		if r.PromptBytes > 0 && r.PrefixBlockBytes > 0 {
+			share = min(1, float64(matched*r.PrefixBlockBytes)/float64(r.PromptBytes))
+		}
 		for _, o := range opts {
-			if hosts&(1<<o.h.index) != 0 && (!chosen || o.score < best.score) {
+			allowed := min(p.opts.Affinity.MaxExtraLoad, int64(share*float64(o.charge.UntilFirstToken)))
+			if hosts&(1<<o.h.index) != 0 && o.score <= lowest+allowed && (!chosen || o.score < best.score) {
 				best, chosen = o, true
 			}
 		}

@@ -48,9 +48,10 @@ func kept(i, n int) bool { return i == n-1 || (i+1)&i == 0 }
 // served the longest of the prefixes within the TTL, trying shorter ones
 // while none of the hosts that served a longer one is eligible, down to
 // half the longest served (a host that shares only a prompt's first block,
-// a common system prompt, saves it little); served reports whether any host
+// a common system prompt, saves it little); matched is how many blocks
+// those hosts share with the prompt, and served reports whether any host
 // served any of them.
-func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (hosts uint64, served bool) {
+func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (hosts uint64, matched int, served bool) {
 	since := now.Add(-t.ttl).UnixNano()
 	floor := 0
 	for i := len(prefix) - 1; i >= floor; i-- {
@@ -70,11 +71,11 @@ func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (h
 			}
 		}
 		if hosts&eligible != 0 {
-			return hosts & eligible, true
+			return hosts & eligible, i + 1, true
 		}
 		hosts = 0
 	}
-	return 0, served
+	return 0, 0, served
 }
 
 // record notes that host served every prefix (the blocks the table keeps).

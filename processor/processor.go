@@ -437,7 +437,8 @@ func (x *exchange) pick(prompt tokenizer.Prompt, in replyIn, body []byte) (bool,
 	req := cost.Request{Model: prompt.Model, Route: string(prompt.API), PromptTokens: prompt.Tokens,
 		MaxOutputTokens: prompt.MaxOutputTokens}
 	output := s.cost.Output(req)
-	pr := picker.Request{Cost: s.cost.Cost(req, output), Prefix: prompt.Prefix}
+	pr := picker.Request{Cost: s.cost.Cost(req, output), Prefix: prompt.Prefix, PrefixBlockBytes: prompt.PrefixBlockBytes,
+		PromptBytes: prompt.TextBytes}
 	if s.cfg.ModelRouting {
 		pr.Model = prompt.Model
 	}

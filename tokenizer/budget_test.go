@@ -325,8 +325,12 @@ func TestPrefixHashes(t *testing.T) {
 	if !reflect.DeepEqual(d[:3], a[:3]) || d[3] == a[3] || d[6] == a[6] {
 		t.Fatal("a change in block 4 did not change exactly the hashes from block 4 on")
 	}
+	p, _ := tk.CountRequest("/v1/chat/completions", chatBody(t, doc, "q"))
+	if want := len("system") + len(doc) + len("user") + len("q"); p.TextBytes != want || p.PrefixBlockBytes != 64 {
+		t.Fatalf("TextBytes %d, PrefixBlockBytes %d; want %d and 64", p.TextBytes, p.PrefixBlockBytes, want)
+	}
 	off, _ := New(Options{})
-	if p, _ := off.CountRequest("/v1/chat/completions", chatBody(t, doc, "q")); p.Prefix != nil {
+	if p, _ := off.CountRequest("/v1/chat/completions", chatBody(t, doc, "q")); p.Prefix != nil || p.PrefixBlockBytes != 0 {
 		t.Fatalf("hashed %d blocks with PrefixBlocks 0", len(p.Prefix))
 	}
 }

@@ -62,6 +62,11 @@ type Prompt struct {
 	// Prefix[i] covers its first i+1 blocks of Options.PrefixBlockBytes.
 	// Two prompts that start with the same text share leading hashes.
 	Prefix []uint64
+	// PrefixBlockBytes is the block size of Prefix (0 without one), and
+	// TextBytes the length of all the request's texts: what share of a
+	// prompt a shared prefix covers.
+	PrefixBlockBytes int
+	TextBytes        int
 }
 
 // APIFor returns the request shape served at path (query string ignored).
@@ -133,7 +138,10 @@ func (tk *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
 	t := tk.newBudget()
 	p, err := t.request(path, body)
 	t.done()
-	p.Estimated, p.Prefix = t.estimated, t.prefix.hashes
+	p.Estimated, p.Prefix, p.TextBytes = t.estimated, t.prefix.hashes, t.textBytes
+	if p.Prefix != nil {
+		p.PrefixBlockBytes = tk.opts.PrefixBlockBytes
+	}
 	return p, err
 }
 

@@ -244,6 +244,7 @@ type budget struct {
 	tokens, bytes int
 	estimated     string // "", EstimatedSize or EstimatedTime
 	prefix        prefixHasher
+	textBytes     int // of every text, counted or not
 }
 
 func (t *Tokenizer) newBudget() *budget {
@@ -293,6 +294,7 @@ func (b *budget) text(s string) int {
 	if s == "" {
 		return 0
 	}
+	b.textBytes += len(s)
 	if len(b.prefix.hashes) < b.t.opts.PrefixBlocks {
 		b.hashPrefix(s)
 		b.hashPrefix("\x1e") // so that "ab" then "c" is not "a" then "bc"
