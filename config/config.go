@@ -281,10 +281,11 @@ func (c *Config) Watch() backend.Options {
 }
 
 // Affinity returns the picker's prefix affinity options, with the cost's
-// unit (microseconds of work).
+// unit (microseconds of work): the prefill a prefix saves is priced at the
+// prior prefill speed.
 func (c *Config) Affinity() picker.Affinity {
 	return picker.Affinity{MaxExtraLoad: c.PrefixAffinity.MaxExtraLoad.Microseconds(), TTL: c.PrefixAffinity.TTL,
-		Entries: c.PrefixAffinity.Entries}
+		Entries: c.PrefixAffinity.Entries, PrefillPerToken: 1e6 / c.Cost.PrefillTokensPerSecond}
 }
 
 // Parse reads a YAML document over the defaults. Unknown fields are errors,

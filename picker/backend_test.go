@@ -279,6 +279,36 @@ func TestPrefixAffinity(t *testing.T) {
 	}
 }
 
+// TestPrefixSavingAtPriorSpeed: with PrefillPerToken, the prefill a prefix
+// saves is priced per prompt token, whatever the request's UntilFirstToken
+// (which a cost model that learned cache hits prices near zero).
+func TestPrefixSavingAtPriorSpeed(t *testing.T) {
+	for _, tc := range []struct {
+		perToken float64
+		home     bool
+	}{{0, false}, {5, true}} {
+		p := mustNew(t, three, Options{Seed: 1, Affinity: Affinity{MaxExtraLoad: 10000, PrefillPerToken: tc.perToken}})
+		cached := func(string) Charge { return Charge{Tokens: 100, UntilFirstToken: 10} } // learned: prefill looks free
+		first, _ := p.Pick(Request{Cost: cached, Prefix: []uint64{1, 2}})
+		home := first.Host()
+		// home is now 410 ahead (first, plus 400 more): 100 tokens at 5 a
+		// token save 500, at the UntilFirstToken 10.
+		extra, _ := p.Pick(Request{Cost: func(h string) Charge {
+			if h == home {
+				return Charge{UntilEnd: 400}
+			}
+			return Charge{UntilEnd: 1 << 30}
+		}})
+		l, _ := p.Pick(Request{Cost: cached, Prefix: []uint64{1, 2}})
+		if got := l.Host() == home; got != tc.home {
+			t.Errorf("PrefillPerToken %v: went home %v, want %v", tc.perToken, got, tc.home)
+		}
+		for _, x := range []*Lease{first, extra, l} {
+			x.Release(ResponseEnd)
+		}
+	}
+}
+
 func TestPrefixTableBounded(t *testing.T) {
 	tab := newPrefixTable(Affinity{Entries: 100, TTL: time.Hour})
 	now := time.Unix(0, 0)

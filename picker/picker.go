@@ -95,6 +95,12 @@ type Affinity struct {
 	// turns affinity off. It bounds affinity by load, so that one popular
 	// prefix cannot pile its requests onto one host.
 	MaxExtraLoad int64
+	// PrefillPerToken, when positive, prices the prefill a prefix saves at
+	// this much load per prompt token (Charge.Tokens), rather than at the
+	// request's UntilFirstToken: a cost model that learns host speeds from
+	// times to first token learns cache hits too, and would price the
+	// prefill a cache saves at next to nothing.
+	PrefillPerToken float64
 	// TTL is how long a host counts as having served a prefix; a backend's
 	// cache evicts what it has not used for a while. 0 means 5 minutes.
 	TTL time.Duration
@@ -335,7 +341,11 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 			share = min(1, float64(matched*r.PrefixBlockBytes)/float64(r.PromptBytes))
 		}
 		for _, o := range opts {
-			allowed := min(p.opts.Affinity.MaxExtraLoad, int64(share*float64(o.charge.UntilFirstToken)))
+			saved := share * float64(o.charge.UntilFirstToken)
+			if p.opts.Affinity.PrefillPerToken > 0 {
+				saved = share * float64(o.charge.Tokens) * p.opts.Affinity.PrefillPerToken
+			}
+			allowed := min(p.opts.Affinity.MaxExtraLoad, int64(saved))
 			if hosts&(1<<o.h.index) != 0 && o.score <= lowest+allowed && (!chosen || o.score < best.score) {
 				best, chosen = o, true
 			}
