@@ -32,7 +32,7 @@ vet:
 test: tools vet
 	envoy="$$(scripts/envoy.sh)" && ENVOY_BIN="$$envoy" CI=true $(GO) test -race -count=1 ./...
 
-# Quick check of a change (< 3 minutes): the seed profile, open loop at 80%
+# Quick check of a change (about 20 seconds): the seed profile, open loop at 80%
 # utilization, llmsim at a quarter of real time, all three arms.
 bench-quick: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-bench --envoy "$$envoy" \
