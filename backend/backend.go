@@ -114,7 +114,8 @@ type Watcher struct {
 	log    *slog.Logger
 	m      *Metrics
 
-	ready chan struct{} // closed after the first round
+	ready chan struct{}   // closed after the first round
+	skip  map[string]bool // hosts whose models are not asked for
 
 	mu    sync.Mutex
 	hosts map[string]*state
@@ -192,7 +193,13 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 	if m == nil {
 		m = NewMetrics()
 	}
-	w := &Watcher{target: target, opts: opts, log: log, m: m, hosts: map[string]*state{}, ready: make(chan struct{})}
+	w := &Watcher{target: target, opts: opts, log: log, m: m, hosts: map[string]*state{}, ready: make(chan struct{}),
+		skip: map[string]bool{}}
+	for _, h := range opts.Models.Skip {
+		if addr, err := picker.ParseAddr(h); err == nil {
+			w.skip[addr] = true
+		}
+	}
 	for _, h := range hosts {
 		addr, err := picker.ParseAddr(h)
 		if err != nil {
@@ -221,36 +228,35 @@ func cmpOr[T comparable](v, d T) T {
 	return v
 }
 
-// Run runs the active sources until ctx is done: a first round over every
-// host at once (after which Ready is closed), then each source on its own
-// interval.
+// Run runs the active sources until ctx is done: each source reads every
+// host at once, then again on its own interval; Ready is closed when every
+// first read is done.
 func (w *Watcher) Run(ctx context.Context) {
-	var first sync.WaitGroup
+	var wg, first sync.WaitGroup
+	start := func(now <-chan struct{}, f func() time.Duration) {
+		first.Add(1)
+		wg.Go(func() { poll(ctx, now, f, first.Done) })
+	}
 	for _, addr := range w.order {
-		if w.opts.Health.Interval > 0 {
-			first.Go(func() { w.check(ctx, addr) })
+		if h := w.opts.Health; h.Interval > 0 {
+			start(nil, func() time.Duration { w.check(ctx, addr); return h.Interval })
 		}
-		if w.opts.Models.Interval > 0 && !w.skipModels(addr) {
-			first.Go(func() { w.discover(ctx, addr) })
+		if d := w.opts.Models; d.Interval > 0 && !w.skip[addr] {
+			// Sooner after a failed read, and at once when the host comes
+			// back up: an engine still loading its model answers
+			// /v1/models only once it is ready.
+			start(w.hosts[addr].recovered, func() time.Duration {
+				if !w.discover(ctx, addr) {
+					return min(d.Interval, modelsRetry)
+				}
+				return d.Interval
+			})
 		}
-		if w.opts.Metrics.Interval > 0 {
-			first.Go(func() { w.scrape(ctx, addr) })
+		if m := w.opts.Metrics; m.Interval > 0 {
+			start(nil, func() time.Duration { w.scrape(ctx, addr); return m.Interval })
 		}
 	}
-	first.Wait()
-	close(w.ready)
-	var wg sync.WaitGroup
-	for _, addr := range w.order {
-		if w.opts.Health.Interval > 0 {
-			wg.Go(func() { w.every(ctx, w.opts.Health.Interval, nil, func() { w.check(ctx, addr) }) })
-		}
-		if w.opts.Models.Interval > 0 && !w.skipModels(addr) {
-			wg.Go(func() { w.discoverLoop(ctx, addr) })
-		}
-		if w.opts.Metrics.Interval > 0 {
-			wg.Go(func() { w.every(ctx, w.opts.Metrics.Interval, nil, func() { w.scrape(ctx, addr) }) })
-		}
-	}
+	go func() { first.Wait(); close(w.ready) }()
 	wg.Wait()
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -261,31 +267,22 @@ func (w *Watcher) Run(ctx context.Context) {
 	}
 }
 
-// discoverLoop reads addr's models every Models.Interval, sooner after a
-// failed read (every modelsRetry) and at once when the host recovers: an
-// engine still loading its model answers /v1/models only once it is ready.
-func (w *Watcher) discoverLoop(ctx context.Context, addr string) {
-	recovered := w.hosts[addr].recovered
-	w.mu.Lock()
-	failed := w.hosts[addr].modelsFailed
-	w.mu.Unlock()
-	next := func(failed bool) time.Duration {
-		if failed {
-			return min(w.opts.Models.Interval, modelsRetry)
-		}
-		return w.opts.Models.Interval
-	}
-	t := time.NewTimer(next(failed))
+// poll calls f at once, and then again after the wait f returned or as
+// soon as now receives, until ctx is done. It calls firstDone after the
+// first call.
+func poll(ctx context.Context, now <-chan struct{}, f func() time.Duration, firstDone func()) {
+	t := time.NewTimer(f())
 	defer t.Stop()
+	firstDone()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-		case <-recovered:
+		case <-now:
 			t.Stop()
 		}
-		t.Reset(next(!w.discover(ctx, addr)))
+		t.Reset(f())
 	}
 }
 
@@ -296,69 +293,43 @@ const modelsRetry = 5 * time.Second
 // metrics, once (each bounded by its timeout).
 func (w *Watcher) Ready() <-chan struct{} { return w.ready }
 
-func (w *Watcher) skipModels(addr string) bool {
-	for _, h := range w.opts.Models.Skip {
-		if a, err := picker.ParseAddr(h); err == nil && a == addr {
-			return true
-		}
-	}
-	return false
-}
-
-// every calls f every interval, and whenever now receives, until ctx is
-// done.
-func (w *Watcher) every(ctx context.Context, interval time.Duration, now <-chan struct{}, f func()) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-now:
-		}
-		f()
-	}
-}
-
-// get fetches path on addr within timeout and returns the response, whose
-// body the caller closes.
-func (w *Watcher) get(ctx context.Context, addr, path string, timeout time.Duration) (*http.Response, context.CancelFunc, error) {
+// fetch GETs path on addr within timeout. A transport error or a status
+// other than 2xx is an error that names the path; read, if not nil, is
+// given the body (at most maxListBytes of it). What is left of the body is
+// drained, up to 64 KiB, so that the connection is reused.
+func (w *Watcher) fetch(ctx context.Context, addr, path string, timeout time.Duration, read func(io.Reader) error) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+addr+path, nil)
 	if err != nil {
-		cancel()
-		return nil, nil, err
+		return fmt.Errorf("GET %s: %w", path, err)
 	}
 	resp, err := w.opts.Client.Do(req)
 	if err != nil {
-		cancel()
-		return nil, nil, err
+		return fmt.Errorf("GET %s: %w", path, unwrapURL(err))
 	}
-	return resp, cancel, nil
+	defer resp.Body.Close()
+	defer io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("GET %s: status %d", path, resp.StatusCode)
+	}
+	if read != nil {
+		if err := read(io.LimitReader(resp.Body, maxListBytes)); err != nil {
+			return fmt.Errorf("GET %s: %w", path, err)
+		}
+	}
+	return nil
 }
 
 // check runs one active health check of addr.
 func (w *Watcher) check(ctx context.Context, addr string) {
 	h := w.opts.Health
-	resp, cancel, err := w.get(ctx, addr, h.Path, h.Timeout)
-	if ctx.Err() != nil {
-		if err == nil {
-			resp.Body.Close()
-			cancel()
-		}
-		return // shutting down: not the host's fault
-	}
 	var reason string
-	if err != nil {
-		reason = fmt.Sprintf("GET %s: %v", h.Path, unwrapURL(err))
-	} else {
-		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection is reused
-		resp.Body.Close()
-		cancel()
-		if resp.StatusCode/100 != 2 {
-			reason = fmt.Sprintf("GET %s: status %d", h.Path, resp.StatusCode)
+	if err := w.fetch(ctx, addr, h.Path, h.Timeout, nil); err != nil {
+		if ctx.Err() != nil {
+			return // shutting down: not the host's fault
 		}
+		reason = err.Error()
 	}
 	w.m.checks.WithLabelValues(addr, map[bool]string{true: "ok", false: "failed"}[reason == ""]).Inc()
 	w.mu.Lock()

@@ -4,8 +4,9 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"fmt"
+	"errors"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -44,27 +45,23 @@ func (w *Watcher) discover(ctx context.Context, addr string) bool {
 }
 
 func (w *Watcher) readModels(ctx context.Context, addr string) ([]string, error) {
-	d := w.opts.Models
-	resp, cancel, err := w.get(ctx, addr, d.Path, d.Timeout)
-	if err != nil {
-		return nil, unwrapURL(err)
-	}
-	defer cancel()
-	defer resp.Body.Close()
-	defer io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection is reused
-	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("GET %s: status %d", d.Path, resp.StatusCode)
-	}
 	var list struct {
 		Data []struct {
 			ID string `json:"id"`
 		} `json:"data"`
 	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, maxListBytes)).Decode(&list); err != nil {
-		return nil, fmt.Errorf("GET %s: %w", d.Path, err)
-	}
-	if list.Data == nil {
-		return nil, fmt.Errorf("GET %s: no \"data\" list", d.Path)
+	d := w.opts.Models
+	err := w.fetch(ctx, addr, d.Path, d.Timeout, func(body io.Reader) error {
+		if err := json.NewDecoder(body).Decode(&list); err != nil {
+			return err
+		}
+		if list.Data == nil {
+			return errors.New(`no "data" list`)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	models := make([]string, 0, len(list.Data))
 	for _, m := range list.Data {
@@ -102,21 +99,17 @@ func (w *Watcher) scrape(ctx context.Context, addr string) {
 func (w *Watcher) readMetrics(ctx context.Context, addr string) (picker.Remote, error) {
 	sc := w.opts.Metrics
 	at := w.opts.Now()
-	resp, cancel, err := w.get(ctx, addr, sc.Path, sc.Timeout)
+	var r picker.Remote
+	err := w.fetch(ctx, addr, sc.Path, sc.Timeout, func(body io.Reader) error {
+		var found bool
+		var err error
+		if r, found, err = parseMetrics(body); err == nil && !found {
+			err = errors.New("no vLLM or SGLang queue metrics")
+		}
+		return err
+	})
 	if err != nil {
-		return picker.Remote{}, unwrapURL(err)
-	}
-	defer cancel()
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return picker.Remote{}, fmt.Errorf("GET %s: status %d", sc.Path, resp.StatusCode)
-	}
-	r, found, err := parseMetrics(io.LimitReader(resp.Body, maxListBytes))
-	if err != nil {
-		return picker.Remote{}, fmt.Errorf("GET %s: %w", sc.Path, err)
-	}
-	if !found {
-		return picker.Remote{}, fmt.Errorf("GET %s: no vLLM or SGLang queue metrics", sc.Path)
+		return picker.Remote{}, err
 	}
 	r.At = at
 	return r, nil
@@ -138,11 +131,11 @@ func parseMetrics(r io.Reader) (rem picker.Remote, found bool, err error) {
 		}
 		var into func(float64)
 		switch {
-		case contains(runningNames, name):
+		case slices.Contains(runningNames, name):
 			into = func(v float64) { rem.Running += int(v + 0.5); found = true }
-		case contains(waitingNames, name):
+		case slices.Contains(waitingNames, name):
 			into = func(v float64) { rem.Waiting += int(v + 0.5); found = true }
-		case contains(usageNames, name):
+		case slices.Contains(usageNames, name):
 			into = func(v float64) { rem.KVCacheUsage = max(rem.KVCacheUsage, min(1, v)) }
 		default:
 			continue
@@ -187,13 +180,4 @@ func metricName(line string) (name, rest string, ok bool) {
 		return "", "", false
 	}
 	return name, rest, true
-}
-
-func contains(names []string, name string) bool {
-	for _, n := range names {
-		if n == name {
-			return true
-		}
-	}
-	return false
 }
