@@ -34,6 +34,7 @@ type fastEncoding struct {
 	scratch sync.Pool // of *largeScratch
 	memos   sync.Pool // of *memo
 	bt      *backtracker
+	cuts    *cuts
 }
 
 const noRank = math.MaxUint32
@@ -72,6 +73,7 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 		}
 	}
 	e.bt = newBacktracker(loaded, e.pairs, e.mergeLast, e.ranks.get)
+	e.cuts = newCuts(loaded, e.mergeSmall)
 	return e, nil
 }
 
@@ -143,11 +145,30 @@ func (e *fastEncoding) countAll(s string) int {
 const deadlineEvery = 16 << 10
 
 // pieceTokens returns the number of tokens of one pre-tokenizer piece; ok
-// is false when the deadline passed before a long piece was merged.
+// is false when the deadline passed before a long piece was merged. A
+// piece of Chinese, Japanese or Korean is cut where no token can cross
+// (cuts.go) and its stretches counted apart.
 func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time) (n int, ok bool) {
 	if len(p) <= e.longest && e.ranks.getHashed(p, head, h) != noRank {
 		return 1, true
 	}
+	if e.cuts != nil && len(p) > 6 && len(p) <= maxBacktrack && threeByte(p) {
+		n, ok, uncut := e.cutTokens(p, func(s string) (int, bool) {
+			if len(s) <= e.longest && e.ranks.get(s) != noRank {
+				return 1, true
+			}
+			return e.mergeTokens(s, deadline)
+		})
+		if !uncut {
+			return n, ok
+		}
+	}
+	return e.mergeTokens(p, deadline)
+}
+
+// mergeTokens returns the number of tokens of piece p, which is not a
+// token itself.
+func (e *fastEncoding) mergeTokens(p string, deadline time.Time) (n int, ok bool) {
 	if e.bt != nil && (len(p) > btMin || len(p) > 6 && threeByte(p)) && len(p) <= maxBacktrack {
 		sc := e.scratch.Get().(*largeScratch)
 		n, ok := e.bt.count(p, sc, backtrackWork, deadline)

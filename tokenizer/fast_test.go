@@ -76,6 +76,10 @@ var hardCases = []string{
 	"camelCase PascalCase HTTPServer XMLHttpRequest iOS macOS ǅungla Ǆ ǅǆ",
 	"ʰʲ modifier ˢᵘᵖ ꜰ ß ẞ ŉ ﬁ",
 	"日本語のテキストです。東京タワー！ 한국어 텍스트 中文，标点。",
+	// Words of several characters that are tokens, beside characters that
+	// are not and characters that are tokens alone (cuts.go's places).
+	"中华人民共和国成立于一九四九年十月一日，人工智能大模型的推理服务龘靐齉",
+	"ありがとうございます。今日はいい天気ですね、東京都庁舎の展望室へ",
 	"ภาษาไทยไม่มีช่องว่าง हिन्दी العربية עברית Ελληνικά Русский",
 	// Numbers in every script and run length.
 	"1 12 123 1234 12345 1234567890 3.14 1e-9 0x1F ①②③④ ⅠⅡⅫ ½¾ ٣٤٥٦ ६७८९ １２３４",
@@ -196,16 +200,16 @@ func TestMergeLargeMatchesSmall(t *testing.T) {
 func TestClassesMatchRegexp2(t *testing.T) {
 	checks := []struct {
 		pattern string
-		has     func(c uint16) bool
+		has     func(c uint8) bool
 	}{
 		{`^[^\r\n\p{L}\p{N}]$`, isP},
 		{`^[^\s\p{L}\p{N}]$`, isQ},
-		{`^\p{L}$`, func(c uint16) bool { return c&cLetter != 0 }},
-		{`^\p{N}$`, func(c uint16) bool { return c&cNumber != 0 }},
-		{`^\s$`, func(c uint16) bool { return c&cSpace != 0 }},
-		{`^[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]$`, func(c uint16) bool { return c&cUpper != 0 }},
-		{`^[\p{Ll}\p{Lm}\p{Lo}\p{M}]$`, func(c uint16) bool { return c&cLower != 0 }},
-		{`^[\r\n]$`, func(c uint16) bool { return c&cNewline != 0 }},
+		{`^\p{L}$`, func(c uint8) bool { return c&cLetter != 0 }},
+		{`^\p{N}$`, func(c uint8) bool { return c&cNumber != 0 }},
+		{`^\s$`, func(c uint8) bool { return c&cSpace != 0 }},
+		{`^[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]$`, func(c uint8) bool { return c&cUpper != 0 }},
+		{`^[\p{Ll}\p{Lm}\p{Lo}\p{M}]$`, func(c uint8) bool { return c&cLower != 0 }},
+		{`^[\r\n]$`, func(c uint8) bool { return c&cNewline != 0 }},
 	}
 	res := make([]*regexp2.Regexp, len(checks))
 	for i, c := range checks {

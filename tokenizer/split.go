@@ -24,25 +24,25 @@ import (
 
 // Rune classes, as bits.
 const (
-	cLetter  uint16 = 1 << iota // \p{L}
-	cNumber                     // \p{N}
-	cSpace                      // \s (unicode.IsSpace)
-	cNewline                    // \r or \n
-	cUpper                      // [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]
-	cLower                      // [\p{Ll}\p{Lm}\p{Lo}\p{M}]
-	cMark                       // \p{M}
+	cLetter  uint8 = 1 << iota // \p{L}
+	cNumber                    // \p{N}
+	cSpace                     // \s (unicode.IsSpace)
+	cNewline                   // \r or \n
+	cUpper                     // [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]
+	cLower                     // [\p{Ll}\p{Lm}\p{Lo}\p{M}]
+	cMark                      // \p{M}
 )
 
 // asciiClass holds the classes of the ASCII runes.
-var asciiClass = func() (t [utf8.RuneSelf]uint16) {
+var asciiClass = func() (t [utf8.RuneSelf]uint8) {
 	for r := range rune(utf8.RuneSelf) {
 		t[r] = classOf(r)
 	}
 	return t
 }()
 
-func classOf(r rune) uint16 {
-	var c uint16
+func classOf(r rune) uint8 {
+	var c uint8
 	switch {
 	case unicode.IsLetter(r):
 		c |= cLetter
@@ -66,7 +66,7 @@ func classOf(r rune) uint16 {
 }
 
 // class returns the classes of the rune at s[i] and its size in bytes.
-func class(s string, i int) (uint16, int) {
+func class(s string, i int) (uint8, int) {
 	switch b := s[i]; {
 	case b < utf8.RuneSelf:
 		return asciiClass[b], 1
@@ -82,8 +82,8 @@ func class(s string, i int) (uint16, int) {
 // bmpClasses holds the classes of the Basic Multilingual Plane, where
 // nearly all text is (built when the program starts, in a few
 // milliseconds; read on every rune past ASCII, so not behind a sync.Once).
-var bmpClasses = func() *[1 << 16]uint16 {
-	t := new([1 << 16]uint16)
+var bmpClasses = func() *[1 << 16]uint8 {
+	t := new([1 << 16]uint8)
 	for r := range rune(1 << 16) {
 		t[r] = classOf(r)
 	}
@@ -91,10 +91,10 @@ var bmpClasses = func() *[1 << 16]uint16 {
 }()
 
 // isP reports the class [^\r\n\p{L}\p{N}].
-func isP(c uint16) bool { return c&(cNewline|cLetter|cNumber) == 0 }
+func isP(c uint8) bool { return c&(cNewline|cLetter|cNumber) == 0 }
 
 // isQ reports the class [^\s\p{L}\p{N}].
-func isQ(c uint16) bool { return c&(cSpace|cLetter|cNumber) == 0 }
+func isQ(c uint8) bool { return c&(cSpace|cLetter|cNumber) == 0 }
 
 // contraction returns the length of (?i:'s|'t|'re|'ve|'m|'ll|'d) at s[i:],
 // or 0.
@@ -128,7 +128,7 @@ func lower(b byte) byte {
 
 // run returns the end of the longest run of runes from i that have any of
 // the classes in want.
-func run(s string, i int, want uint16) int {
+func run(s string, i int, want uint8) int {
 	for i < len(s) {
 		if b := s[i]; b < utf8.RuneSelf { // most text: no decoding
 			if asciiClass[b]&want == 0 {
