@@ -71,12 +71,19 @@ bench: build tools
 	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out
 
 # Counting throughput and allocations, tiktoken-go against the fast engine,
-# on the committed corpus (tokenizer/testdata/corpus) and both encodings, ten
-# runs each, compared side by side by benchstat. About 4 minutes.
+# on the committed corpus (tokenizer/testdata/corpus) and both encodings,
+# compared side by side by benchstat. Ten rounds, each running every
+# benchmark once with the two engines back to back on each text, so that a
+# machine whose speed drifts slows both alike. About 4 minutes.
 BENCHSTAT = golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da
 bench-tokenizer:
-	mkdir -p bench/out
-	$(GO) test -run '^$$' -bench 'Count$$' -count 10 ./tokenizer | tee bench/out/tokenizer.txt
+	mkdir -p bench/out bin
+	$(GO) test -c -o bin/tokenizer.test ./tokenizer
+	rm -f bench/out/tokenizer.txt
+	cd tokenizer && for i in 1 2 3 4 5 6 7 8 9 10; do \
+		echo "round $$i of 10" >&2; \
+		../bin/tokenizer.test -test.run '^$$' -test.bench 'Count$$' >> ../bench/out/tokenizer.txt || exit 1; \
+	done
 	$(GO) run $(BENCHSTAT) -col /engine bench/out/tokenizer.txt
 
 # The fast engine against tiktoken-go on generated inputs, for FUZZTIME (ten
