@@ -200,24 +200,29 @@ type memo struct {
 	slots [memoSlots]memoSlot
 }
 
+// memoSlot is 16 bytes, so that the memo fits a core's first-level cache.
 type memoSlot struct {
 	head uint64 // the piece's first 8 bytes, as headHash returns them
-	gen  uint32
 	off  uint32 // where the piece starts in the text
-	size uint16
-	n    uint16
+	// meta is the text's generation (the top 10 bits), the piece's
+	// length and its count (11 bits each: both are at most maxMemoPiece).
+	meta uint32
 }
 
-// memoSlots is the memo's size: 48 KiB, about a core's first-level cache.
+// memoSlots is the memo's size: 32 KiB.
 const memoSlots = 2048
 
 // maxMemoPiece is the longest piece the memo keeps.
 const maxMemoPiece = 1 << 10
 
+// memoGens is how many texts the generation tells apart before the slots
+// are cleared.
+const memoGens = 1 << 10
+
 // next starts a new text.
 func (m *memo) next() {
 	m.gen++
-	if m.gen == 0 { // wrapped: slots of generation 0 may remain
+	if m.gen == memoGens { // wrapped: slots of generation 0 may remain
 		m.slots = [memoSlots]memoSlot{}
 		m.gen = 1
 	}
@@ -227,9 +232,9 @@ func (m *memo) next() {
 // and h are p's headHash.
 func (m *memo) get(s, p string, head, h uint64) (int, bool) {
 	slot := &m.slots[(h>>48)%memoSlots]
-	if slot.gen == m.gen && int(slot.size) == len(p) && slot.head == head &&
+	if slot.meta>>11 == m.gen<<11|uint32(len(p)) && slot.head == head &&
 		(len(p) <= 8 || s[slot.off+8:int(slot.off)+len(p)] == p[8:]) {
-		return int(slot.n), true
+		return int(slot.meta & (1<<11 - 1)), true
 	}
 	return 0, false
 }
@@ -237,7 +242,7 @@ func (m *memo) get(s, p string, head, h uint64) (int, bool) {
 // put remembers that the piece p at offset i of the text has n tokens.
 func (m *memo) put(i int, p string, head, h uint64, n int) {
 	if len(p) <= maxMemoPiece && i <= math.MaxUint32-maxMemoPiece { // off fits
-		m.slots[(h>>48)%memoSlots] = memoSlot{head: head, gen: m.gen, off: uint32(i), size: uint16(len(p)), n: uint16(n)}
+		m.slots[(h>>48)%memoSlots] = memoSlot{head: head, off: uint32(i), meta: m.gen<<22 | uint32(len(p))<<11 | uint32(n)}
 	}
 }
 
