@@ -342,3 +342,31 @@ func TestRankTable(t *testing.T) {
 		}
 	}
 }
+
+// TestLetters checks letters, which reads eight bytes at a time, against
+// the byte-at-a-time loop it stands for: every byte value at every place of
+// a word longer than eight bytes.
+func TestLetters(t *testing.T) {
+	want := func(s string, j int) int {
+		for j < len(s) && asciiLetter[s[j]] {
+			j++
+		}
+		if j < len(s) && s[j] >= utf8.RuneSelf {
+			return run(s, j, cLetter)
+		}
+		return j
+	}
+	for b := range 256 {
+		for at := range 20 {
+			word := []byte("abcdefghijKLMNOPQRSTuvwxyz")
+			word[at] = byte(b)
+			for _, s := range []string{string(word), string(word) + "é", "ÿ" + string(word)} {
+				for j := range 3 {
+					if got, w := letters(s, j), want(s, j); got != w {
+						t.Fatalf("letters(%q, %d) = %d, want %d", s, j, got, w)
+					}
+				}
+			}
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package tokenizer
 
 import (
+	"math/bits"
 	"unicode"
 	"unicode/utf8"
 )
@@ -292,6 +293,20 @@ var asciiLetter = func() (t [256]bool) {
 
 // letters returns the end of the run of letters from j, ASCII first.
 func letters(s string, j int) int {
+	// Eight bytes at a time while they are all ASCII letters: a byte below
+	// 0x80 is one when, with bit 0x20 set, it lies in 'a' to 'z'; with the
+	// top bits cleared no lane's sum carries into the next.
+	const ones, tops = 0x0101010101010101, 0x8080808080808080
+	for j+8 <= len(s) {
+		w := load64(s[j:])
+		x := (w | 0x20*ones) &^ tops
+		letter := (x + (0x80-'a')*ones) &^ (x + (0x80-'z'-1)*ones) &^ w & tops
+		if letter != tops {
+			j += bits.TrailingZeros64(^letter&tops) / 8
+			break
+		}
+		j += 8
+	}
 	for j < len(s) && asciiLetter[s[j]] {
 		j++
 	}
