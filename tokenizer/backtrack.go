@@ -60,6 +60,9 @@ type backtracker struct {
 	// of the token it spells (or noRank) in its high ones.
 	nodes []uint64
 	label []byte // the byte that leads to each node, and 8 zeros
+	// unreached counts the tokens that merging their own bytes does not
+	// reach (none in cl100k_base and o200k_base).
+	unreached int
 }
 
 // newBacktracker indexes the vocabulary ranks, merging each token with
@@ -96,6 +99,7 @@ func newBacktracker(ranks map[string]int, pairs *[1 << 16]uint32, merge func(str
 		// part of an encoding: it stays out of the trie.
 		parts, mid := merge(tok)
 		if parts != 1 {
+			b.unreached++
 			continue
 		}
 		l, rt := rank(tok[:mid]), rank(tok[mid:])

@@ -73,7 +73,11 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 		}
 	}
 	e.bt = newBacktracker(loaded, e.pairs, e.mergeLast, e.ranks.get)
-	e.cuts = newCuts(loaded, e.mergeSmall)
+	if e.bt != nil && e.bt.unreached == 0 {
+		// Cuts count a stretch that is a token as one, which is what
+		// merging its bytes gives only if every token is so reached.
+		e.cuts = newCuts(loaded, e.mergeSmall)
+	}
 	return e, nil
 }
 
@@ -222,7 +226,7 @@ const memoGens = 1 << 10
 // next starts a new text.
 func (m *memo) next() {
 	m.gen++
-	if m.gen == memoGens { // wrapped: slots of generation 0 may remain
+	if m.gen == memoGens { // wrapped: slots of the previous cycle may remain
 		m.slots = [memoSlots]memoSlot{}
 		m.gen = 1
 	}
@@ -232,7 +236,7 @@ func (m *memo) next() {
 // and h are p's headHash.
 func (m *memo) get(s, p string, head, h uint64) (int, bool) {
 	slot := &m.slots[(h>>48)%memoSlots]
-	if slot.meta>>11 == m.gen<<11|uint32(len(p)) && slot.head == head &&
+	if len(p) <= maxMemoPiece && slot.meta>>11 == m.gen<<11|uint32(len(p)) && slot.head == head &&
 		(len(p) <= 8 || s[slot.off+8:int(slot.off)+len(p)] == p[8:]) {
 		return int(slot.meta & (1<<11 - 1)), true
 	}

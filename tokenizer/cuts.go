@@ -52,7 +52,7 @@ func cutKey(left uint32, lkind int, right uint32, rkind int) uint64 {
 }
 
 // newCuts reads the places inside every token of ranks; count is the
-// token count of a text of one character.
+// number of parts merging a text of one character leaves.
 func newCuts(ranks map[string]int, count func(string) int) *cuts {
 	c := &cuts{chars: make([]uint8, 0x10000-0x800)}
 	var keys []uint64

@@ -149,12 +149,54 @@ func TestCutsMatchTiktoken(t *testing.T) {
 			}
 			s := b.String()
 			same(t, s)
+			// The same text after a space or a mark, and with a letter of
+			// two or four bytes inside: several pieces, places that are
+			// not between two characters of three bytes.
+			k := rng.IntN(len(s)/3) * 3
+			same(t, []string{" ", "「", "-"}[rng.IntN(3)]+s[:k]+[]string{"é", "𠀀", "ß"}[rng.IntN(3)]+s[k:])
 			if parts, ok := e.mergeLarge(s, time.Time{}); !ok || e.countAll(s) != parts {
 				t.Errorf("%s: %q: %d tokens, heap merge %d", name, s, e.countAll(s), parts)
 			}
 			if t.Failed() {
 				return
 			}
+		}
+	}
+}
+
+// TestCutsDeadline checks that a piece cut into a short stretch and a long
+// one (a word of two characters again and again, every place open) stops
+// at a deadline that has passed, and is counted as the heap merge counts
+// it without one.
+func TestCutsDeadline(t *testing.T) {
+	_, fasts := engines(t)
+	for _, name := range Encodings {
+		e := fasts[name]
+		word := ""
+		for _, tok := range vocabulary(t, name) {
+			r, _ := utf8.DecodeRuneInString(tok)
+			if len(tok) == 6 && utf8.ValidString(tok) && unicode.IsLetter(r) && len(places(tok)) == 1 && !closedAt(e.cuts, tok+tok, 6) {
+				word = tok
+				break
+			}
+		}
+		if word == "" {
+			t.Fatalf("%s: no word of two characters that is open after itself", name)
+		}
+		first := "" // a character cut from the word: a first, short stretch
+		for r := rune(0x4E00); r < 0x9FFF && first == ""; r++ {
+			if c := string(r); closedAt(e.cuts, c+word, 3) {
+				first = c
+			}
+		}
+		p := first + strings.Repeat(word, 10000) // 60 KB
+		head, h := headHash(p)
+		if _, ok := e.pieceTokens(p, head, h, time.Now().Add(-time.Second)); ok {
+			t.Errorf("%s: %q repeated: counted past the deadline", name, word)
+		}
+		want, _ := e.mergeLarge(p, time.Time{})
+		if got, ok := e.pieceTokens(p, head, h, time.Time{}); !ok || got != want {
+			t.Errorf("%s: %q repeated: %d tokens (ok %v), heap merge %d", name, word, got, ok, want)
 		}
 	}
 }

@@ -127,10 +127,10 @@ func (t *rankTable) getHashed(key string, head, h uint64) uint32 {
 }
 
 // filterWord returns the filter's word and three bits in it for a key of
-// hash h, from the hash's upper bits (its lower ones pick the table slot):
-// one cache line a lookup.
+// hash h, each from bits of the hash that neither the word (bits 40 up)
+// nor the table slot (the low bits) uses: one cache line a lookup.
 func (t *rankTable) filterWord(h uint64) (word int, bits uint64) {
-	return int(h >> 40 & (t.filterMask >> 6)), 1<<(h>>58) | 1<<(h>>52&63) | 1<<(h>>20&63)
+	return int(h >> 40 & (t.filterMask >> 6)), 1<<(h>>58) | 1<<(h>>26&63) | 1<<(h>>20&63)
 }
 
 // getShort is get for keys of 1 to 4 bytes.
