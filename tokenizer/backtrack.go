@@ -247,7 +247,7 @@ func (b *backtracker) child(node uint32, c byte) uint32 {
 func (b *backtracker) longest(p string) (rank uint32, n int) {
 	if c := p[0]; c >= 0xE0 && c < 0xF0 && len(p) >= 3 && p[1]&0xC0 == 0x80 && p[2]&0xC0 == 0x80 {
 		// A three-byte rune (overlong forms and surrogates have no node).
-		if node := b.three[rune(c&0x0F)<<12|rune(p[1]&0x3F)<<6|rune(p[2]&0x3F)]; node != 0 {
+		if node := b.three[rune3(p)]; node != 0 {
 			return b.walk(p, node, 3)
 		}
 	}

@@ -157,13 +157,7 @@ func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time)
 		return 1, true
 	}
 	if e.cuts != nil && len(p) > 6 && len(p) <= maxBacktrack && threeByte(p) {
-		n, ok, uncut := e.cutTokens(p, func(s string) (int, bool) {
-			if len(s) <= e.longest && e.ranks.get(s) != noRank {
-				return 1, true
-			}
-			return e.mergeTokens(s, deadline)
-		})
-		if !uncut {
+		if n, ok, uncut := e.cutTokens(p, deadline); !uncut {
 			return n, ok
 		}
 	}

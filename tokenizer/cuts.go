@@ -3,6 +3,7 @@ package tokenizer
 import (
 	"math/bits"
 	"slices"
+	"time"
 )
 
 // cuts finds, between two characters of three bytes (Chinese, Japanese,
@@ -178,16 +179,11 @@ func (c *cuts) closed(a uint32, ia uint8, b uint32, ib uint8) bool {
 	return true
 }
 
-// rune3 is the chars index of the three-byte character at the start of s.
-func rune3(s string) int {
-	return (int(s[0]&0x0F)<<12 | int(s[1]&0x3F)<<6 | int(s[2]&0x3F)) - 0x800
-}
-
 // cutTokens counts piece p (valid UTF-8) by its stretches between closed
-// places, counting each stretch of more than one character with merge; ok
-// is false when merge gave up at the deadline. uncut reports that the
-// piece has no closed place (and was not counted).
-func (e *fastEncoding) cutTokens(p string, merge func(string) (int, bool)) (n int, ok, uncut bool) {
+// places, a stretch of one character from its chars entry and a longer one
+// with stretchTokens; ok is false when that gave up at the deadline. uncut
+// reports that the piece has no closed place (and was not counted).
+func (e *fastEncoding) cutTokens(p string, deadline time.Time) (n int, ok, uncut bool) {
 	c := e.cuts
 	start := 0    // of the current stretch
 	prev := -1    // start of the character before, if of three bytes
@@ -200,33 +196,40 @@ func (e *fastEncoding) cutTokens(p string, merge func(string) (int, bool)) (n in
 			i += runeLen(b)
 			continue
 		}
-		w, info := load3(p[i:]), c.chars[rune3(p[i:])]
+		w, info := load3(p[i:]), c.chars[rune3(p[i:])-0x800]
 		if prev >= 0 && c.closed(pa, pi, w, info) {
-			if i-start == 3 && prev == start {
+			if prev == start { // one character
 				n += int(pi >> 6)
-			} else {
-				m, ok := merge(p[start:i])
-				if !ok {
-					return 0, false, false
-				}
+			} else if m, ok := e.stretchTokens(p[start:i], deadline); ok {
 				n += m
+			} else {
+				return 0, false, false
 			}
 			start = i
 		}
 		prev, pa, pi = i, w, info
 		i += 3
 	}
-	if start == 0 {
+	switch {
+	case start == 0:
 		return 0, true, true
-	}
-	if len(p)-start == 3 && prev == start {
+	case prev == start: // one character
 		return n + int(pi>>6), true, false
 	}
-	m, ok := merge(p[start:])
+	m, ok := e.stretchTokens(p[start:], deadline)
 	if !ok {
 		return 0, false, false
 	}
 	return n + m, true, false
+}
+
+// stretchTokens counts a stretch of more than one character of a cut
+// piece, as pieceTokens counts a piece.
+func (e *fastEncoding) stretchTokens(s string, deadline time.Time) (int, bool) {
+	if len(s) <= e.longest && e.ranks.get(s) != noRank {
+		return 1, true
+	}
+	return e.mergeTokens(s, deadline)
 }
 
 // runeLen is the length of the UTF-8 sequence that starts with b (1 for a

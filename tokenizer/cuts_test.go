@@ -27,7 +27,7 @@ func places(s string) []int {
 // closedAt asks the encoding's cuts about the place at offset i of s.
 func closedAt(c *cuts, s string, i int) bool {
 	a, b := s[i-3:], s[i:]
-	return c.closed(load3(a), c.chars[rune3(a)], load3(b), c.chars[rune3(b)])
+	return c.closed(load3(a), c.chars[rune3(a)-0x800], load3(b), c.chars[rune3(b)-0x800])
 }
 
 // TestCutsOpen puts every token of both vocabularies into valid text (with

@@ -72,12 +72,18 @@ func class(s string, i int) (uint8, int) {
 	case b < utf8.RuneSelf:
 		return asciiClass[b], 1
 	case b >= 0xE0 && b < 0xF0: // three bytes (Chinese, Japanese, Korean, ...): the text is valid
-		return bmpClasses[rune(b&0x0F)<<12|rune(s[i+1]&0x3F)<<6|rune(s[i+2]&0x3F)], 3
+		return bmpClasses[rune3(s[i:])], 3
 	case b < 0xE0: // two bytes
 		return bmpClasses[rune(b&0x1F)<<6|rune(s[i+1]&0x3F)], 2
 	}
 	r, n := utf8.DecodeRuneInString(s[i:])
 	return classOf(r), n
+}
+
+// rune3 decodes the rune of three bytes at the start of s, which the
+// caller knows is one.
+func rune3(s string) rune {
+	return rune(s[0]&0x0F)<<12 | rune(s[1]&0x3F)<<6 | rune(s[2]&0x3F)
 }
 
 // bmpClasses holds the classes of the Basic Multilingual Plane, where

@@ -16,7 +16,6 @@
 package tokenizer
 
 import (
-	"encoding/binary"
 	"fmt"
 	"hash/maphash"
 	"slices"
@@ -254,37 +253,30 @@ func (t *Tokenizer) newBudget() *budget {
 
 // prefixHasher hashes the leading blocks of a request's texts, in the order
 // the request lists them (for chat: each message's role and content in turn,
-// then tool definitions), each text followed by a separator byte: each
-// block's hash covers every block before it, so two prompts share a block's
+// then tool definitions), each text followed by a separator byte. One hash
+// runs over all of them and is read at the end of each block, so each
+// block's hash covers every block before it: two prompts share a block's
 // hash exactly when they start with the same texts up to its end. A last
 // block that is not full is left out, as a backend's prefix cache leaves out
 // its last partial block. Prompts given as token ids are not hashed.
 type prefixHasher struct {
+	h      maphash.Hash
+	n      int // bytes in the current block
 	hashes []uint64
-	buf    []byte
 }
 
 func (b *budget) hashPrefix(s string) {
-	t := b.t
-	ph := &b.prefix
+	t, ph := b.t, &b.prefix
+	if ph.n == 0 && ph.hashes == nil { // nothing written yet
+		ph.h.SetSeed(t.seed)
+	}
 	for len(s) > 0 && len(ph.hashes) < t.opts.PrefixBlocks {
-		if ph.buf == nil {
-			ph.buf = make([]byte, 0, t.opts.PrefixBlockBytes)
-		}
-		n := min(len(s), t.opts.PrefixBlockBytes-len(ph.buf))
-		ph.buf = append(ph.buf, s[:n]...)
-		s = s[n:]
-		if len(ph.buf) == t.opts.PrefixBlockBytes {
-			var h maphash.Hash
-			h.SetSeed(t.seed)
-			if k := len(ph.hashes); k > 0 {
-				var prev [8]byte
-				binary.LittleEndian.PutUint64(prev[:], ph.hashes[k-1])
-				h.Write(prev[:])
-			}
-			h.Write(ph.buf)
-			ph.hashes = append(ph.hashes, h.Sum64())
-			ph.buf = ph.buf[:0]
+		k := min(len(s), t.opts.PrefixBlockBytes-ph.n)
+		ph.h.WriteString(s[:k])
+		s, ph.n = s[k:], ph.n+k
+		if ph.n == t.opts.PrefixBlockBytes {
+			ph.hashes = append(ph.hashes, ph.h.Sum64())
+			ph.n = 0
 		}
 	}
 }
