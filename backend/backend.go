@@ -9,6 +9,7 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -152,8 +153,11 @@ type state struct {
 // reports to target. It fills zero fields of enabled sources with the
 // defaults.
 func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, error) {
-	if opts.Health.Interval > 0 {
-		opts.Health = withDefaults(opts.Health, DefaultHealth)
+	if h, d := &opts.Health, DefaultHealth; h.Interval > 0 {
+		h.Path = cmp.Or(h.Path, d.Path)
+		h.Timeout = cmp.Or(h.Timeout, d.Timeout)
+		h.UnhealthyThreshold = cmp.Or(h.UnhealthyThreshold, d.UnhealthyThreshold)
+		h.HealthyThreshold = cmp.Or(h.HealthyThreshold, d.HealthyThreshold)
 	}
 	if opts.Outlier.ConsecutiveFailures > 0 {
 		if opts.Outlier.BaseEjection <= 0 {
@@ -167,12 +171,12 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 		}
 	}
 	if opts.Models.Interval > 0 {
-		opts.Models.Path = cmpOr(opts.Models.Path, DefaultModels.Path)
-		opts.Models.Timeout = cmpOr(opts.Models.Timeout, DefaultModels.Timeout)
+		opts.Models.Path = cmp.Or(opts.Models.Path, DefaultModels.Path)
+		opts.Models.Timeout = cmp.Or(opts.Models.Timeout, DefaultModels.Timeout)
 	}
 	if opts.Metrics.Interval > 0 {
-		opts.Metrics.Path = cmpOr(opts.Metrics.Path, DefaultMetrics.Path)
-		opts.Metrics.Timeout = cmpOr(opts.Metrics.Timeout, DefaultMetrics.Timeout)
+		opts.Metrics.Path = cmp.Or(opts.Metrics.Path, DefaultMetrics.Path)
+		opts.Metrics.Timeout = cmp.Or(opts.Metrics.Timeout, DefaultMetrics.Timeout)
 	}
 	if opts.Client == nil {
 		// Backends are addressed by IP: never through a proxy from the
@@ -210,22 +214,6 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 		w.order = append(w.order, addr)
 	}
 	return w, nil
-}
-
-func withDefaults(h, d HealthCheck) HealthCheck {
-	h.Path = cmpOr(h.Path, d.Path)
-	h.Timeout = cmpOr(h.Timeout, d.Timeout)
-	h.UnhealthyThreshold = cmpOr(h.UnhealthyThreshold, d.UnhealthyThreshold)
-	h.HealthyThreshold = cmpOr(h.HealthyThreshold, d.HealthyThreshold)
-	return h
-}
-
-func cmpOr[T comparable](v, d T) T {
-	var zero T
-	if v == zero {
-		return d
-	}
-	return v
 }
 
 // Run runs the active sources until ctx is done: each source reads every
@@ -331,7 +319,11 @@ func (w *Watcher) check(ctx context.Context, addr string) {
 		}
 		reason = err.Error()
 	}
-	w.m.checks.WithLabelValues(addr, map[bool]string{true: "ok", false: "failed"}[reason == ""]).Inc()
+	result := "ok"
+	if reason != "" {
+		result = "failed"
+	}
+	w.m.checks.WithLabelValues(addr, result).Inc()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	s := w.hosts[addr]
@@ -479,7 +471,11 @@ func (w *Watcher) tellLocked(s *state) {
 		}
 	}
 	s.told = h
-	w.m.healthy.WithLabelValues(s.addr).Set(map[bool]float64{true: 0, false: 1}[h.Down])
+	up := 1.0
+	if h.Down {
+		up = 0
+	}
+	w.m.healthy.WithLabelValues(s.addr).Set(up)
 	w.target.SetHealth(s.addr, h)
 }
 

@@ -161,6 +161,8 @@ type Response struct {
 }
 
 // HealthCheck configures active health checks (package backend).
+// Its fields are backend.HealthCheck's, in the same order: each converts
+// to the other.
 type HealthCheck struct {
 	Path               string        `yaml:"path"`
 	Interval           time.Duration `yaml:"interval"` // 0 turns them off
@@ -234,9 +236,7 @@ func Default() Config {
 			DecodeTokensPerSecond: cost.DefaultDecodeTokensPerSecond},
 		Response: Response{Observer: true, LeaseHeader: processor.DefaultLeaseHeader,
 			ObserverGrace: processor.DefaultObserverGrace},
-		HealthCheck: HealthCheck{Path: backend.DefaultHealth.Path, Interval: backend.DefaultHealth.Interval,
-			Timeout: backend.DefaultHealth.Timeout, UnhealthyThreshold: backend.DefaultHealth.UnhealthyThreshold,
-			HealthyThreshold: backend.DefaultHealth.HealthyThreshold},
+		HealthCheck: HealthCheck(backend.DefaultHealth),
 		OutlierDetection: OutlierDetection{Consecutive5xx: backend.DefaultOutlier.ConsecutiveFailures,
 			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection,
 			MaxEjectionPercent: backend.DefaultOutlier.MaxEjectionPercent},
@@ -262,8 +262,7 @@ const (
 // Watch returns the backend watcher's options.
 func (c *Config) Watch() backend.Options {
 	o := backend.Options{
-		Health: backend.HealthCheck{Path: c.HealthCheck.Path, Interval: c.HealthCheck.Interval, Timeout: c.HealthCheck.Timeout,
-			UnhealthyThreshold: c.HealthCheck.UnhealthyThreshold, HealthyThreshold: c.HealthCheck.HealthyThreshold},
+		Health: backend.HealthCheck(c.HealthCheck),
 		Outlier: backend.Outlier{ConsecutiveFailures: c.OutlierDetection.Consecutive5xx,
 			BaseEjection: c.OutlierDetection.BaseEjectionTime, MaxEjection: c.OutlierDetection.MaxEjectionTime,
 			MaxEjectionPercent: c.OutlierDetection.MaxEjectionPercent},

@@ -91,7 +91,8 @@ type Affinity struct {
 	// the least-loaded host a host that recently served the request's
 	// prefix may have and still be chosen, in the cost's unit; it may
 	// never have more than the prefill the prefix saves (the prefix's
-	// share of the prompt times the request's UntilFirstToken there). 0
+	// share of the prompt times the request's UntilFirstToken there, or
+	// times its tokens at PrefillPerToken). 0
 	// turns affinity off. It bounds affinity by load, so that one popular
 	// prefix cannot pile its requests onto one host.
 	MaxExtraLoad int64
@@ -285,24 +286,19 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 		charge Charge
 		score  int64
 	}
-	candidates := p.serving(r.Model)
-	healthy := 0
-	for _, h := range candidates {
-		if h.health.Healthy() {
-			healthy++
-		}
-	}
+	candidates, up := p.serving(r.Model)
 	if len(candidates) == 0 {
 		p.unknownModels++
 		return nil, ErrUnknownModel
 	}
-	if healthy == 0 {
+	if !up {
 		p.panicPicks++
 	}
+	now := p.opts.Now()
 	opts := make([]option, 0, len(candidates))
 	lowest, own := int64(-1), int64(0)
 	for _, h := range candidates {
-		if healthy > 0 && !h.health.Healthy() {
+		if up && !h.health.Healthy() {
 			continue
 		}
 		c := r.Cost(h.addr)
@@ -332,7 +328,7 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 				eligible |= 1 << o.h.index
 			}
 		}
-		hosts, matched, served := p.prefixes.lookup(r.Prefix, eligible, p.opts.Now())
+		hosts, matched, served := p.prefixes.lookup(r.Prefix, eligible, now)
 		// A host that holds the prefix saves the prefill of that part of
 		// the prompt: it may be ahead of the least loaded by no more than
 		// that (and MaxExtraLoad).
@@ -378,7 +374,7 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	}
 	h := best.h
 	if p.prefixes != nil && len(r.Prefix) > 0 {
-		p.prefixes.record(r.Prefix, h.index, p.opts.Now())
+		p.prefixes.record(r.Prefix, h.index, now)
 	}
 	// Requests that cost nothing (a GET, an empty body) do not teach the
 	// averages.
@@ -391,7 +387,7 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 		}
 		p.priced++
 	}
-	l := &Lease{p: p, h: h, charge: best.charge, start: p.opts.Now(), ahead: h.prefilling, model: r.Model}
+	l := &Lease{p: p, h: h, charge: best.charge, start: now, ahead: h.prefilling, model: r.Model}
 	h.tokens += best.charge.Tokens
 	h.prefilling += best.charge.Tokens
 	h.load += best.charge.UntilFirstToken + best.charge.UntilEnd
@@ -401,16 +397,19 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	return l, nil
 }
 
-// serving returns the hosts that may serve model: those known to serve it,
-// if one of them is healthy; else those whose models are not known (which
-// may serve it), if one of them is healthy; else all of these, for a pick
-// among unhealthy hosts. A host whose list is unknown would otherwise draw
-// requests for models it turns away at once, and look idle doing so. With
-// Options.UnknownServesAny, hosts whose models are not known count as
-// serving every model.
-func (p *Picker) serving(model string) []*host {
+// serving returns the hosts that may serve model, and whether one of them
+// is healthy: those known to serve it, if one of them is healthy; else
+// those whose models are not known (which may serve it), if one of them is
+// healthy; else all of these, for a pick among unhealthy hosts. A host
+// whose list is unknown would otherwise draw requests for models it turns
+// away at once, and look idle doing so. With Options.UnknownServesAny,
+// hosts whose models are not known count as serving every model.
+func (p *Picker) serving(model string) (hosts []*host, up bool) {
 	if model == "" {
-		return p.hosts
+		for _, h := range p.hosts {
+			up = up || h.health.Healthy()
+		}
+		return p.hosts, up
 	}
 	var known, unknown []*host
 	knownUp, unknownUp := false, false
@@ -429,11 +428,11 @@ func (p *Picker) serving(model string) []*host {
 	}
 	switch {
 	case knownUp:
-		return known
+		return known, true
 	case unknownUp:
-		return unknown
+		return unknown, true
 	}
-	return append(known, unknown...)
+	return append(known, unknown...), false
 }
 
 // perRequestMemory is about how many picks the average charge remembers.
@@ -554,7 +553,8 @@ func (l *Lease) Fallbacks(n int) []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	others := make([]*host, 0, len(p.hosts)-1)
-	for _, h := range p.serving(l.model) {
+	hosts, _ := p.serving(l.model)
+	for _, h := range hosts {
 		if h != l.h && h.health.Healthy() {
 			others = append(others, h)
 		}
