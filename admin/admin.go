@@ -20,7 +20,7 @@ import (
 //	              not yet checked, at most a few seconds; or shutting down)
 //	/debug/hosts  JSON: each host's in-flight tokens, load and requests, and
 //	              what the cost model believes of its speed
-func Handler(p *picker.Picker, model *cost.Model, reg *prometheus.Registry, ready func() bool) http.Handler {
+func Handler(p *picker.Picker, model *cost.Estimator, reg *prometheus.Registry, ready func() bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {

@@ -55,7 +55,7 @@ const (
 	maxOutputKeys = 1024
 )
 
-// Options configure a Model. Booleans are pieces of the model; the zero
+// Options configure an Estimator. Booleans are pieces of the cost model; the zero
 // Options is the simplest model: prompt tokens and prior output held until
 // the end, nothing learned.
 type Options struct {
@@ -75,9 +75,9 @@ type Options struct {
 	Memory int
 }
 
-// Model computes costs and learns from finished requests. It is safe for
+// Estimator computes costs and learns from finished requests. It is safe for
 // concurrent use.
-type Model struct {
+type Estimator struct {
 	opts  Options
 	alpha float64 // weight of a new observation
 
@@ -114,8 +114,8 @@ func (a *average) value(prior, priorWeight float64) float64 {
 	return (a.sum + prior*w) / (a.weight + w)
 }
 
-// New returns a Model with opts, defaults filled in.
-func New(opts Options) *Model {
+// New returns an Estimator with opts, defaults filled in.
+func New(opts Options) *Estimator {
 	if opts.PrefillTokensPerSecond <= 0 {
 		opts.PrefillTokensPerSecond = DefaultPrefillTokensPerSecond
 	}
@@ -128,14 +128,14 @@ func New(opts Options) *Model {
 	if opts.Memory <= 0 {
 		opts.Memory = DefaultMemory
 	}
-	return &Model{opts: opts, alpha: 1 / float64(opts.Memory),
+	return &Estimator{opts: opts, alpha: 1 / float64(opts.Memory),
 		hosts: make(map[string]*hostSpeed), outputs: make(map[string]*average)}
 }
 
-// Options returns the model's options with defaults filled in.
-func (m *Model) Options() Options { return m.opts }
+// Options returns the estimator's options with defaults filled in.
+func (e *Estimator) Options() Options { return e.opts }
 
-// Request is what the model needs to know of a request.
+// Request is what the estimator needs to know of a request.
 type Request struct {
 	Model string // the request's model field
 	Route string // its API route (chat, completions, ...)
@@ -151,16 +151,16 @@ type Request struct {
 const priorWeight = 4
 
 // Output returns the expected output tokens of r.
-func (m *Model) Output(r Request) int {
-	est := m.opts.OutputTokens
-	if m.opts.EstimateOutput {
-		m.mu.Lock()
-		if a, ok := m.outputs[outputKey(r)]; ok {
-			est = int(math.Round(a.value(float64(est), priorWeight*m.alpha)))
+func (e *Estimator) Output(r Request) int {
+	est := e.opts.OutputTokens
+	if e.opts.EstimateOutput {
+		e.mu.Lock()
+		if a, ok := e.outputs[outputKey(r)]; ok {
+			est = int(math.Round(a.value(float64(est), priorWeight*e.alpha)))
 		}
-		m.mu.Unlock()
+		e.mu.Unlock()
 	}
-	if r.MaxOutputTokens > 0 && (est > r.MaxOutputTokens || !m.opts.EstimateOutput) {
+	if r.MaxOutputTokens > 0 && (est > r.MaxOutputTokens || !e.opts.EstimateOutput) {
 		// A cap bounds the estimate; without learning, the cap is all
 		// there is to go on.
 		est = r.MaxOutputTokens
@@ -172,13 +172,13 @@ func outputKey(r Request) string { return r.Route + "\x00" + r.Model }
 
 // Cost returns r's cost on each host, for picker.Pick. output is the expected
 // output length (from Output).
-func (m *Model) Cost(r Request, output int) picker.Cost {
+func (e *Estimator) Cost(r Request, output int) picker.Cost {
 	return func(host string) picker.Charge {
-		ratio, prefill, decode := m.speed(host)
+		ratio, prefill, decode := e.speed(host)
 		pre := float64(r.PromptTokens) * ratio * prefill * 1e6
-		dec := float64(output) * decode * m.opts.DecodeWeight * 1e6
+		dec := float64(output) * decode * e.opts.DecodeWeight * 1e6
 		c := picker.Charge{Tokens: int64(r.PromptTokens)}
-		if m.opts.TwoPhase {
+		if e.opts.TwoPhase {
 			c.UntilFirstToken, c.UntilEnd = int64(pre), int64(dec)
 		} else {
 			c.UntilEnd = int64(pre + dec)
@@ -189,21 +189,21 @@ func (m *Model) Cost(r Request, output int) picker.Cost {
 
 // speed returns a host's tokens ratio, seconds per prefill token and seconds
 // per output token: learned with Calibrate, else the priors.
-func (m *Model) speed(host string) (ratio, prefill, decode float64) {
-	ratio, prefill, decode = 1, 1/m.opts.PrefillTokensPerSecond, 1/m.opts.DecodeTokensPerSecond
-	if !m.opts.Calibrate {
+func (e *Estimator) speed(host string) (ratio, prefill, decode float64) {
+	ratio, prefill, decode = 1, 1/e.opts.PrefillTokensPerSecond, 1/e.opts.DecodeTokensPerSecond
+	if !e.opts.Calibrate {
 		return ratio, prefill, decode
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	// A host's prior is the fleet's average, whose prior is the configured
 	// one: a host nobody has measured yet is assumed typical, not as fast
 	// as the configured guess, so that measuring one host first does not
 	// make it look better (or worse) than the rest.
-	w := priorWeight * m.alpha
-	f := &m.fleet
+	w := priorWeight * e.alpha
+	f := &e.fleet
 	lr, lp, ld := f.logRatio.value(0, w), f.logPrefill.value(math.Log(prefill), w), f.logDecode.value(math.Log(decode), w)
-	if h, ok := m.hosts[host]; ok {
+	if h, ok := e.hosts[host]; ok {
 		lr, lp, ld = h.logRatio.value(lr, w), h.logPrefill.value(lp, w), h.logDecode.value(ld, w)
 	}
 	return math.Exp(lr), math.Exp(lp), math.Exp(ld)
@@ -227,36 +227,36 @@ type Outcome struct {
 }
 
 // Learn folds a finished request into the learned averages.
-func (m *Model) Learn(o Outcome) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if o.OutputTokens > 0 && m.opts.EstimateOutput {
+func (e *Estimator) Learn(o Outcome) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if o.OutputTokens > 0 && e.opts.EstimateOutput {
 		k := outputKey(o.Request)
-		a, ok := m.outputs[k]
-		if !ok && len(m.outputs) < maxOutputKeys {
+		a, ok := e.outputs[k]
+		if !ok && len(e.outputs) < maxOutputKeys {
 			a = &average{}
-			m.outputs[k] = a
+			e.outputs[k] = a
 		}
 		if a != nil {
-			a.add(float64(o.OutputTokens), m.alpha)
+			a.add(float64(o.OutputTokens), e.alpha)
 		}
 	}
-	if !m.opts.Calibrate || o.Request.PromptTokens <= 0 {
+	if !e.opts.Calibrate || o.Request.PromptTokens <= 0 {
 		return
 	}
-	h, ok := m.hosts[o.Host]
+	h, ok := e.hosts[o.Host]
 	if !ok {
 		h = &hostSpeed{}
-		m.hosts[o.Host] = h
+		e.hosts[o.Host] = h
 	}
 	// The fleet average learns at the same pace per host as each host
 	// does: its observations come len(hosts) times as often.
-	fa := m.alpha / float64(len(m.hosts))
+	fa := e.alpha / float64(len(e.hosts))
 	ratio := 1.0
 	if o.PromptTokens > 0 {
 		ratio = clamp(float64(o.PromptTokens)/float64(o.Request.PromptTokens), 0.25, 4)
-		h.logRatio.add(math.Log(ratio), m.alpha)
-		m.fleet.logRatio.add(math.Log(ratio), fa)
+		h.logRatio.add(math.Log(ratio), e.alpha)
+		e.fleet.logRatio.add(math.Log(ratio), fa)
 	}
 	if o.TTFT > 0 {
 		// The first token comes once the host has prefilled what was
@@ -269,13 +269,13 @@ func (m *Model) Learn(o Outcome) {
 		work := float64(o.Ahead+int64(o.Request.PromptTokens)) * ratio
 		x := math.Log(clamp(o.TTFT.Seconds()/work, 1e-8, 1))
 		share := min(work/prefillWorkFull, 1)
-		h.logPrefill.add(x, m.alpha*share)
-		m.fleet.logPrefill.add(x, fa*share)
+		h.logPrefill.add(x, e.alpha*share)
+		e.fleet.logPrefill.add(x, fa*share)
 		if o.OutputTokens > 1 && o.Duration > o.TTFT {
 			per := (o.Duration - o.TTFT).Seconds() / float64(o.OutputTokens-1)
 			x := math.Log(clamp(per, 1e-6, 10))
-			h.logDecode.add(x, m.alpha)
-			m.fleet.logDecode.add(x, fa)
+			h.logDecode.add(x, e.alpha)
+			e.fleet.logDecode.add(x, fa)
 		}
 	}
 }
@@ -286,7 +286,7 @@ const prefillWorkFull = 1024
 
 func clamp(x, lo, hi float64) float64 { return min(max(x, lo), hi) }
 
-// HostSpeed is what the model believes of a host.
+// HostSpeed is what the estimator believes of a host.
 type HostSpeed struct {
 	Address string `json:"address"`
 	// TokenRatio is the host's prompt tokens per tokenlb token.
@@ -297,8 +297,8 @@ type HostSpeed struct {
 	DecodeTokensPerSecond  float64 `json:"decode_tokens_per_second"`
 }
 
-// Speed returns what the model believes of host.
-func (m *Model) Speed(host string) HostSpeed {
-	ratio, prefill, decode := m.speed(host)
+// Speed returns what the estimator believes of host.
+func (e *Estimator) Speed(host string) HostSpeed {
+	ratio, prefill, decode := e.speed(host)
 	return HostSpeed{Address: host, TokenRatio: ratio, PrefillTokensPerSecond: 1 / prefill, DecodeTokensPerSecond: 1 / decode}
 }

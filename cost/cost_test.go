@@ -97,7 +97,7 @@ func TestOutputKeysBounded(t *testing.T) {
 // slowFast teaches a model that host "slow" takes twice as long as "fast"
 // to prefill and to decode, and reports 1.5 of its own tokens per tokenlb
 // token.
-func slowFast(m *Model) {
+func slowFast(m *Estimator) {
 	req := Request{Model: "m", Route: "chat", PromptTokens: 1000}
 	for range 200 {
 		// fast: 1000 tokens in 50 ms (20,000/s), 101 tokens in 1.05 s (100/s).

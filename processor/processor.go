@@ -76,7 +76,7 @@ type Config struct {
 	Fallbacks int
 	// Cost prices requests per host and learns from responses; nil means
 	// cost.New with zero options (prompt tokens held until the end).
-	Cost *cost.Model
+	Cost *cost.Estimator
 	// Observer says that an observability-mode ext_proc filter after this
 	// one watches responses: routed requests get a LeaseHeader that lets
 	// its stream take over following the response.
@@ -111,7 +111,7 @@ type Server struct {
 	cfg    Config
 	picker *picker.Picker
 	tok    *tokenizer.Tokenizer
-	cost   *cost.Model
+	cost   *cost.Estimator
 	log    *slog.Logger
 	m      *Metrics
 
