@@ -87,11 +87,11 @@ bench-tokenizer:
 	$(GO) run $(BENCHSTAT) -col /engine bench/out/tokenizer.txt
 
 # The fast engine against tiktoken-go on generated inputs, for FUZZTIME (ten
-# minutes by default). A finding is written to tokenizer/testdata/fuzz and
-# then runs in make test.
+# minutes by default). A finding is written to
+# tokenizer/internal/fast/testdata/fuzz and then runs in make test.
 FUZZTIME ?= 10m
 fuzz-tokenizer:
-	$(GO) test -run '^$$' -fuzz '^FuzzCount$$' -fuzztime $(FUZZTIME) -timeout 0 ./tokenizer
+	$(GO) test -run '^$$' -fuzz '^FuzzCount$$' -fuzztime $(FUZZTIME) -timeout 0 ./tokenizer/internal/fast
 
 clean:
 	rm -rf bin .tools

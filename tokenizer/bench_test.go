@@ -1,6 +1,9 @@
 package tokenizer
 
 import (
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -68,4 +71,22 @@ func BenchmarkCountRequest(b *testing.B) {
 			}
 		})
 	}
+}
+
+// corpus returns the benchmark corpus: testdata/corpus, one text a file.
+func corpus(t testing.TB) map[string]string {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join("testdata", "corpus", "*"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no corpus in testdata/corpus: %v", err)
+	}
+	texts := map[string]string{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		texts[strings.SplitN(filepath.Base(f), ".", 2)[0]] = string(b)
+	}
+	return texts
 }

@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"hash/maphash"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -27,6 +26,8 @@ import (
 
 	tiktoken "github.com/pkoukk/tiktoken-go"
 	tiktokenloader "github.com/pkoukk/tiktoken-go-loader"
+
+	"github.com/tokenlb/tokenlb/tokenizer/internal/fast"
 )
 
 // Encodings lists the encoding names New accepts.
@@ -124,12 +125,12 @@ type Tokenizer struct {
 	seed                         maphash.Seed // of prefix hashes
 }
 
-// fastEncodings builds each fast encoding once per process, on first use:
-// its indexes of the vocabulary are read-only, shared by every Tokenizer,
-// and take a few hundred milliseconds to build.
-var fastEncodings = map[string]func() (*fastEncoding, error){
-	"cl100k_base": sync.OnceValues(func() (*fastEncoding, error) { return newFastEncoding("cl100k_base") }),
-	"o200k_base":  sync.OnceValues(func() (*fastEncoding, error) { return newFastEncoding("o200k_base") }),
+// fastEngine is the fast engine: a fast.Encoding, built once per process
+// for each encoding and shared by every Tokenizer.
+type fastEngine struct{ *fast.Encoding }
+
+func (e fastEngine) count(s string, deadline time.Time) (tokens, covered int) {
+	return e.Count(s, deadline)
 }
 
 // New returns a Tokenizer. The BPE ranks come from the files embedded by
@@ -142,11 +143,11 @@ func New(opts Options) (*Tokenizer, error) {
 	t := &Tokenizer{opts: opts, seed: maphash.MakeSeed()}
 	switch opts.Engine {
 	case "fast":
-		e, err := fastEncodings[opts.Encoding]()
+		e, err := fast.Load(opts.Encoding)
 		if err != nil {
 			return nil, fmt.Errorf("tokenizer: %w", err)
 		}
-		t.engine = e
+		t.engine = fastEngine{e}
 	case "tiktoken":
 		e, err := newTiktoken(opts.Encoding)
 		if err != nil {

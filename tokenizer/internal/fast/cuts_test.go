@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"math/rand/v2"
@@ -39,7 +39,7 @@ func TestCutsOpen(t *testing.T) {
 	_, fasts := engines(t)
 	befores := []string{"", "\xe4", "\xe4\x80", "\xc3", "\xf0", "\xf0\x90", "\xf0\x90\x80"}
 	afters := []string{"", "\x80", "\x80\x80", "\x80\x80\x80"}
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		c := fasts[name].cuts
 		checked, tokens, never := 0, 0, 0
 		for _, tok := range vocabulary(t, name) {
@@ -84,7 +84,7 @@ func TestCutsOpen(t *testing.T) {
 func TestCutsClose(t *testing.T) {
 	_, fasts := engines(t)
 	text := corpus(t)["cjk"]
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		all, closed := 0, 0
 		for _, i := range places(text) {
 			all++
@@ -109,7 +109,7 @@ func TestCutsMatchTiktoken(t *testing.T) {
 	if testing.Short() {
 		n = 40
 	}
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		e := fasts[name]
 		var words, chars []string
 		for _, tok := range vocabulary(t, name) {
@@ -170,7 +170,7 @@ func TestCutsMatchTiktoken(t *testing.T) {
 // it without one.
 func TestCutsDeadline(t *testing.T) {
 	_, fasts := engines(t)
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		e := fasts[name]
 		word := ""
 		for _, tok := range vocabulary(t, name) {

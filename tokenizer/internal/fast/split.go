@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"math/bits"

@@ -1,5 +1,5 @@
 //go:build !race
 
-package tokenizer
+package fast
 
 const raceEnabled = false

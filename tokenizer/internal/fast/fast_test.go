@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"math/rand/v2"
@@ -19,25 +19,29 @@ import (
 // The fast engine is checked against tiktoken-go itself, encoding whole
 // texts (no chunks), so these tests do not trust any count of their own.
 
+// encodings are the encodings Load builds, in the order the tests check
+// them.
+var encodings = []string{"cl100k_base", "o200k_base"}
+
 var (
 	refOnce sync.Once
 	refs    map[string]*tiktoken.Tiktoken
-	fasts   map[string]*fastEncoding
+	fasts   map[string]*Encoding
 	refErr  error
 )
 
 // engines returns tiktoken-go and the fast engine for each encoding, loaded
 // once for the package's tests.
-func engines(t testing.TB) (map[string]*tiktoken.Tiktoken, map[string]*fastEncoding) {
+func engines(t testing.TB) (map[string]*tiktoken.Tiktoken, map[string]*Encoding) {
 	t.Helper()
 	refOnce.Do(func() {
 		tiktoken.SetBpeLoader(tiktokenloader.NewOfflineLoader())
-		refs, fasts = map[string]*tiktoken.Tiktoken{}, map[string]*fastEncoding{}
-		for _, name := range Encodings {
+		refs, fasts = map[string]*tiktoken.Tiktoken{}, map[string]*Encoding{}
+		for _, name := range encodings {
 			if refs[name], refErr = tiktoken.GetEncoding(name); refErr != nil {
 				return
 			}
-			if fasts[name], refErr = fastEncodings[name](); refErr != nil {
+			if fasts[name], refErr = Load(name); refErr != nil {
 				return
 			}
 		}
@@ -52,9 +56,9 @@ func engines(t testing.TB) (map[string]*tiktoken.Tiktoken, map[string]*fastEncod
 func same(t testing.TB, s string) {
 	t.Helper()
 	refs, fasts := engines(t)
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		want := len(refs[name].EncodeOrdinary(s))
-		got, covered := fasts[name].count(s, time.Time{})
+		got, covered := fasts[name].Count(s, time.Time{})
 		if got != want || covered != len(s) {
 			t.Errorf("%s: fast count of %.80q = %d (covering %d of %d bytes), tiktoken-go %d",
 				name, s, got, covered, len(s), want)
@@ -174,7 +178,7 @@ func TestMergeLargeMatchesSmall(t *testing.T) {
 	_, fasts := engines(t)
 	rng := rand.New(rand.NewPCG(3, 4))
 	letters := "aabbeeinrst  .!東😀"
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		e := fasts[name]
 		for range 2000 {
 			var b strings.Builder
@@ -269,11 +273,11 @@ func TestFastNoAllocs(t *testing.T) {
 	_, fasts := engines(t)
 	texts := corpus(t)
 	texts["long piece"] = strings.Repeat("!", 3000)
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		for tn, text := range texts {
 			e := fasts[name]
-			e.count(text, time.Time{}) // warm the scratch pool
-			if a := testing.AllocsPerRun(20, func() { e.count(text, time.Time{}) }); a != 0 {
+			e.Count(text, time.Time{}) // warm the scratch pool
+			if a := testing.AllocsPerRun(20, func() { e.Count(text, time.Time{}) }); a != 0 {
 				t.Errorf("%s %s: %.1f allocations per count, want 0", name, tn, a)
 			}
 		}
@@ -293,12 +297,14 @@ func FuzzCount(f *testing.F) {
 	})
 }
 
-// corpus returns the benchmark corpus: testdata/corpus, one text a file.
+// corpus returns the benchmark corpus: tokenizer/testdata/corpus, one text
+// a file.
 func corpus(t testing.TB) map[string]string {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join("testdata", "corpus", "*"))
+	dir := filepath.Join("..", "..", "testdata", "corpus")
+	files, err := filepath.Glob(filepath.Join(dir, "*"))
 	if err != nil || len(files) == 0 {
-		t.Fatalf("no corpus in testdata/corpus: %v", err)
+		t.Fatalf("no corpus in %s: %v", dir, err)
 	}
 	texts := map[string]string{}
 	for _, f := range files {
@@ -316,7 +322,7 @@ func corpus(t testing.TB) map[string]string {
 // differ from a token by one byte or in length are found only when they
 // are tokens themselves.
 func TestRankTable(t *testing.T) {
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		loaded, err := tiktokenloader.NewOfflineLoader().LoadTiktokenBpe(encodingFiles[name])
 		if err != nil {
 			t.Fatal(err)

@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"math/rand/v2"
@@ -53,7 +53,7 @@ func vocabulary(t *testing.T, name string) []string {
 // pre-tokenizer in front (any bytes, any tokens side by side).
 func TestBacktracker(t *testing.T) {
 	_, fasts := engines(t)
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		e := fasts[name]
 		b := e.bt
 		if b == nil {
@@ -135,7 +135,7 @@ func TestBacktracker(t *testing.T) {
 func TestBacktrackerGivesUp(t *testing.T) {
 	_, fasts := engines(t)
 	sc := new(largeScratch)
-	for _, name := range Encodings {
+	for _, name := range encodings {
 		e := fasts[name]
 		p := strings.Repeat(" tokenizer", 10)
 		if _, ok := e.bt.count(p, sc, 0, time.Time{}); ok {

@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"math/bits"
@@ -183,7 +183,7 @@ func (c *cuts) closed(a uint32, ia uint8, b uint32, ib uint8) bool {
 // places, a stretch of one character from its chars entry and a longer one
 // with stretchTokens; ok is false when that gave up at the deadline. uncut
 // reports that the piece has no closed place (and was not counted).
-func (e *fastEncoding) cutTokens(p string, deadline time.Time) (n int, ok, uncut bool) {
+func (e *Encoding) cutTokens(p string, deadline time.Time) (n int, ok, uncut bool) {
 	c := e.cuts
 	start := 0    // of the current stretch
 	prev := -1    // start of the character before, if of three bytes
@@ -225,7 +225,7 @@ func (e *fastEncoding) cutTokens(p string, deadline time.Time) (n int, ok, uncut
 
 // stretchTokens counts a stretch of more than one character of a cut
 // piece, as pieceTokens counts a piece.
-func (e *fastEncoding) stretchTokens(s string, deadline time.Time) (int, bool) {
+func (e *Encoding) stretchTokens(s string, deadline time.Time) (int, bool) {
 	if len(s) <= e.longest && e.ranks.get(s) != noRank {
 		return 1, true
 	}

@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 // rankTable maps token bytes to ranks: an open-addressing hash table whose
 // slots hold each key's first eight bytes, so that most lookups touch one
@@ -64,7 +64,7 @@ func newRankTable(ranks map[string]int) *rankTable {
 	}
 	for tok, rank := range ranks {
 		if len(tok) == 0 || len(tok) > 255 || len(t.arena) >= 1<<24 {
-			panic("tokenizer: token outside the rank table's limits")
+			panic("fast: token outside the rank table's limits")
 		}
 		head, h := headHash(tok)
 		i := h & t.mask

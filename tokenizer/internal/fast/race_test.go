@@ -1,6 +1,6 @@
 //go:build race
 
-package tokenizer
+package fast
 
 // raceEnabled: the race detector makes sync.Pool drop items at random, so
 // allocation counts mean nothing.

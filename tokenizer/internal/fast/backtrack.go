@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"encoding/binary"
@@ -40,7 +40,7 @@ type backtracker struct {
 	// leftOfByte to rightOfLonger: one word, so that a step of compatible
 	// reads one.
 	info []uint64
-	// pairs is the rank of every two-byte token, as fastEncoding.pairs.
+	// pairs is the rank of every two-byte token, as Encoding.pairs.
 	pairs *[1 << 16]uint32
 	// shorter is the longest token, other than itself, that a token starts
 	// with (noRank for a byte): the next candidate when a token does not fit.

@@ -1,4 +1,4 @@
-package tokenizer
+package fast
 
 import (
 	"fmt"
@@ -17,11 +17,12 @@ var encodingFiles = map[string]string{
 	"o200k_base":  "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
 }
 
-// fastEncoding counts tokens without building them: a hand-written
+// Encoding counts tokens without building them: a hand-written
 // pre-tokenizer (split.go) and byte-pair merging by rank that only counts
 // the parts left. It returns exactly what tiktoken-go's EncodeOrdinary
-// returns the length of.
-type fastEncoding struct {
+// returns the length of. It is read-only once built (Load builds each
+// encoding once per process) and safe for concurrent use.
+type Encoding struct {
 	split func(s string, i int) int
 	ranks *rankTable
 	// pairs holds the rank of every two-byte token, noRank for the pairs
@@ -39,7 +40,7 @@ type fastEncoding struct {
 
 const noRank = math.MaxUint32
 
-func newFastEncoding(name string) (*fastEncoding, error) {
+func newEncoding(name string) (*Encoding, error) {
 	file, ok := encodingFiles[name]
 	if !ok {
 		return nil, fmt.Errorf("no fast path for %s", name)
@@ -48,7 +49,7 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load %s ranks: %w", name, err)
 	}
-	e := &fastEncoding{
+	e := &Encoding{
 		split: splitCL100K,
 		ranks: newRankTable(loaded),
 		pairs: new([1 << 16]uint32),
@@ -83,17 +84,17 @@ func newFastEncoding(name string) (*fastEncoding, error) {
 
 // mergeLast merges a token's bytes for newBacktracker: the parts left and
 // where the last merge joined two of them.
-func (e *fastEncoding) mergeLast(tok string) (parts, mid int) {
+func (e *Encoding) mergeLast(tok string) (parts, mid int) {
 	if len(tok) <= smallPiece {
 		return e.mergeSmallLast(tok)
 	}
 	return slowMergeLast(tok, e.ranks.get)
 }
 
-// count returns the number of tokens in s, stopping at a piece boundary
+// Count returns the number of tokens in s, stopping at a piece boundary
 // once the deadline (when not zero) has passed; covered is how much of s the
 // tokens are of.
-func (e *fastEncoding) count(s string, deadline time.Time) (tokens, covered int) {
+func (e *Encoding) Count(s string, deadline time.Time) (tokens, covered int) {
 	orig := len(s)
 	if !utf8.ValidString(s) {
 		// tiktoken-go matches on runes: each invalid byte becomes U+FFFD.
@@ -140,19 +141,19 @@ func (e *fastEncoding) count(s string, deadline time.Time) (tokens, covered int)
 }
 
 // countAll returns the number of tokens in s.
-func (e *fastEncoding) countAll(s string) int {
-	n, _ := e.count(s, time.Time{})
+func (e *Encoding) countAll(s string) int {
+	n, _ := e.Count(s, time.Time{})
 	return n
 }
 
-// deadlineEvery is how many bytes count goes between looks at the clock.
+// deadlineEvery is how many bytes Count goes between looks at the clock.
 const deadlineEvery = 16 << 10
 
 // pieceTokens returns the number of tokens of one pre-tokenizer piece; ok
 // is false when the deadline passed before a long piece was merged. A
 // piece of Chinese, Japanese or Korean is cut where no token can cross
 // (cuts.go) and its stretches counted apart.
-func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time) (n int, ok bool) {
+func (e *Encoding) pieceTokens(p string, head, h uint64, deadline time.Time) (n int, ok bool) {
 	if len(p) <= e.longest && e.ranks.getHashed(p, head, h) != noRank {
 		return 1, true
 	}
@@ -166,7 +167,7 @@ func (e *fastEncoding) pieceTokens(p string, head, h uint64, deadline time.Time)
 
 // mergeTokens returns the number of tokens of piece p, which is not a
 // token itself.
-func (e *fastEncoding) mergeTokens(p string, deadline time.Time) (n int, ok bool) {
+func (e *Encoding) mergeTokens(p string, deadline time.Time) (n int, ok bool) {
 	if e.bt != nil && (len(p) > btMin || len(p) > 6 && threeByte(p)) && len(p) <= maxBacktrack {
 		sc := e.scratch.Get().(*largeScratch)
 		n, ok := e.bt.count(p, sc, backtrackWork, deadline)
@@ -258,7 +259,7 @@ func threeByte(p string) bool {
 const maxBudgetPiece = 256 << 10
 
 // rank returns the rank of p[a:b], or noRank.
-func (e *fastEncoding) rank(p string, a, b int) uint32 {
+func (e *Encoding) rank(p string, a, b int) uint32 {
 	if b-a == 2 {
 		return e.pairs[uint16(p[a])<<8|uint16(p[a+1])]
 	}
@@ -284,7 +285,7 @@ const (
 // mergeSmall is tiktoken's byte-pair merge: repeatedly join the adjacent
 // parts whose union has the lowest rank, the leftmost on ties, until no
 // union is a token.
-func (e *fastEncoding) mergeSmall(p string) int {
+func (e *Encoding) mergeSmall(p string) int {
 	parts, _ := e.mergeSmallLast(p)
 	return parts
 }
@@ -294,7 +295,7 @@ func (e *fastEncoding) mergeSmall(p string) int {
 // start at: next[k] is where the part after part k starts (len(p) for the
 // last part), rank[k] the rank of the two joined. A merge relinks rather
 // than moves, and each step scans the parts left in order.
-func (e *fastEncoding) mergeSmallLast(p string) (parts, last int) {
+func (e *Encoding) mergeSmallLast(p string) (parts, last int) {
 	var next [smallPiece + 1]uint8
 	var rank [smallPiece]uint32
 	n := len(p)
@@ -359,7 +360,7 @@ func (a heapItem) less(b heapItem) bool {
 // a merge made stale are skipped when popped. A piece of a megabyte takes
 // on the order of 100 ms, so mergeLarge looks at the deadline (when not
 // zero) as it goes and gives up (ok false) once it has passed.
-func (e *fastEncoding) mergeLarge(p string, deadline time.Time) (parts int, ok bool) {
+func (e *Encoding) mergeLarge(p string, deadline time.Time) (parts int, ok bool) {
 	n := len(p)
 	sc := e.scratch.Get().(*largeScratch)
 	if n <= maxBudgetPiece {
