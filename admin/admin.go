@@ -1,4 +1,5 @@
-// Package admin serves tokenlb's operations endpoints over HTTP.
+// Package admin serves tokenlb's operations endpoints over HTTP: metrics,
+// liveness, readiness and a JSON view of each host's load.
 package admin
 
 import (
@@ -12,17 +13,35 @@ import (
 	"github.com/tokenlb/tokenlb/picker"
 )
 
+// HostLister reports each host's load; *picker.Picker is one.
+type HostLister interface {
+	Hosts() []picker.HostLoad
+}
+
+// SpeedReporter reports what the cost model believes of a host's speed;
+// *cost.Estimator is one.
+type SpeedReporter interface {
+	Speed(host string) cost.HostSpeed
+}
+
+// The types tokenlb passes to Handler.
+var (
+	_ HostLister    = (*picker.Picker)(nil)
+	_ SpeedReporter = (*cost.Estimator)(nil)
+)
+
 // Handler returns the admin mux:
 //
-//	/metrics      Prometheus metrics from reg
+//	/metrics      Prometheus metrics from metrics
 //	/healthz      200 while the process is up
 //	/readyz       200 while ready() is true, else 503 (starting: backends
 //	              not yet checked, at most a few seconds; or shutting down)
-//	/debug/hosts  JSON: each host's in-flight tokens, load and requests, and
-//	              what the cost model believes of its speed
-func Handler(p *picker.Picker, model *cost.Estimator, reg *prometheus.Registry, ready func() bool) http.Handler {
+//	/debug/hosts  JSON: each host's in-flight tokens, load and requests (from
+//	              hosts), and what the cost model believes of its speed (from
+//	              speeds)
+func Handler(hosts HostLister, speeds SpeedReporter, metrics prometheus.Gatherer, ready func() bool) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
@@ -41,13 +60,13 @@ func Handler(p *picker.Picker, model *cost.Estimator, reg *prometheus.Registry, 
 			picker.HostLoad
 			Speed cost.HostSpeed `json:"speed"`
 		}
-		var hosts []hostView
-		for _, h := range p.Hosts() {
-			hosts = append(hosts, hostView{h, model.Speed(h.Address)})
+		var views []hostView
+		for _, h := range hosts.Hosts() {
+			views = append(views, hostView{h, speeds.Speed(h.Address)})
 		}
 		enc.Encode(struct {
 			Hosts []hostView `json:"hosts"`
-		}{hosts})
+		}{views})
 	})
 	return mux
 }

@@ -2,6 +2,7 @@ package backend
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,12 +10,62 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tokenlb/tokenlb/picker"
 )
 
-// maxListBytes bounds a model list or a metrics page read from a host.
-const maxListBytes = 4 << 20
+// Discovery configures model discovery: a GET of Path (an OpenAI model
+// list) on each host every Interval, sooner after a failed read, and at once
+// when the host passes its health checks again. A host whose list was read
+// keeps it until the next read succeeds; until one is read, the picker sends
+// it a model only when no healthy host is known to serve it.
+type Discovery struct {
+	Path     string
+	Interval time.Duration // 0: off
+	Timeout  time.Duration
+	// Skip lists hosts not to ask: their models are configured.
+	Skip []string
+}
+
+// Scrape configures reading each host's engine metrics: a GET of Path in
+// Prometheus text format every Interval. A failed read forgets the last one.
+type Scrape struct {
+	Path     string
+	Interval time.Duration // 0: off
+	Timeout  time.Duration
+}
+
+// DefaultModels fills the zero fields of enabled model discovery.
+var DefaultModels = Discovery{Path: "/v1/models", Interval: 30 * time.Second, Timeout: 2 * time.Second}
+
+// DefaultMetrics fills the zero fields of enabled engine metrics reads.
+var DefaultMetrics = Scrape{Path: "/metrics", Interval: time.Second, Timeout: 500 * time.Millisecond}
+
+// withDefaults returns d with its zero fields taken from DefaultModels, if
+// discovery is on.
+func (d Discovery) withDefaults() Discovery {
+	if d.Interval <= 0 {
+		return d
+	}
+	d.Path = cmp.Or(d.Path, DefaultModels.Path)
+	d.Timeout = cmp.Or(d.Timeout, DefaultModels.Timeout)
+	return d
+}
+
+// withDefaults returns sc with its zero fields taken from DefaultMetrics, if
+// scraping is on.
+func (sc Scrape) withDefaults() Scrape {
+	if sc.Interval <= 0 {
+		return sc
+	}
+	sc.Path = cmp.Or(sc.Path, DefaultMetrics.Path)
+	sc.Timeout = cmp.Or(sc.Timeout, DefaultMetrics.Timeout)
+	return sc
+}
+
+// modelsRetryInterval is how soon a failed model list read is tried again.
+const modelsRetryInterval = 5 * time.Second
 
 // discover reads the models addr serves and reports whether it could. The
 // first failure after a success (or at start) is logged as a warning: until
@@ -33,17 +84,18 @@ func (w *Watcher) discover(ctx context.Context, addr string) bool {
 	if err != nil {
 		w.m.reads.WithLabelValues(addr, "models", "failed").Inc()
 		if first {
-			w.log.Warn("model list not read; retrying", "host", addr, "err", err, "every", min(w.opts.Models.Interval, modelsRetry))
+			w.log.Warn("model list not read; retrying", "host", addr, "err", err, "every", min(w.opts.Models.Interval, modelsRetryInterval))
 		} else {
 			w.log.Debug("model list not read", "host", addr, "err", err)
 		}
 		return false // keep what was known
 	}
 	w.m.reads.WithLabelValues(addr, "models", "ok").Inc()
-	w.target.SetModels(addr, models)
+	w.warnIfRefused("models", addr, w.target.SetModels(addr, models))
 	return true
 }
 
+// readModels GETs addr's model list and returns the ids in it.
 func (w *Watcher) readModels(ctx context.Context, addr string) ([]string, error) {
 	var list struct {
 		Data []struct {
@@ -89,13 +141,15 @@ func (w *Watcher) scrape(ctx context.Context, addr string) {
 	if err != nil {
 		w.m.reads.WithLabelValues(addr, "metrics", "failed").Inc()
 		w.log.Debug("engine metrics not read", "host", addr, "err", err)
-		w.target.SetRemote(addr, picker.Remote{})
+		w.warnIfRefused("remote", addr, w.target.SetRemote(addr, picker.Remote{}))
 		return
 	}
 	w.m.reads.WithLabelValues(addr, "metrics", "ok").Inc()
-	w.target.SetRemote(addr, r)
+	w.warnIfRefused("remote", addr, w.target.SetRemote(addr, r))
 }
 
+// readMetrics GETs addr's engine metrics page and returns its queue, as of
+// when the read began.
 func (w *Watcher) readMetrics(ctx context.Context, addr string) (picker.Remote, error) {
 	sc := w.opts.Metrics
 	at := w.opts.Now()
@@ -125,7 +179,7 @@ func parseMetrics(r io.Reader) (rem picker.Remote, found bool, err error) {
 		if line == "" || line[0] == '#' {
 			continue
 		}
-		name, rest, ok := metricName(line)
+		name, rest, ok := splitSample(line)
 		if !ok {
 			continue
 		}
@@ -153,9 +207,9 @@ func parseMetrics(r io.Reader) (rem picker.Remote, found bool, err error) {
 	return rem, found, sc.Err()
 }
 
-// metricName splits a sample line into its metric name and what follows
+// splitSample splits a sample line into its metric name and what follows
 // the labels.
-func metricName(line string) (name, rest string, ok bool) {
+func splitSample(line string) (name, rest string, ok bool) {
 	i := strings.IndexAny(line, "{ ")
 	if i <= 0 {
 		return "", "", false

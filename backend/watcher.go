@@ -1,0 +1,238 @@
+// Package backend watches tokenlb's backend hosts from outside the request
+// path and tells the picker what it learns: whether each host is healthy
+// (active checks, and passive ejection on failed responses), which models
+// it serves (GET /v1/models), and how many requests its engine holds from
+// every router in front of it (vLLM's or SGLang's Prometheus metrics).
+//
+// Each source can be switched off on its own; with all off, a Watcher only
+// passes responses' statuses through to nobody.
+package backend
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/tokenlb/tokenlb/picker"
+)
+
+// Target receives what a Watcher learns; *picker.Picker is one. Each method
+// fails only for a host the target does not know.
+type Target interface {
+	SetHealth(addr string, h picker.Health) error
+	SetModels(addr string, models []string) error
+	SetRemote(addr string, r picker.Remote) error
+}
+
+// Options configure a Watcher. Zero intervals and thresholds switch a
+// source off.
+type Options struct {
+	Health  HealthCheck
+	Outlier Outlier
+	Models  Discovery
+	Metrics Scrape
+	// Client makes every request; nil means a plain client. Each request
+	// is bounded by its source's Timeout.
+	Client *http.Client
+	Logger *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// After schedules f after d (readmission after an ejection); nil means
+	// time.AfterFunc.
+	After func(d time.Duration, f func()) func() bool
+}
+
+// Watcher watches a fixed set of hosts. Run starts the active sources;
+// Observe feeds the passive one.
+type Watcher struct {
+	target Target
+	opts   Options
+	log    *slog.Logger
+	m      *Metrics
+
+	ready      chan struct{}   // closed after the first round
+	skipModels map[string]bool // hosts whose models are not asked for
+	addrs      []string        // the hosts, in the order given to New
+
+	mu    sync.Mutex
+	hosts map[string]*hostState
+}
+
+// hostState is what a Watcher knows of one host, guarded by Watcher.mu.
+type hostState struct {
+	addr string
+	// Active checks.
+	activeDown   bool
+	activeFails  int
+	activeOKs    int
+	activeReason string
+	activeSince  time.Time
+	// Passive ejection.
+	consecutive5xx  int // 5xx responses in a row
+	lastStatus      int
+	ejectionsInRow  int // ejections soon after one another, for the backoff
+	ejectedUntil    time.Time
+	ejectedAt       time.Time
+	lastEjectionEnd time.Time
+	heldForChecks   bool        // out since its ejection ended, until checks pass
+	cancelReadmit   func() bool // stops the pending readmission, if any
+	// Model discovery.
+	modelsFailed bool // the last model list read failed
+	// published is what the picker was last told of the host's health.
+	published picker.Health
+	// recovered asks for the host's models again when it comes back up:
+	// an engine that was loading answers /v1/models only once it is ready.
+	recovered chan struct{}
+}
+
+// New returns a Watcher of hosts (as picker.ParseAddr accepts them) that
+// reports to target. It fills zero fields of enabled sources with the
+// defaults.
+func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, error) {
+	opts.Health = opts.Health.withDefaults()
+	opts.Outlier = opts.Outlier.withDefaults()
+	opts.Models = opts.Models.withDefaults()
+	opts.Metrics = opts.Metrics.withDefaults()
+	if opts.Client == nil {
+		opts.Client = newClient()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.After == nil {
+		opts.After = func(d time.Duration, f func()) func() bool { return time.AfterFunc(d, f).Stop }
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if m == nil {
+		m = NewMetrics()
+	}
+	w := &Watcher{target: target, opts: opts, log: log, m: m, hosts: map[string]*hostState{}, ready: make(chan struct{}),
+		skipModels: map[string]bool{}}
+	for _, h := range opts.Models.Skip {
+		if addr, err := picker.ParseAddr(h); err == nil {
+			w.skipModels[addr] = true
+		}
+	}
+	for _, h := range hosts {
+		addr, err := picker.ParseAddr(h)
+		if err != nil {
+			return nil, fmt.Errorf("backend: %w", err)
+		}
+		w.hosts[addr] = &hostState{addr: addr, recovered: make(chan struct{}, 1)}
+		m.healthy.WithLabelValues(addr).Set(1)
+		w.addrs = append(w.addrs, addr)
+	}
+	return w, nil
+}
+
+// Run runs the active sources until ctx is done: each source reads every
+// host at once, then again on its own interval; Ready is closed when every
+// first read is done.
+func (w *Watcher) Run(ctx context.Context) {
+	var wg, first sync.WaitGroup
+	start := func(wake <-chan struct{}, f func() time.Duration) {
+		first.Add(1)
+		wg.Go(func() { poll(ctx, wake, f, first.Done) })
+	}
+	for _, addr := range w.addrs {
+		if h := w.opts.Health; h.Interval > 0 {
+			start(nil, func() time.Duration { w.check(ctx, addr); return h.Interval })
+		}
+		if d := w.opts.Models; d.Interval > 0 && !w.skipModels[addr] {
+			// Sooner after a failed read, and at once when the host comes
+			// back up: an engine still loading its model answers
+			// /v1/models only once it is ready.
+			start(w.hosts[addr].recovered, func() time.Duration {
+				if !w.discover(ctx, addr) {
+					return min(d.Interval, modelsRetryInterval)
+				}
+				return d.Interval
+			})
+		}
+		if m := w.opts.Metrics; m.Interval > 0 {
+			start(nil, func() time.Duration { w.scrape(ctx, addr); return m.Interval })
+		}
+	}
+	go func() { first.Wait(); close(w.ready) }()
+	wg.Wait()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, s := range w.hosts {
+		if s.cancelReadmit != nil {
+			s.cancelReadmit()
+		}
+	}
+}
+
+// poll calls f at once, and then again after the wait f returned or as
+// soon as wake receives, until ctx is done. It calls firstDone after the
+// first call.
+func poll(ctx context.Context, wake <-chan struct{}, f func() time.Duration, firstDone func()) {
+	t := time.NewTimer(f())
+	defer t.Stop()
+	firstDone()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-wake:
+			t.Stop()
+		}
+		t.Reset(f())
+	}
+}
+
+// Ready is closed once Run has checked every host, and read its models and
+// metrics, once (each bounded by its timeout).
+func (w *Watcher) Ready() <-chan struct{} { return w.ready }
+
+// publishHealthLocked tells the picker s's health, from its active checks
+// and its passive ejection, when it changed since it was last told.
+func (w *Watcher) publishHealthLocked(s *hostState) {
+	now := w.opts.Now()
+	var h picker.Health
+	switch {
+	case s.activeDown:
+		h = picker.Health{Down: true, Reason: s.activeReason, Since: s.activeSince}
+	case now.Before(s.ejectedUntil):
+		h = picker.Health{Down: true, Since: s.ejectedAt, Until: s.ejectedUntil,
+			Reason: fmt.Sprintf("ejected: %d responses in a row with a 5xx status (the last %d); ejection %d in a row",
+				w.opts.Outlier.ConsecutiveFailures, s.lastStatus, s.ejectionsInRow)}
+	case s.published.Down:
+		h = picker.Health{Reason: "recovered from: " + s.published.Reason}
+	default:
+		return // up, and was
+	}
+	if h == s.published {
+		return
+	}
+	if s.published.Down && !h.Down {
+		select {
+		case s.recovered <- struct{}{}:
+		default:
+		}
+	}
+	s.published = h
+	up := 1.0
+	if h.Down {
+		up = 0
+	}
+	w.m.healthy.WithLabelValues(s.addr).Set(up)
+	w.warnIfRefused("health", s.addr, w.target.SetHealth(s.addr, h))
+}
+
+// warnIfRefused logs an error from the target, which refuses only a host it
+// does not know: the target and the Watcher were given different hosts.
+// what names the update refused (health, models, remote).
+func (w *Watcher) warnIfRefused(what, addr string, err error) {
+	if err != nil {
+		w.log.Warn("target refused an update about a host", "update", what, "host", addr, "err", err)
+	}
+}
