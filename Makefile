@@ -24,9 +24,11 @@ demo: build tools
 tools:
 	@envoy="$$(scripts/envoy.sh)" && echo "envoy: $$envoy"
 
+# gofmt, go vet, and go.mod and go.sum as go mod tidy leaves them.
 vet:
 	@unformatted="$$(gofmt -l $$(git ls-files '*.go'))"; [ -z "$$unformatted" ] || { echo "gofmt needed: $$unformatted"; exit 1; }
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod or go.sum is not tidy: run go mod tidy"; $(GO) mod tidy -diff; exit 1; }
 
 # CI=true: the e2e suite fails, never skips, without Envoy.
 test: tools vet

@@ -1,14 +1,19 @@
 package config
 
 import (
+	"flag"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/tokenlb/tokenlb/prefix"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
@@ -99,25 +104,93 @@ func TestValidateNamesTheField(t *testing.T) {
 	}
 }
 
-// TestEveryFieldHasAFlag keeps the flags in step with the file.
-func TestEveryFieldHasAFlag(t *testing.T) {
-	var usage strings.Builder
-	FromArgs("tokenlb", []string{"--help"}, &usage)
-	var check func(typ reflect.Type)
-	check = func(typ reflect.Type) {
-		for i := range typ.NumField() {
-			f := typ.Field(i)
-			if f.Type.Kind() == reflect.Struct && f.Type.PkgPath() == typ.PkgPath() {
-				check(f.Type) // a section: its fields are flags of their own
-				continue
-			}
-			flagName := "-" + strings.ReplaceAll(f.Tag.Get("yaml"), "_", "-")
-			if !strings.Contains(usage.String(), flagName+" ") && !strings.Contains(usage.String(), flagName+"\n") {
-				t.Errorf("no flag %s", flagName)
+// flagFields names the field (by its path in the YAML file) that each flag
+// sets.
+var flagFields = map[string]string{
+	"listen": "listen", "admin": "admin", "hosts": "hosts", "encoding": "encoding",
+	"tokenizer-engine": "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",
+	"tokenizer-cache-min-bytes": "tokenizer.cache_min_bytes", "tokenizer-exact-bytes": "tokenizer.exact_bytes",
+	"tokenizer-time-limit": "tokenizer.time_limit", "destination-header": "destination_header",
+	"fallback-hosts": "fallback_hosts", "max-body-bytes": "max_body_bytes",
+	"max-in-flight-tokens-per-host": "max_in_flight_tokens_per_host", "retry-after": "retry_after",
+	"lease-ttl": "lease_ttl", "sweep-interval": "sweep_interval", "shutdown-delay": "shutdown_delay",
+	"drain-timeout": "drain_timeout", "two-phase": "cost.two_phase", "estimate-output": "cost.estimate_output",
+	"calibrate": "cost.calibrate", "decode-weight": "cost.decode_weight", "stall-weight": "cost.stall_weight",
+	"output-tokens": "cost.output_tokens", "prefill-tokens-per-second": "cost.prefill_tokens_per_second",
+	"decode-tokens-per-second": "cost.decode_tokens_per_second", "observer": "response.observer",
+	"lease-header": "response.lease_header", "observer-grace": "response.observer_grace",
+	"estimate-first-token": "response.estimate_first_token", "health-check-path": "health_check.path",
+	"health-check-interval": "health_check.interval", "health-check-timeout": "health_check.timeout",
+	"unhealthy-threshold": "health_check.unhealthy_threshold", "healthy-threshold": "health_check.healthy_threshold",
+	"consecutive-5xx": "outlier_detection.consecutive_5xx", "base-ejection-time": "outlier_detection.base_ejection_time",
+	"max-ejection-time": "outlier_detection.max_ejection_time", "max-ejection-percent": "outlier_detection.max_ejection_percent",
+	"model-routing": "models.routing", "model-discovery-interval": "models.discovery_interval",
+	"backend-metrics-path": "backend_metrics.path", "backend-metrics-interval": "backend_metrics.interval",
+	"prefix-max-extra-load": "prefix_affinity.max_extra_load", "prefix-block-bytes": "prefix_affinity.block_bytes",
+	"prefix-blocks": "prefix_affinity.blocks", "prefix-ttl": "prefix_affinity.ttl", "prefix-entries": "prefix_affinity.entries",
+	"log-level": "log_level", "log-format": "log_format",
+}
+
+// leaves returns every leaf field of v by its YAML path.
+func leaves(v reflect.Value, prefix string, out map[string]reflect.Value) {
+	for i := range v.NumField() {
+		f := v.Type().Field(i)
+		path := prefix + f.Tag.Get("yaml")
+		if f.Type.Kind() == reflect.Struct && f.Type.PkgPath() == v.Type().PkgPath() {
+			leaves(v.Field(i), path+".", out) // a section
+			continue
+		}
+		out[path] = v.Field(i)
+	}
+}
+
+// TestEveryFlagSetsItsField: each flag, given a value other than the
+// default, changes its own field and no other, and every field has a flag.
+func TestEveryFlagSetsItsField(t *testing.T) {
+	defaults := map[string]reflect.Value{}
+	d := Default()
+	leaves(reflect.ValueOf(d), "", defaults)
+	for path := range defaults {
+		if !slices.Contains(slices.Collect(maps.Values(flagFields)), path) {
+			t.Errorf("field %s has no flag", path)
+		}
+	}
+	registered := 0
+	newFlagSet("tokenlb", new(Config), io.Discard).VisitAll(func(*flag.Flag) { registered++ })
+	if registered != len(flagFields) {
+		t.Errorf("%d flags registered, %d known to this test", registered, len(flagFields))
+	}
+	for name, path := range flagFields {
+		var value string
+		switch f := defaults[path]; f.Interface().(type) {
+		case string:
+			value = f.String() + "x"
+		case bool:
+			value = strconv.FormatBool(!f.Bool())
+		case int, int64:
+			value = strconv.FormatInt(f.Int()+7, 10)
+		case float64:
+			value = strconv.FormatFloat(f.Float()+0.25, 'g', -1, 64)
+		case time.Duration:
+			value = (time.Duration(f.Int()) + 3*time.Second).String()
+		case []Host:
+			value = "10.9.9.9:1"
+		default:
+			t.Fatalf("flag %s: field %s of type %s", name, path, f.Type())
+		}
+		c := Default()
+		fs := newFlagSet("tokenlb", &c, io.Discard)
+		if err := fs.Parse([]string{"--" + name + "=" + value}); err != nil {
+			t.Fatalf("--%s=%s: %v", name, value, err)
+		}
+		got := map[string]reflect.Value{}
+		leaves(reflect.ValueOf(c), "", got)
+		for p, v := range got {
+			if changed := !reflect.DeepEqual(v.Interface(), defaults[p].Interface()); changed != (p == path) {
+				t.Errorf("--%s=%s: field %s changed: %v", name, value, p, changed)
 			}
 		}
 	}
-	check(reflect.TypeOf(Config{}))
 }
 
 // TestCostSwitches: each piece of the cost model can be switched off in the
@@ -129,7 +202,7 @@ func TestCostSwitches(t *testing.T) {
 	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := FromArgs("tokenlb", []string{"--config", path, "--calibrate"}, io.Discard)
+	c, err := Load("tokenlb", []string{"--config", path, "--calibrate"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,32 +221,35 @@ func TestTokenizerOptions(t *testing.T) {
 	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := FromArgs("tokenlb", []string{"--config", path, "--tokenizer-time-limit", "5ms"}, io.Discard)
+	c, err := Load("tokenlb", []string{"--config", path, "--tokenizer-time-limit", "5ms"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := c.Tokenizer.Options(c.Encoding, c.PrefixAffinity)
+	o := c.Tokenizer.Options(c.Encoding)
 	want := tokenizer.Options{Encoding: "o200k_base", Engine: "tiktoken", CacheEntries: -1,
-		CacheMinBytes: tokenizer.DefaultCacheMinBytes, ExactBytes: 2048, TimeLimit: 5 * time.Millisecond,
-		PrefixBlocks: DefaultPrefixBlocks, PrefixBlockBytes: tokenizer.DefaultPrefixBlockBytes}
+		CacheMinBytes: tokenizer.DefaultCacheMinBytes, ExactBytes: 2048, TimeLimit: 5 * time.Millisecond}
 	if o != want {
 		t.Errorf("tokenizer options = %+v, want %+v", o, want)
 	}
-	// Without prefix affinity, no prompt is hashed.
-	if o := c.Tokenizer.Options(c.Encoding, PrefixAffinity{}); o.PrefixBlocks != 0 {
-		t.Errorf("prefix blocks hashed with affinity off: %+v", o)
+	// Prompts are hashed with prefix affinity on, and not without it.
+	if h := c.Route().Prefix; h.Blocks != DefaultPrefixBlocks || h.BlockBytes != prefix.DefaultBlockBytes {
+		t.Errorf("prefix hashing with affinity on: %+v", h)
 	}
-	if d := Default().Tokenizer.Options("cl100k_base", PrefixAffinity{}); d.Engine != "fast" || d.CacheEntries != tokenizer.DefaultCacheEntries {
+	c.PrefixAffinity.MaxExtraLoad = 0
+	if h := c.Route().Prefix; h.Blocks != 0 {
+		t.Errorf("prefix blocks hashed with affinity off: %+v", h)
+	}
+	if d := Default().Tokenizer.Options("cl100k_base"); d.Engine != "fast" || d.CacheEntries != tokenizer.DefaultCacheEntries {
 		t.Errorf("default tokenizer options = %+v, want the fast engine with the cache on", d)
 	}
 }
 
-func TestFromArgs(t *testing.T) {
+func TestLoad(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "c.yaml")
 	if err := os.WriteFile(path, []byte("hosts: [{address: 10.0.0.1:80}]\nencoding: o200k_base\nlog_level: warn\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c, err := FromArgs("tokenlb", []string{"--config", path, "--hosts", "10.0.0.7:81, 10.0.0.8:82", "--log-level", "debug",
+	c, err := Load("tokenlb", []string{"--config", path, "--hosts", "10.0.0.7:81, 10.0.0.8:82", "--log-level", "debug",
 		"--drain-timeout", "7s", "--max-in-flight-tokens-per-host", "5000"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -185,10 +261,10 @@ func TestFromArgs(t *testing.T) {
 		c.DrainTimeout != 7*time.Second || c.MaxInFlightTokensPerHost != 5000 || c.LeaseTTL != time.Hour {
 		t.Errorf("config = %+v", c)
 	}
-	if _, err := FromArgs("tokenlb", []string{"--hosts", "10.0.0.1:80", "--encoding", "nope"}, io.Discard); err == nil || !strings.Contains(err.Error(), "encoding") {
+	if _, err := Load("tokenlb", []string{"--hosts", "10.0.0.1:80", "--encoding", "nope"}, io.Discard); err == nil || !strings.Contains(err.Error(), "encoding") {
 		t.Errorf("bad flag value error = %v", err)
 	}
-	if _, err := FromArgs("tokenlb", []string{"--config", filepath.Join(t.TempDir(), "missing.yaml")}, io.Discard); err == nil {
+	if _, err := Load("tokenlb", []string{"--config", filepath.Join(t.TempDir(), "missing.yaml")}, io.Discard); err == nil {
 		t.Error("missing config file accepted")
 	}
 }

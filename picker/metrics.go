@@ -1,6 +1,10 @@
 package picker
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"slices"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 var (
 	descTokens = prometheus.NewDesc("tokenlb_host_in_flight_tokens",
@@ -31,10 +35,17 @@ var (
 )
 
 // Collector returns a Prometheus collector that reads the ledger at scrape
-// time, so gauges never disagree with /debug/hosts.
-func (p *Picker) Collector() prometheus.Collector { return collector{p} }
+// time, so gauges never disagree with /debug/hosts. tokenlb_releases_total
+// has a series for each of causes (and Swept) from the start, and for any
+// other cause once it happens.
+func (p *Picker) Collector(causes ...Cause) prometheus.Collector {
+	return collector{p, append(slices.Clone(causes), Swept)}
+}
 
-type collector struct{ p *Picker }
+type collector struct {
+	p      *Picker
+	causes []Cause
+}
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descTokens, descPrefilling, descLoad, descRequests, descPicks, descReleases, descSwept, descNoCapacity, descUnknownModel, descPanic, descAffinity, descExternal} {
@@ -52,7 +63,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descExternal, prometheus.GaugeValue, float64(h.ExternalLoad), h.Address)
 	}
 	s := c.p.Stats()
-	for _, cause := range []Cause{ResponseHeaders, ResponseEnd, StreamEnd, ImmediateResponse, Swept} {
+	causes := slices.Clone(c.causes)
+	for cause := range s.Releases {
+		causes = append(causes, cause)
+	}
+	slices.Sort(causes)
+	for _, cause := range slices.Compact(causes) {
 		ch <- prometheus.MustNewConstMetric(descReleases, prometheus.CounterValue, float64(s.Releases[cause]), string(cause))
 	}
 	ch <- prometheus.MustNewConstMetric(descSwept, prometheus.CounterValue, float64(s.SweptTokens))

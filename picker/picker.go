@@ -27,6 +27,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/tokenlb/tokenlb/prefix"
 )
 
 // ErrNoCapacity is returned by Pick when every host is busy beyond the
@@ -37,17 +39,13 @@ var ErrNoCapacity = errors.New("picker: every host is at its in-flight token lim
 // model.
 var ErrUnknownModel = errors.New("picker: no host serves the model")
 
-// Cause says why a lease was released.
+// Cause says why a lease was released. The caller names its own causes
+// (package route names them after how a response ends); the picker's own
+// is Swept.
 type Cause string
 
-// Release causes.
-const (
-	ResponseHeaders   Cause = "response_headers"   // the backend answered, no body to follow (or none shown)
-	ResponseEnd       Cause = "response_end"       // the response body (or its trailers) ended
-	StreamEnd         Cause = "stream_end"         // the ext_proc stream ended first (client abort, reset, error)
-	ImmediateResponse Cause = "immediate_response" // tokenlb answered the client itself
-	Swept             Cause = "swept"              // the sweeper reclaimed a forgotten lease
-)
+// Swept is the cause of a release by the sweeper: a lease nobody released.
+const Swept Cause = "swept"
 
 // Options configure a Picker. The zero value is usable.
 type Options struct {
@@ -92,9 +90,9 @@ type Affinity struct {
 	// prefix may have and still be chosen, in the cost's unit; it may
 	// never have more than the prefill the prefix saves (the prefix's
 	// share of the prompt times the request's UntilFirstToken there, or
-	// times its tokens at PrefillPerToken). 0
-	// turns affinity off. It bounds affinity by load, so that one popular
-	// prefix cannot pile its requests onto one host.
+	// times its tokens at PrefillPerToken). It bounds affinity by load, so
+	// that one popular prefix cannot pile its requests onto one host. 0
+	// turns affinity off.
 	MaxExtraLoad int64
 	// PrefillPerToken, when positive, prices the prefill a prefix saves at
 	// this much load per prompt token (Charge.Tokens), rather than at the
@@ -110,8 +108,9 @@ type Affinity struct {
 	Entries int
 }
 
-// Picker is a ledger of in-flight tokens per host. It is safe for concurrent
-// use.
+// Picker is a ledger of each host's load: the charges of the requests in
+// flight there, in the cost's unit, with their prompt tokens and counts. It
+// is safe for concurrent use.
 type Picker struct {
 	opts Options
 
@@ -132,7 +131,7 @@ type Picker struct {
 	// requests a backend reports that this picker did not send: a waiting
 	// one at the first, a running one at the second.
 	perRequest, perDecode float64
-	prefixes              *prefixTable
+	prefixes              *prefix.Table
 }
 
 type host struct {
@@ -170,7 +169,7 @@ type Request struct {
 	// Cost prices the request on each host.
 	Cost Cost
 	// Model, when not empty, restricts the pick to the hosts that serve it
-	// (see serving for hosts whose models are not known).
+	// (see candidates for hosts whose models are not known).
 	Model string
 	// Prefix holds a hash of each leading block of the prompt, each
 	// covering every block before it too, for prefix affinity; the blocks
@@ -238,10 +237,10 @@ func New(hosts []string, opts Options) (*Picker, error) {
 		p.hosts = append(p.hosts, &host{index: len(p.hosts), addr: addr})
 	}
 	if opts.Affinity.MaxExtraLoad > 0 {
-		if len(p.hosts) > 64 {
-			return nil, fmt.Errorf("picker: prefix affinity supports at most 64 hosts, not %d", len(p.hosts))
+		if len(p.hosts) > prefix.MaxHosts {
+			return nil, fmt.Errorf("picker: prefix affinity supports at most %d hosts, not %d", prefix.MaxHosts, len(p.hosts))
 		}
-		p.prefixes = newPrefixTable(opts.Affinity)
+		p.prefixes = prefix.NewTable(prefix.Options{TTL: opts.Affinity.TTL, Entries: opts.Affinity.Entries})
 	}
 	return p, nil
 }
@@ -266,42 +265,64 @@ func ParseAddr(s string) (string, error) {
 const DefaultTolerance = 0.1
 
 // Pick charges a host for r, all in one step, and returns the lease; the
-// caller must Release it.
+// caller must Release it. It goes through four steps under one lock:
 //
-// The hosts considered are those that serve r.Model and are healthy; when
-// none of those is healthy, all that serve the model are (as Envoy's panic
-// mode does: a health signal that rules out every host is more likely wrong
-// than the hosts). A host's score is its load after adding the request's
-// cost there, plus the load its backend reports beyond this picker's own
-// requests. The lowest score wins, within Tolerance; among near ties, the
-// fewest in-flight requests, then a host at random. With affinity on, a
-// host that recently served r's prefix wins instead when its score is
-// above the lowest by no more than the prefill the prefix saves there, nor
-// than Affinity.MaxExtraLoad.
+//   - candidates: the hosts that serve r.Model and are healthy; when none
+//     of those is healthy, all that serve the model (as Envoy's panic mode
+//     does: a health signal that rules out every host is more likely wrong
+//     than the hosts).
+//   - score: a host's score is its load after adding the request's cost
+//     there, plus the load its backend reports beyond this picker's own
+//     requests; hosts at MaxInFlightTokens drop out.
+//   - choose: with affinity on, a host that recently served r's prefix wins
+//     when its score is above the lowest by no more than the prefill the
+//     prefix saves there, nor than Affinity.MaxExtraLoad; otherwise the
+//     lowest score wins, within Tolerance, and among near ties the fewest
+//     in-flight requests, then a host at random.
+//   - charge: the chosen host's ledger takes the request's cost.
 func (p *Picker) Pick(r Request) (*Lease, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	type option struct {
-		h      *host
-		charge Charge
-		score  int64
-	}
-	candidates, up := p.serving(r.Model)
-	if len(candidates) == 0 {
+	hosts, anyHealthy := p.candidates(r.Model)
+	if len(hosts) == 0 {
 		p.unknownModels++
 		return nil, ErrUnknownModel
 	}
-	if !up {
+	if !anyHealthy {
 		p.panicPicks++
 	}
 	now := p.opts.Now()
-	opts := make([]option, 0, len(candidates))
-	lowest, own := int64(-1), int64(0)
-	for _, h := range candidates {
-		if up && !h.health.Healthy() {
+	opts, lowest, own := p.score(hosts, anyHealthy, r.Cost)
+	if len(opts) == 0 {
+		p.rejectedPicks++
+		return nil, ErrNoCapacity
+	}
+	best, ok := p.byAffinity(r, opts, lowest, now)
+	if !ok {
+		best = p.leastLoaded(opts, lowest, own)
+	}
+	return p.charge(best, r, now), nil
+}
+
+// option is a host a request may go to, with what it would cost there and
+// the host's score once charged.
+type option struct {
+	h      *host
+	charge Charge
+	score  int64
+}
+
+// score prices the request on each candidate that can take it (healthy
+// ones only when some are, and under MaxInFlightTokens) and returns them
+// with the lowest score and the request's own cost on that host.
+func (p *Picker) score(hosts []*host, healthyOnly bool, cost Cost) (opts []option, lowest, own int64) {
+	opts = make([]option, 0, len(hosts))
+	lowest = -1
+	for _, h := range hosts {
+		if healthyOnly && !h.health.Healthy() {
 			continue
 		}
-		c := r.Cost(h.addr)
+		c := cost(h.addr)
 		c.Tokens, c.UntilFirstToken, c.UntilEnd = max(c.Tokens, 0), max(c.UntilFirstToken, 0), max(c.UntilEnd, 0)
 		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+c.Tokens > p.opts.MaxInFlightTokens {
 			continue
@@ -313,68 +334,82 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 			lowest, own = score, c.UntilFirstToken+c.UntilEnd
 		}
 	}
-	if len(opts) == 0 {
-		p.rejectedPicks++
-		return nil, ErrNoCapacity
+	return opts, lowest, own
+}
+
+// byAffinity returns the host that recently served the longest of r's
+// prefixes among those within the load bound (ok false when none, or when
+// affinity is off), and counts what affinity did.
+func (p *Picker) byAffinity(r Request, opts []option, lowest int64, now time.Time) (best option, ok bool) {
+	if p.prefixes == nil || len(r.Prefix) == 0 {
+		return option{}, false
 	}
+	// Hosts within the load bound are eligible; the longest prefix one of
+	// them served wins.
+	var eligible uint64
+	for _, o := range opts {
+		if o.score <= lowest+p.opts.Affinity.MaxExtraLoad {
+			eligible |= 1 << o.h.index
+		}
+	}
+	hosts, matched, served := p.prefixes.Lookup(r.Prefix, eligible, now)
+	// A host that holds the prefix saves the prefill of that part of the
+	// prompt: it may be ahead of the least loaded by no more than that (and
+	// MaxExtraLoad).
+	share := 1.0
+	if r.PromptBytes > 0 && r.PrefixBlockBytes > 0 {
+		share = min(1, float64(matched*r.PrefixBlockBytes)/float64(r.PromptBytes))
+	}
+	for _, o := range opts {
+		saved := share * float64(o.charge.UntilFirstToken)
+		if p.opts.Affinity.PrefillPerToken > 0 {
+			saved = share * float64(o.charge.Tokens) * p.opts.Affinity.PrefillPerToken
+		}
+		allowed := min(p.opts.Affinity.MaxExtraLoad, int64(saved))
+		if hosts&(1<<o.h.index) != 0 && o.score <= lowest+allowed && (!ok || o.score < best.score) {
+			best, ok = o, true
+		}
+	}
+	switch {
+	case ok:
+		p.affinity[AffinityHit]++
+	case served:
+		p.affinity[AffinityOverloaded]++
+	default:
+		p.affinity[AffinityNone]++
+	}
+	return best, ok
+}
+
+// leastLoaded returns the option with the lowest score, counting those
+// within Tolerance of the request's own cost as tied: among them the one
+// with the fewest in-flight requests, then one at random.
+func (p *Picker) leastLoaded(opts []option, lowest, own int64) option {
 	var best option
-	chosen := false
-	if p.prefixes != nil && len(r.Prefix) > 0 {
-		// Hosts within the load bound are eligible; the longest prefix one
-		// of them served wins.
-		var eligible uint64
-		for _, o := range opts {
-			if o.score <= lowest+p.opts.Affinity.MaxExtraLoad {
-				eligible |= 1 << o.h.index
-			}
-		}
-		hosts, matched, served := p.prefixes.lookup(r.Prefix, eligible, now)
-		// A host that holds the prefix saves the prefill of that part of
-		// the prompt: it may be ahead of the least loaded by no more than
-		// that (and MaxExtraLoad).
-		share := 1.0
-		if r.PromptBytes > 0 && r.PrefixBlockBytes > 0 {
-			share = min(1, float64(matched*r.PrefixBlockBytes)/float64(r.PromptBytes))
-		}
-		for _, o := range opts {
-			saved := share * float64(o.charge.UntilFirstToken)
-			if p.opts.Affinity.PrefillPerToken > 0 {
-				saved = share * float64(o.charge.Tokens) * p.opts.Affinity.PrefillPerToken
-			}
-			allowed := min(p.opts.Affinity.MaxExtraLoad, int64(saved))
-			if hosts&(1<<o.h.index) != 0 && o.score <= lowest+allowed && (!chosen || o.score < best.score) {
-				best, chosen = o, true
-			}
-		}
+	limit := lowest + int64(float64(own)*p.opts.Tolerance)
+	ties := 0
+	for _, o := range opts {
 		switch {
-		case chosen:
-			p.affinity[AffinityHit]++
-		case served:
-			p.affinity[AffinityOverloaded]++
-		default:
-			p.affinity[AffinityNone]++
-		}
-	}
-	if !chosen {
-		limit := lowest + int64(float64(own)*p.opts.Tolerance)
-		ties := 0
-		for _, o := range opts {
-			switch {
-			case o.score > limit:
-			case ties == 0 || o.h.requests < best.h.requests:
-				best, ties = o, 1
-			case o.h.requests == best.h.requests:
-				// Reservoir sampling: each of the tied hosts wins with equal odds.
-				ties++
-				if p.rng.IntN(ties) == 0 {
-					best = o
-				}
+		case o.score > limit:
+		case ties == 0 || o.h.requests < best.h.requests:
+			best, ties = o, 1
+		case o.h.requests == best.h.requests:
+			// Reservoir sampling: each of the tied hosts wins with equal odds.
+			ties++
+			if p.rng.IntN(ties) == 0 {
+				best = o
 			}
 		}
 	}
+	return best
+}
+
+// charge puts the chosen option's cost on its host's ledger and returns the
+// lease; the prefix table notes the host served r's prefix.
+func (p *Picker) charge(best option, r Request, now time.Time) *Lease {
 	h := best.h
 	if p.prefixes != nil && len(r.Prefix) > 0 {
-		p.prefixes.record(r.Prefix, h.index, now)
+		p.prefixes.Record(r.Prefix, h.index, now)
 	}
 	// Requests that cost nothing (a GET, an empty body) do not teach the
 	// averages.
@@ -394,22 +429,22 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 	h.requests++
 	h.picks++
 	p.leases[l] = struct{}{}
-	return l, nil
+	return l
 }
 
-// serving returns the hosts that may serve model, and whether one of them
-// is healthy: those known to serve it, if one of them is healthy; else
+// candidates returns the hosts that may serve model, and whether one of
+// them is healthy: those known to serve it, if one of them is healthy; else
 // those whose models are not known (which may serve it), if one of them is
 // healthy; else all of these, for a pick among unhealthy hosts. A host
 // whose list is unknown would otherwise draw requests for models it turns
 // away at once, and look idle doing so. With Options.UnknownServesAny,
 // hosts whose models are not known count as serving every model.
-func (p *Picker) serving(model string) (hosts []*host, up bool) {
+func (p *Picker) candidates(model string) (hosts []*host, anyHealthy bool) {
 	if model == "" {
 		for _, h := range p.hosts {
-			up = up || h.health.Healthy()
+			anyHealthy = anyHealthy || h.health.Healthy()
 		}
-		return p.hosts, up
+		return p.hosts, anyHealthy
 	}
 	var known, unknown []*host
 	knownUp, unknownUp := false, false
@@ -553,7 +588,7 @@ func (l *Lease) Fallbacks(n int) []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	others := make([]*host, 0, len(p.hosts)-1)
-	hosts, _ := p.serving(l.model)
+	hosts, _ := p.candidates(l.model)
 	for _, h := range hosts {
 		if h != l.h && h.health.Healthy() {
 			others = append(others, h)

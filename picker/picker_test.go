@@ -220,7 +220,7 @@ func TestCollector(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{})
 	l, _ := p.Pick(Request{Cost: Tokens(42)})
 	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(p.Collector())
+	reg.MustRegister(p.Collector(ResponseHeaders, ResponseEnd, StreamEnd, ImmediateResponse))
 	want := `
 # HELP tokenlb_host_in_flight_tokens Prompt tokens charged to a host and not yet released.
 # TYPE tokenlb_host_in_flight_tokens gauge

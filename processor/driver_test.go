@@ -1,4 +1,4 @@
-package processor
+package processor_test
 
 // A scripted stand-in for Envoy's side of the ext_proc stream, for unit tests
 // of protocol edge cases. It follows the message order Envoy 1.40 uses (see
@@ -12,28 +12,50 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/processor"
+	"github.com/tokenlb/tokenlb/route"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
-// testEnv is a tokenlb Server on a loopback port with a client connected.
+// Config is what a test sets of the Server's and the Router's
+// configuration; startEnv hands each its part.
+type Config struct {
+	// processor.Config
+	DestinationHeader string
+	MaxBodyBytes      int64
+	Observer          bool
+	ObserverGrace     time.Duration
+	// route.Config
+	Cost               *cost.Estimator
+	Fallbacks          int
+	EstimateFirstToken bool
+	ModelRouting       bool
+	ResponseStatus     func(host string, status int)
+}
+
+// testEnv is a tokenlb Server and Router on a loopback port with a client
+// connected.
 type testEnv struct {
-	s      *Server
-	picker *picker.Picker
-	client extprocv3.ExternalProcessorClient
+	picker  *picker.Picker
+	metrics *processor.Metrics
+	client  extprocv3.ExternalProcessorClient
 	// ended receives one value each time a Process call returns.
 	ended chan struct{}
 }
 
 type trackedServer struct {
-	*Server
+	*processor.Server
 	ended chan struct{}
 }
 
@@ -62,12 +84,16 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(p, testTokenizer(t), cfg)
+	router := route.New(route.Config{Picker: p, Tokenizer: testTokenizer(t), Cost: cfg.Cost, Fallbacks: cfg.Fallbacks,
+		EstimateFirstToken: cfg.EstimateFirstToken, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus})
+	metrics := processor.NewMetrics()
+	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, MaxBodyBytes: cfg.MaxBodyBytes,
+		Observer: cfg.Observer, ObserverGrace: cfg.ObserverGrace, Metrics: metrics})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer(GRPCServerOptions(srv.cfg.MaxBodyBytes)...)
+	gs := grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
 	ended := make(chan struct{}, 1<<14)
 	extprocv3.RegisterExternalProcessorServer(gs, trackedServer{srv, ended})
 	go gs.Serve(lis)
@@ -80,7 +106,38 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 		conn.Close()
 		gs.Stop()
 	})
-	return &testEnv{s: srv, picker: p, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
+	return &testEnv{picker: p, metrics: metrics, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
+}
+
+// counter returns the value of the processor's counter name with the one
+// label value given.
+func (e *testEnv) counter(t testing.TB, name, label string) float64 {
+	t.Helper()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(e.metrics.Collectors()...)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == label {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
+}
+
+// headerValue returns a header's value, raw_value first, as Envoy reads it.
+func headerValue(h *corev3.HeaderValue) string {
+	if rv := h.GetRawValue(); len(rv) > 0 {
+		return string(rv)
+	}
+	return h.GetValue()
 }
 
 // waitEnded waits until n Process calls have returned.
@@ -223,8 +280,8 @@ func (f *fakeEnvoy) do(req httpRequest) (*outcome, error) {
 			if sr == nil {
 				return nil, fmt.Errorf("full-duplex body reply %v has no streamed_response", resp)
 			}
-			if len(sr.GetBody()) > ChunkBytes {
-				return nil, fmt.Errorf("streamed chunk of %d bytes exceeds %d", len(sr.GetBody()), ChunkBytes)
+			if len(sr.GetBody()) > processor.ChunkBytes {
+				return nil, fmt.Errorf("streamed chunk of %d bytes exceeds %d", len(sr.GetBody()), processor.ChunkBytes)
 			}
 			out.body = append(out.body, sr.GetBody()...)
 			out.chunks++
@@ -282,7 +339,7 @@ func apply(out *outcome, c *extprocv3.CommonResponse, resp *extprocv3.Processing
 		}
 	}
 	for ns, v := range resp.GetDynamicMetadata().GetFields() {
-		if ns != DefaultMetadataNamespace {
+		if ns != processor.DefaultMetadataNamespace {
 			continue
 		}
 		for k, s := range v.GetStructValue().GetFields() {

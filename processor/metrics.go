@@ -5,14 +5,9 @@ import "github.com/prometheus/client_golang/prometheus"
 // Metrics are the Server's Prometheus metrics. Register them with
 // Collectors.
 type Metrics struct {
-	streams         prometheus.Gauge
-	requestTokens   *prometheus.HistogramVec
-	tokenizeSeconds prometheus.Histogram
-	pickSeconds     prometheus.Histogram
-	rejections      *prometheus.CounterVec
-	outputTokens    prometheus.Histogram
-	usageSeen       *prometheus.CounterVec
-	observerClaims  *prometheus.CounterVec
+	streams        prometheus.Gauge
+	rejections     *prometheus.CounterVec
+	observerClaims *prometheus.CounterVec
 }
 
 // NewMetrics returns unregistered metrics.
@@ -20,23 +15,8 @@ func NewMetrics() *Metrics {
 	return &Metrics{
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tokenlb_streams_active", Help: "ext_proc streams (HTTP requests) being served."}),
-		requestTokens: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "tokenlb_request_prompt_tokens", Help: "Prompt tokens per routed request, by API.",
-			Buckets: prometheus.ExponentialBuckets(16, 2, 14)}, []string{"api"}),
-		tokenizeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "tokenlb_tokenize_duration_seconds", Help: "Time to parse a request body and count its tokens.",
-			Buckets: prometheus.ExponentialBuckets(25e-6, 2.5, 12)}),
-		pickSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "tokenlb_pick_duration_seconds", Help: "Time to pick and charge a host.",
-			Buckets: prometheus.ExponentialBuckets(1e-7, 4, 10)}),
 		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenlb_rejections_total", Help: "Requests tokenlb answered itself, by reason."}, []string{"reason"}),
-		outputTokens: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "tokenlb_request_expected_output_tokens", Help: "Output tokens the cost model expected per routed request.",
-			Buckets: prometheus.ExponentialBuckets(4, 2, 14)}),
-		usageSeen: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tokenlb_responses_usage_total", Help: "Successful responses followed to their end, by whether they reported usage."},
-			[]string{"usage"}),
 		observerClaims: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenlb_observer_claims_total", Help: "Observer streams by what their correlation header found: " +
 				"claimed, late (the routing stream follows the response itself) or unknown; none counts requests nobody claimed in time."}, []string{"result"}),
@@ -45,6 +25,5 @@ func NewMetrics() *Metrics {
 
 // Collectors returns the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.streams, m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.rejections,
-		m.outputTokens, m.usageSeen, m.observerClaims}
+	return []prometheus.Collector{m.streams, m.rejections, m.observerClaims}
 }

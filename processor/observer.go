@@ -1,25 +1,59 @@
 package processor
 
 import (
-	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"crypto/rand"
+	"sync/atomic"
 
-	"github.com/tokenlb/tokenlb/picker"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 )
+
+// followed is a routed request's Flight with what it takes for an observer
+// stream to find it and take over following its response.
+type followed struct {
+	Flight
+	id    string // the lease header's value; "" without an observer
+	claim atomic.Int32
+}
+
+// Whether an observer stream may still claim a request. The routing stream
+// holds the request open for a claim until its response headers; by then an
+// observer may have claimed it.
+const (
+	claimOpen   int32 = iota // the routing stream follows it, a claim may come
+	claimTaken               // an observer stream claimed it first
+	claimClosed              // the routing stream kept it, or gave up waiting
+)
+
+// await makes f claimable by an observer stream, under a fresh lease id.
+func (s *Server) await(f *followed) {
+	f.id = rand.Text()
+	s.mu.Lock()
+	s.pending[f.id] = f
+	s.mu.Unlock()
+}
+
+// forget removes f from the requests an observer may claim.
+func (s *Server) forget(f *followed) {
+	if f.id != "" {
+		s.mu.Lock()
+		delete(s.pending, f.id)
+		s.mu.Unlock()
+	}
+}
 
 // observe serves a stream from the observability-mode filter: Envoy sends
 // it the request headers and the response as they pass, and ignores any
 // answer. The request headers carry the lease header the routing stream set;
-// the stream claims that request and follows its response to the end,
-// releasing the prefill part at the first token and the rest at the end, or
-// everything if the stream ends first (Envoy ends it when the HTTP stream is
-// destroyed, after deferred_close_timeout at most).
+// the stream claims that request and shows its Flight the response to the
+// end, or ends it if the stream ends first (Envoy ends it when the HTTP
+// stream is destroyed, after deferred_close_timeout at most).
 func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error {
 	s.m.streams.Inc()
 	defer s.m.streams.Dec()
-	var t *tracker
+	var f *followed
 	defer func() {
-		if t != nil {
-			t.abort()
+		if f != nil {
+			f.End(StreamEnded)
 		}
 	}()
 	for {
@@ -32,20 +66,24 @@ func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error
 		}
 		switch r := req.Request.(type) {
 		case *extprocv3.ProcessingRequest_RequestHeaders:
-			if t == nil {
-				t = s.claim(r.RequestHeaders)
+			if f == nil {
+				f = s.claim(r.RequestHeaders)
 			}
 		case *extprocv3.ProcessingRequest_ResponseHeaders:
-			if t != nil {
-				t.responseHeaders(r.ResponseHeaders.GetHeaders(), r.ResponseHeaders.GetEndOfStream())
+			if f != nil {
+				next := BodyShown
+				if r.ResponseHeaders.GetEndOfStream() {
+					next = NoBody
+				}
+				f.ResponseHeaders(Headers{r.ResponseHeaders.GetHeaders()}, next)
 			}
 		case *extprocv3.ProcessingRequest_ResponseBody:
-			if t != nil {
-				t.responseBody(r.ResponseBody.GetBody(), r.ResponseBody.GetEndOfStream())
+			if f != nil {
+				f.ResponseBody(r.ResponseBody.GetBody(), r.ResponseBody.GetEndOfStream())
 			}
 		case *extprocv3.ProcessingRequest_ResponseTrailers:
-			if t != nil {
-				t.finish(picker.ResponseEnd)
+			if f != nil {
+				f.End(ResponseEnded)
 			}
 		}
 	}
@@ -54,7 +92,7 @@ func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error
 // claim finds the routed request named by the lease header and takes over
 // following its response, unless its routing stream decided to follow it
 // itself or gave up waiting.
-func (s *Server) claim(h *extprocv3.HttpHeaders) *tracker {
+func (s *Server) claim(h *extprocv3.HttpHeaders) *followed {
 	var id string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		if hv.GetKey() == s.cfg.LeaseHeader {
@@ -62,17 +100,17 @@ func (s *Server) claim(h *extprocv3.HttpHeaders) *tracker {
 		}
 	}
 	s.mu.Lock()
-	t := s.pending[id]
+	f := s.pending[id]
 	s.mu.Unlock()
 	switch {
-	case t == nil:
+	case f == nil:
 		s.m.observerClaims.WithLabelValues("unknown").Inc()
 		return nil
-	case !t.owner.CompareAndSwap(ownerRouter, ownerObserver):
+	case !f.claim.CompareAndSwap(claimOpen, claimTaken):
 		s.m.observerClaims.WithLabelValues("late").Inc()
 		return nil
 	}
-	s.forget(t)
+	s.forget(f)
 	s.m.observerClaims.WithLabelValues("claimed").Inc()
-	return t
+	return f
 }

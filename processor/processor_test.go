@@ -1,4 +1,4 @@
-package processor
+package processor_test
 
 import (
 	"bytes"
@@ -14,6 +14,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/processor"
+	"github.com/tokenlb/tokenlb/route"
 )
 
 const (
@@ -47,9 +49,9 @@ func routed(t *testing.T, f *fakeEnvoy, req httpRequest) *outcome {
 	if out.immediate != nil {
 		t.Fatalf("rejected with %d: %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
 	}
-	h := out.headers[DefaultDestinationHeader]
-	if first, _, _ := strings.Cut(out.metadata[DefaultDestinationHeader], ","); h == "" || h != first {
-		t.Fatalf("destination header %q, metadata %q", h, out.metadata[DefaultDestinationHeader])
+	h := out.headers[processor.DefaultDestinationHeader]
+	if first, _, _ := strings.Cut(out.metadata[processor.DefaultDestinationHeader], ","); h == "" || h != first {
+		t.Fatalf("destination header %q, metadata %q", h, out.metadata[processor.DefaultDestinationHeader])
 	}
 	return out
 }
@@ -60,15 +62,15 @@ func TestRoutingFollowsLoad(t *testing.T) {
 			env := startEnv(t, threeHosts, picker.Options{}, Config{})
 			// Two long requests held in flight take two hosts.
 			a, b := env.open(t, mode), env.open(t, mode)
-			ha := routed(t, a, post(chat(3000))).headers[DefaultDestinationHeader]
-			hb := routed(t, b, post(chat(2000))).headers[DefaultDestinationHeader]
+			ha := routed(t, a, post(chat(3000))).headers[processor.DefaultDestinationHeader]
+			hb := routed(t, b, post(chat(2000))).headers[processor.DefaultDestinationHeader]
 			if ha == hb {
 				t.Fatalf("two heavy requests on one host %s", ha)
 			}
 			// Every short request now goes to the third host.
 			for range 5 {
 				c := env.open(t, mode)
-				hc := routed(t, c, post(chat(10))).headers[DefaultDestinationHeader]
+				hc := routed(t, c, post(chat(10))).headers[processor.DefaultDestinationHeader]
 				if hc == ha || hc == hb {
 					t.Fatalf("short request went to busy host %s (busy: %s, %s)", hc, ha, hb)
 				}
@@ -82,7 +84,7 @@ func TestRoutingFollowsLoad(t *testing.T) {
 				t.Fatal(err)
 			}
 			d := env.open(t, mode)
-			if hd := routed(t, d, post(chat(500))).headers[DefaultDestinationHeader]; hd == hb {
+			if hd := routed(t, d, post(chat(500))).headers[processor.DefaultDestinationHeader]; hd == hb {
 				t.Fatalf("request went to the still-busy host %s", hd)
 			}
 			for _, f := range []*fakeEnvoy{a, b, d} {
@@ -111,12 +113,12 @@ func TestReleasedAtResponseHeaders(t *testing.T) {
 	if tok, req := env.inFlight(); tok != 0 || req != 0 {
 		t.Fatalf("after response headers: %d tokens, %d requests in flight", tok, req)
 	}
-	if got := env.picker.Stats().Releases[picker.ResponseHeaders]; got != 1 {
+	if got := env.picker.Stats().Releases[route.ReleasedAtHeaders]; got != 1 {
 		t.Fatalf("releases by response_headers = %d, want 1", got)
 	}
 	f.close()
 	env.waitEnded(t, 1)
-	if s := env.picker.Stats(); s.Releases[picker.StreamEnd] != 0 {
+	if s := env.picker.Stats(); s.Releases[route.ReleasedStreamEnd] != 0 {
 		t.Fatalf("released twice: %+v", s.Releases)
 	}
 }
@@ -135,10 +137,10 @@ func TestSpoofedDestinationOverwritten(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			env := startEnv(t, threeHosts, picker.Options{}, Config{})
 			for _, spoof := range []string{"6.6.6.6:6666", "127.0.0.1:9", threeHosts[0] + ",6.6.6.6:1"} {
-				c.req.headers = map[string]string{"content-type": "application/json", DefaultDestinationHeader: spoof}
+				c.req.headers = map[string]string{"content-type": "application/json", processor.DefaultDestinationHeader: spoof}
 				f := env.open(t, c.mode)
 				out := routed(t, f, c.req)
-				got := out.headers[DefaultDestinationHeader]
+				got := out.headers[processor.DefaultDestinationHeader]
 				if !contains(threeHosts, got) {
 					t.Fatalf("spoofed %q: destination %q is not a configured host", spoof, got)
 				}
@@ -195,7 +197,7 @@ func TestTrailersWithoutBody(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{})
 	f := env.open(t, buffered)
 	req := post(chat(5))
-	req.headers[DefaultDestinationHeader] = "6.6.6.6:1"
+	req.headers[processor.DefaultDestinationHeader] = "6.6.6.6:1"
 	if err := f.sendHeaders(req); err != nil {
 		t.Fatal(err)
 	}
@@ -203,9 +205,9 @@ func TestTrailersWithoutBody(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := &outcome{headers: map[string]string{DefaultDestinationHeader: "6.6.6.6:1"}, metadata: map[string]string{}}
+	out := &outcome{headers: map[string]string{processor.DefaultDestinationHeader: "6.6.6.6:1"}, metadata: map[string]string{}}
 	apply(out, resp.GetRequestHeaders().GetResponse(), resp)
-	if v, ok := out.headers[DefaultDestinationHeader]; ok {
+	if v, ok := out.headers[processor.DefaultDestinationHeader]; ok {
 		t.Fatalf("client destination %q survives the headers reply", v)
 	}
 	if err := f.send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestTrailers{
@@ -248,7 +250,7 @@ func TestFullDuplexEchoesBody(t *testing.T) {
 	if !bytes.Equal(out.body, body) {
 		t.Fatalf("echoed body differs: got %d bytes, want %d", len(out.body), len(body))
 	}
-	if want := (len(body) + ChunkBytes - 1) / ChunkBytes; out.chunks != want {
+	if want := (len(body) + processor.ChunkBytes - 1) / processor.ChunkBytes; out.chunks != want {
 		t.Fatalf("streamed %d chunks, want %d", out.chunks, want)
 	}
 	// A duplicate end of stream must not route (or charge) again.
@@ -379,7 +381,7 @@ func TestRejections(t *testing.T) {
 				t.Fatal(err)
 			}
 			if out.immediate == nil {
-				t.Fatalf("routed to %s, want %d", out.headers[DefaultDestinationHeader], c.status)
+				t.Fatalf("routed to %s, want %d", out.headers[processor.DefaultDestinationHeader], c.status)
 			}
 			if got := int32(out.immediate.GetStatus().GetCode()); got != c.status {
 				t.Fatalf("status %d, want %d (%s)", got, c.status, out.immediate.GetBody())
@@ -564,15 +566,15 @@ func TestConcurrentStreamsWithAborts(t *testing.T) {
 func TestFallbackList(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{Fallbacks: 2})
 	held := env.open(t, buffered)
-	busy := routed(t, held, post(chat(2000))).headers[DefaultDestinationHeader]
+	busy := routed(t, held, post(chat(2000))).headers[processor.DefaultDestinationHeader]
 	f := env.open(t, buffered)
 	out, err := f.do(post(chat(5)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	list := strings.Split(out.metadata[DefaultDestinationHeader], ",")
-	if len(list) != 3 || list[0] != out.headers[DefaultDestinationHeader] || list[2] != busy || list[1] == busy || list[0] == busy {
-		t.Fatalf("metadata list %v (header %s, busy host %s)", list, out.headers[DefaultDestinationHeader], busy)
+	list := strings.Split(out.metadata[processor.DefaultDestinationHeader], ",")
+	if len(list) != 3 || list[0] != out.headers[processor.DefaultDestinationHeader] || list[2] != busy || list[1] == busy || list[0] == busy {
+		t.Fatalf("metadata list %v (header %s, busy host %s)", list, out.headers[processor.DefaultDestinationHeader], busy)
 	}
 	held.close()
 	f.close()
@@ -610,7 +612,7 @@ func TestStreamedResponseHeldUntilBodyEnds(t *testing.T) {
 	if tok, n := env.inFlight(); tok != 0 || n != 0 {
 		t.Fatalf("after the body ended: %d tokens, %d requests", tok, n)
 	}
-	if got := env.picker.Stats().Releases[picker.ResponseEnd]; got != 1 {
+	if got := env.picker.Stats().Releases[route.ReleasedAtEnd]; got != 1 {
 		t.Fatalf("releases by response_end = %d", got)
 	}
 	f.close()

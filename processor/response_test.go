@@ -1,4 +1,4 @@
-package processor
+package processor_test
 
 import (
 	"context"
@@ -8,41 +8,13 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/processor"
+	"github.com/tokenlb/tokenlb/route"
 )
-
-func TestParseUsage(t *testing.T) {
-	for _, tc := range []struct {
-		name, tail string
-		want       usage
-		ok         bool
-	}{
-		{"json body", `{"choices":[{"text":"x"}],"usage":{"prompt_tokens":12,"total_tokens":19,"completion_tokens":7}}`,
-			usage{12, 7}, true},
-		{"sse usage chunk", "data: {\"choices\":[]}\n\ndata: {\"choices\":[],\"usage\": {\"prompt_tokens\" : 300, \"completion_tokens\":\n45}}\n\ndata: [DONE]\n\n",
-			usage{300, 45}, true},
-		{"last usage wins", `{"usage":{"prompt_tokens":1,"completion_tokens":1}} {"usage":{"prompt_tokens":2,"completion_tokens":3}}`,
-			usage{2, 3}, true},
-		{"no usage", "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n", usage{}, false},
-		{"usage null", `{"usage":null}`, usage{}, false},
-		{"cut off", `{"usage":{"prompt_tokens":12,"compl`, usage{}, false},
-		{"negative", `{"usage":{"prompt_tokens":-3,"completion_tokens":4}}`, usage{}, false},
-		{"overflowing", `{"usage":{"prompt_tokens":99999999999999999999,"completion_tokens":4}}`, usage{}, false},
-		{"fields of another object", `{"usage":{},"x":{"prompt_tokens":1,"completion_tokens":2}}`, usage{}, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, ok := parseUsage([]byte(tc.tail))
-			if got != tc.want || ok != tc.ok {
-				t.Fatalf("parseUsage = %+v, %v; want %+v, %v", got, ok, tc.want, tc.ok)
-			}
-		})
-	}
-}
 
 // step sends one message and waits for tokenlb's reply.
 func step(t *testing.T, f *fakeEnvoy, r *extprocv3.ProcessingRequest) {
@@ -158,7 +130,7 @@ func TestErrorResponseTeachesNothing(t *testing.T) {
 // openObserver opens a stream as the observability-mode filter does.
 func (e *testEnv) openObserver(t *testing.T) *fakeEnvoy {
 	t.Helper()
-	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), ObserverMetadata, "observer"))
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), processor.ObserverMetadata, "observer"))
 	stream, err := e.client.Process(ctx)
 	if err != nil {
 		cancel()
@@ -170,7 +142,7 @@ func (e *testEnv) openObserver(t *testing.T) *fakeEnvoy {
 
 func observerHeaders(lease string) *extprocv3.ProcessingRequest {
 	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
-		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: DefaultLeaseHeader, RawValue: []byte(lease)}}}}}}
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: processor.DefaultLeaseHeader, RawValue: []byte(lease)}}}}}}
 }
 
 // TestObserverFollowsResponse: the routing stream hands the response over to
@@ -180,14 +152,14 @@ func TestObserverFollowsResponse(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true})
 	f := env.open(t, buffered)
 	out := routed(t, f, post(chat(100)))
-	lease := out.headers[DefaultLeaseHeader]
+	lease := out.headers[processor.DefaultLeaseHeader]
 	if len(lease) < 16 {
 		t.Fatalf("lease header %q", lease)
 	}
 	full := env.ledger()
 	o := env.openObserver(t)
 	o.send(observerHeaders(lease))
-	eventually(t, "the observer's claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
 	if err := f.respond200Streaming(); err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +176,7 @@ func TestObserverFollowsResponse(t *testing.T) {
 	}
 	o.send(respBody(usageChunk, true))
 	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
-	if got := env.picker.Stats().Releases[picker.ResponseEnd]; got != 1 {
+	if got := env.picker.Stats().Releases[route.ReleasedAtEnd]; got != 1 {
 		t.Fatalf("releases by response_end: %d", got)
 	}
 }
@@ -226,13 +198,13 @@ func TestObserverAbort(t *testing.T) {
 	f := env.open(t, buffered)
 	out := routed(t, f, post(chat(100)))
 	o := env.openObserver(t)
-	o.send(observerHeaders(out.headers[DefaultLeaseHeader]))
-	eventually(t, "the observer's claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
+	o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
 	f.respond200Streaming()
 	f.close()
 	o.abort()
 	eventually(t, "the release", func() bool { return env.ledger() == ledgerSum{} })
-	if got := env.picker.Stats().Releases[picker.StreamEnd]; got != 1 {
+	if got := env.picker.Stats().Releases[route.ReleasedStreamEnd]; got != 1 {
 		t.Fatalf("releases by stream_end: %d", got)
 	}
 }
@@ -246,14 +218,14 @@ func TestObserverUnknownOrLate(t *testing.T) {
 		ObserverGrace: 200 * time.Millisecond})
 	f := env.open(t, buffered)
 	req := post(chat(100))
-	req.headers[DefaultLeaseHeader] = "guessed"
+	req.headers[processor.DefaultLeaseHeader] = "guessed"
 	out := routed(t, f, req)
-	if out.headers[DefaultLeaseHeader] == "guessed" {
+	if out.headers[processor.DefaultLeaseHeader] == "guessed" {
 		t.Fatal("the client's lease header survived")
 	}
 	o := env.openObserver(t)
 	o.send(observerHeaders("guessed"))
-	eventually(t, "the unknown claim", func() bool { return counter(t, env.s.m.observerClaims, "unknown") == 1 })
+	eventually(t, "the unknown claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "unknown") == 1 })
 	f.respond200Streaming()
 	f.close()
 	if got := env.ledger(); got.InFlightRequests != 1 {
@@ -261,8 +233,8 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	}
 	// The real id, after the response headers: the observer takes over.
 	late := env.openObserver(t)
-	late.send(observerHeaders(out.headers[DefaultLeaseHeader]))
-	eventually(t, "the late claim", func() bool { return counter(t, env.s.m.observerClaims, "claimed") == 1 })
+	late.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
+	eventually(t, "the late claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
 	late.send(respBody(usageChunk, true))
 	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
 
@@ -272,10 +244,10 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	f.respond200Streaming()
 	f.close()
 	eventually(t, "the release after the grace period", func() bool { return env.ledger() == ledgerSum{} })
-	if got := counter(t, env.s.m.observerClaims, "none"); got != 1 {
+	if got := env.counter(t, "tokenlb_observer_claims_total", "none"); got != 1 {
 		t.Fatalf("unclaimed requests counted: %v", got)
 	}
-	if got := env.picker.Stats().Releases[picker.ResponseHeaders]; got != 1 {
+	if got := env.picker.Stats().Releases[route.ReleasedAtHeaders]; got != 1 {
 		t.Fatalf("releases by response_headers: %v", got)
 	}
 }
@@ -311,11 +283,6 @@ func TestEstimateFirstToken(t *testing.T) {
 	if got := env.ledger(); got != (ledgerSum{}) {
 		t.Fatalf("after both streams ended: %+v", got)
 	}
-}
-
-func counter(t *testing.T, v *prometheus.CounterVec, label string) float64 {
-	t.Helper()
-	return testutil.ToFloat64(v.WithLabelValues(label))
 }
 
 func respHeadersTyped(status, contentType string) *extprocv3.ProcessingRequest {
@@ -385,7 +352,7 @@ func TestResponseStatusReported(t *testing.T) {
 			reports := make(chan report, 10)
 			env := startEnv(t, threeHosts, picker.Options{}, Config{ResponseStatus: func(h string, s int) { reports <- report{h, s} }})
 			f := env.open(t, buffered)
-			host := routed(t, f, post(chat(10))).headers[DefaultDestinationHeader]
+			host := routed(t, f, post(chat(10))).headers[processor.DefaultDestinationHeader]
 			var hs []*corev3.HeaderValue
 			for k, v := range tc.headers {
 				hs = append(hs, &corev3.HeaderValue{Key: k, RawValue: []byte(v)})

@@ -46,33 +46,6 @@ func BenchmarkCount(b *testing.B) {
 	}
 }
 
-// BenchmarkCountRequest counts a chat request body whole, JSON decoding
-// included, with the cache off and on (every body after the first is a hit
-// for its long texts).
-func BenchmarkCountRequest(b *testing.B) {
-	body := []byte(corpus(b)["chat"])
-	for _, cached := range []bool{false, true} {
-		opts := Options{CacheEntries: -1}
-		name := "cache=off"
-		if cached {
-			opts.CacheEntries, name = 0, "cache=on"
-		}
-		tk, err := New(opts)
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Run(name, func(b *testing.B) {
-			b.SetBytes(int64(len(body)))
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := tk.CountRequest("/v1/chat/completions", body); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
-	}
-}
-
 // corpus returns the benchmark corpus: testdata/corpus, one text a file.
 func corpus(t testing.TB) map[string]string {
 	t.Helper()

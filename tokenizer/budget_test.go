@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tokenlb/tokenlb/llmapi"
 )
 
 // chatBody returns a chat request whose user message is text.
@@ -37,6 +39,21 @@ func manyBody(t testing.TB, n int, text string) []byte {
 	return b
 }
 
+// counted is what counting a request body found.
+type counted struct {
+	llmapi.Prompt
+	Estimated string
+}
+
+// countRequest counts a chat request body as tokenlb does: llmapi walks
+// it, and a Budget counts its texts.
+func countRequest(tk *Tokenizer, body []byte) (counted, error) {
+	b := tk.Budget()
+	p, err := llmapi.Parse("/v1/chat/completions", body, b)
+	b.Done()
+	return counted{p, b.Estimated()}, err
+}
+
 // meter is an engine that adds up the bytes it is asked to count.
 type meter struct {
 	engine
@@ -60,11 +77,11 @@ func TestCacheCountsRepeatedTexts(t *testing.T) {
 	system := strings.Repeat("You are a careful assistant; answer briefly. ", 10)
 	for i := range 5 {
 		body := chatBody(t, system, fmt.Sprintf("Question %d: what is %d squared?", i, i))
-		got, err := tk.CountRequest("/v1/chat/completions", body)
+		got, err := countRequest(tk, body)
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err := ref.CountRequest("/v1/chat/completions", body)
+		want, err := countRequest(ref, body)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -146,7 +163,7 @@ func TestBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, err := exact.CountRequest("/v1/chat/completions", body)
+	want, err := countRequest(exact, body)
 	if err != nil || want.Estimated != "" {
 		t.Fatalf("exact count: %+v, %v", want, err)
 	}
@@ -171,7 +188,7 @@ func TestBudget(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got, err := tk.CountRequest("/v1/chat/completions", body)
+			got, err := countRequest(tk, body)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -223,7 +240,7 @@ func TestBudgetBoundsTime(t *testing.T) {
 					t.Fatal(err)
 				}
 				start := time.Now()
-				p, err := tk.CountRequest("/v1/chat/completions", body)
+				p, err := countRequest(tk, body)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -244,7 +261,7 @@ func TestBudgetBoundsBytes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, err := exact.CountRequest("/v1/chat/completions", body)
+	want, err := countRequest(exact, body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -255,7 +272,7 @@ func TestBudgetBoundsBytes(t *testing.T) {
 	}
 	m := &meter{engine: tk.engine}
 	tk.engine = m
-	got, err := tk.CountRequest("/v1/chat/completions", body)
+	got, err := countRequest(tk, body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,52 +302,5 @@ func TestAlignRune(t *testing.T) {
 		if got := alignRune(c.s, c.i); got != c.want {
 			t.Errorf("alignRune(%q, %d) = %d, want %d", c.s, c.i, got, c.want)
 		}
-	}
-}
-
-// TestPrefixHashes: prompts that start with the same text share the hashes
-// of their common full blocks, and no others; a partial block is left out;
-// with PrefixBlocks 0 nothing is hashed.
-func TestPrefixHashes(t *testing.T) {
-	tk, err := New(Options{PrefixBlocks: 8, PrefixBlockBytes: 64})
-	if err != nil {
-		t.Fatal(err)
-	}
-	doc := strings.Repeat("the same long document, ", 20) // 480 bytes
-	prefix := func(system, user string) []uint64 {
-		p, err := tk.CountRequest("/v1/chat/completions", chatBody(t, system, user))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p.Prefix
-	}
-	a, b := prefix(doc, "question one"), prefix(doc, "question two, longer than the first one is")
-	// "system" + doc is 486 bytes: 7 full blocks, then the rest of the doc
-	// and the question.
-	if len(a) != 7 || len(b) != 8 {
-		t.Fatalf("blocks %d and %d, want 7 (a partial eighth left out) and 8", len(a), len(b))
-	}
-	if !reflect.DeepEqual(a, b[:7]) {
-		t.Fatal("two prompts with the same first 7 blocks differ in them")
-	}
-	c := prefix("x"+doc, "question one")
-	for i := range c {
-		if c[i] == a[i] {
-			t.Fatalf("block %d of a different prompt hashes the same", i)
-		}
-	}
-	// A change in block 3 changes blocks 3 on and nothing before.
-	changed := doc[:200] + "X" + doc[201:]
-	d := prefix(changed, "question one")
-	if !reflect.DeepEqual(d[:3], a[:3]) || d[3] == a[3] || d[6] == a[6] {
-		t.Fatal("a change in block 4 did not change exactly the hashes from block 4 on")
-	}
-	p, _ := tk.CountRequest("/v1/chat/completions", chatBody(t, doc, "q"))
-	if want := len("system") + len(doc) + len("user") + len("q"); p.TextBytes != want || p.PrefixBlockBytes != 64 {
-		t.Fatalf("TextBytes %d, PrefixBlockBytes %d; want %d and 64", p.TextBytes, p.PrefixBlockBytes, want)
-	}
-	off, _ := New(Options{})
-	if p, _ := off.CountRequest("/v1/chat/completions", chatBody(t, doc, "q")); p.Prefix != nil || p.PrefixBlockBytes != 0 {
-		t.Fatalf("hashed %d blocks with PrefixBlocks 0", len(p.Prefix))
 	}
 }

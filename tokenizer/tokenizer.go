@@ -1,23 +1,20 @@
-// Package tokenizer turns an LLM API request body into a prompt token count.
-//
-// It knows the request shapes of the OpenAI chat completions, completions,
-// embeddings and responses APIs and of the Anthropic messages API, and counts
-// everything else by its string values. Counting uses a tiktoken encoding
-// (cl100k_base or o200k_base) whose BPE ranks are compiled into the binary:
-// nothing is downloaded at run time.
+// Package tokenizer turns text into a token count: exactly, with a tiktoken
+// encoding (cl100k_base or o200k_base) whose BPE ranks are compiled into the
+// binary, so that nothing is downloaded at run time. Which texts a request
+// holds is package llmapi's business; a Budget counts one request's texts
+// within a size and a time limit.
 //
 // Two engines count: "fast" (the default), a count-only pre-tokenizer and
 // byte-pair merger written for these two encodings, and "tiktoken",
 // github.com/pkoukk/tiktoken-go, which the fast engine is tested against and
 // returns the same counts as. Repeated texts (system prompts, tool
 // definitions, earlier turns) are counted once and then found in a bounded
-// cache; a request too large or too slow to count exactly within its budget
+// cache; a request too large or too slow to count exactly within its Budget
 // is counted exactly in part and the rest estimated (see Options).
 package tokenizer
 
 import (
 	"fmt"
-	"hash/maphash"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -61,18 +58,13 @@ type Options struct {
 	CacheMinBytes int
 	// ExactBytes and TimeLimit bound the exact counting of one request:
 	// past ExactBytes of text, or once counting it has taken TimeLimit,
-	// the rest of the request is estimated (Prompt.Estimated says why).
+	// the rest of the request is estimated (Budget.Estimated says why).
 	// Texts past ExactBytes are estimated from SampleBytes of them (in all,
 	// per request) counted exactly; after TimeLimit, from the ratio of
 	// tokens to bytes in what the request had counted so far.
 	ExactBytes  int
 	TimeLimit   time.Duration
 	SampleBytes int
-	// PrefixBlocks, when positive, makes CountRequest hash the prompt's
-	// first PrefixBlocks blocks of PrefixBlockBytes (Prompt.Prefix), for
-	// prefix affinity. 0 leaves it out.
-	PrefixBlocks     int
-	PrefixBlockBytes int
 }
 
 func (o Options) withDefaults() Options {
@@ -97,15 +89,8 @@ func (o Options) withDefaults() Options {
 	if o.SampleBytes <= 0 {
 		o.SampleBytes = DefaultSampleBytes
 	}
-	if o.PrefixBlockBytes <= 0 {
-		o.PrefixBlockBytes = DefaultPrefixBlockBytes
-	}
 	return o
 }
-
-// DefaultPrefixBlockBytes is the prefix hash's block: about 128 tokens,
-// a few of a backend's cache blocks.
-const DefaultPrefixBlockBytes = 512
 
 // engine counts the tokens of a text.
 type engine interface {
@@ -122,7 +107,6 @@ type Tokenizer struct {
 	cache  *cache // nil when off
 	// estimated counts requests whose count was partly estimated.
 	estimatedSize, estimatedTime atomic.Uint64
-	seed                         maphash.Seed // of prefix hashes
 }
 
 // fastEngine is the fast engine: a fast.Encoding, built once per process
@@ -140,7 +124,7 @@ func New(opts Options) (*Tokenizer, error) {
 	if !slices.Contains(Encodings, opts.Encoding) {
 		return nil, fmt.Errorf("tokenizer: unknown encoding %q (want one of %v)", opts.Encoding, Encodings)
 	}
-	t := &Tokenizer{opts: opts, seed: maphash.MakeSeed()}
+	t := &Tokenizer{opts: opts}
 	switch opts.Engine {
 	case "fast":
 		e, err := fast.Load(opts.Encoding)
@@ -221,181 +205,6 @@ func (t *Tokenizer) Stats() Stats {
 	return s
 }
 
-// Why a request's count was partly estimated.
-const (
-	EstimatedSize = "size" // more text than Options.ExactBytes
-	EstimatedTime = "time" // counting took longer than Options.TimeLimit
-)
-
-// budget counts the texts of one request within Options.ExactBytes and
-// Options.TimeLimit. Past ExactBytes, texts are estimated: from SampleBytes
-// of them counted exactly (for the whole request, not per text), then from
-// the ratio of tokens to bytes counted so far. Past TimeLimit, from that
-// ratio alone. The clock is read before each text that is not cached and,
-// inside a long text, every deadlineEvery bytes, so a request overruns its
-// time by at most one such stretch (or one long piece's merge, bounded by
-// maxBudgetPiece).
-type budget struct {
-	t          *Tokenizer
-	deadline   time.Time
-	exactLeft  int // bytes still counted exactly
-	sampleLeft int // bytes still counted exactly to estimate the rest
-	// tokens and bytes counted exactly so far, for the ratio.
-	tokens, bytes int
-	estimated     string // "", EstimatedSize or EstimatedTime
-	prefix        prefixHasher
-	textBytes     int // of every text, counted or not
-}
-
-func (t *Tokenizer) newBudget() *budget {
-	return &budget{t: t, deadline: time.Now().Add(t.opts.TimeLimit),
-		exactLeft: t.opts.ExactBytes, sampleLeft: t.opts.SampleBytes}
-}
-
-// prefixHasher hashes the leading blocks of a request's texts, in the order
-// the request lists them (for chat: each message's role and content in turn,
-// then tool definitions), each text followed by a separator byte. One hash
-// runs over all of them and is read at the end of each block, so each
-// block's hash covers every block before it: two prompts share a block's
-// hash exactly when they start with the same texts up to its end. A last
-// block that is not full is left out, as a backend's prefix cache leaves out
-// its last partial block. Prompts given as token ids are not hashed.
-type prefixHasher struct {
-	h      maphash.Hash
-	n      int // bytes in the current block
-	hashes []uint64
-}
-
-func (b *budget) hashPrefix(s string) {
-	t, ph := b.t, &b.prefix
-	if ph.n == 0 && ph.hashes == nil { // nothing written yet
-		ph.h.SetSeed(t.seed)
-	}
-	for len(s) > 0 && len(ph.hashes) < t.opts.PrefixBlocks {
-		k := min(len(s), t.opts.PrefixBlockBytes-ph.n)
-		ph.h.WriteString(s[:k])
-		s, ph.n = s[k:], ph.n+k
-		if ph.n == t.opts.PrefixBlockBytes {
-			ph.hashes = append(ph.hashes, ph.h.Sum64())
-			ph.n = 0
-		}
-	}
-}
-
-// text returns the tokens of s, exactly while the budget lasts.
-func (b *budget) text(s string) int {
-	if s == "" {
-		return 0
-	}
-	b.textBytes += len(s)
-	if len(b.prefix.hashes) < b.t.opts.PrefixBlocks {
-		b.hashPrefix(s)
-		b.hashPrefix("\x1e") // so that "ab" then "c" is not "a" then "bc"
-	}
-	k, n, ok := b.t.cached(s)
-	if ok {
-		b.tokens, b.bytes = b.tokens+n, b.bytes+len(s)
-		return n
-	}
-	if b.estimated != EstimatedTime && time.Now().After(b.deadline) {
-		b.estimated = EstimatedTime
-	}
-	if b.estimated == EstimatedTime {
-		return b.byRatio(len(s))
-	}
-	if len(s) > b.exactLeft {
-		return b.sample(s)
-	}
-	n, whole := b.exact(s, &b.exactLeft)
-	if whole {
-		b.t.remember(k, n)
-	}
-	return n
-}
-
-// exact counts s until the deadline, taking the bytes counted from *left
-// (exactLeft or sampleLeft); whole is false when the deadline cut it short
-// and the rest of s was estimated by the ratio.
-func (b *budget) exact(s string, left *int) (n int, whole bool) {
-	n, covered := b.t.engine.count(s, b.deadline)
-	*left -= covered
-	b.tokens, b.bytes = b.tokens+n, b.bytes+covered
-	if covered == len(s) {
-		return n, true
-	}
-	b.estimated = EstimatedTime
-	return n + b.byRatio(len(s)-covered), false
-}
-
-// done records why the request was estimated, if it was.
-func (b *budget) done() {
-	switch b.estimated {
-	case EstimatedSize:
-		b.t.estimatedSize.Add(1)
-	case EstimatedTime:
-		b.t.estimatedTime.Add(1)
-	}
-}
-
-// byRatio estimates the tokens of n bytes from the ratio counted so far in
-// this request, or 1 token per 4 bytes before anything was counted.
-func (b *budget) byRatio(n int) int {
-	if b.bytes == 0 {
-		return (n + 3) / 4
-	}
-	return int(float64(n)*float64(b.tokens)/float64(b.bytes) + 0.5)
-}
-
-// sampleWindows is how many stretches of a text sample takes.
-const sampleWindows = 16
-
-// sample returns the tokens of s, a text past the size budget, counted
-// with what is left of the request's SampleBytes: exactly when s fits in it,
-// else estimated from sampleWindows stretches spread evenly over s, counted
-// exactly (tokens per byte there and in the request so far, times the
-// length of s). With the sample spent, it is the ratio alone.
-func (b *budget) sample(s string) int {
-	if len(s) <= b.sampleLeft {
-		n, _ := b.exact(s, &b.sampleLeft)
-		return n
-	}
-	if b.estimated == "" {
-		b.estimated = EstimatedSize
-	}
-	w := b.sampleLeft / sampleWindows
-	if w < 64 {
-		return b.byRatio(len(s))
-	}
-	step := len(s) / sampleWindows
-	tokens, bytes := 0, 0
-	for k := range sampleWindows {
-		lo := alignRune(s, k*step)
-		hi := alignRune(s, k*step+w)
-		if hi <= lo {
-			continue
-		}
-		n, covered := b.t.engine.count(s[lo:hi], b.deadline)
-		tokens, bytes = tokens+n, bytes+covered
-		b.sampleLeft -= covered
-		if covered < hi-lo {
-			b.estimated = EstimatedTime
-			break
-		}
-	}
-	b.tokens, b.bytes = b.tokens+tokens, b.bytes+bytes
-	return b.byRatio(len(s))
-}
-
-// alignRune moves i back to the start of the rune it falls in (at most
-// utf8.UTFMax-1 bytes: in invalid UTF-8 there may be none).
-func alignRune(s string, i int) int {
-	i = min(i, len(s))
-	for k := 0; k < utf8.UTFMax-1 && i > 0 && i < len(s) && !utf8.RuneStart(s[i]); k++ {
-		i--
-	}
-	return i
-}
-
 // tiktokenEncoding counts with tiktoken-go.
 type tiktokenEncoding struct{ enc *tiktoken.Tiktoken }
 
@@ -415,11 +224,11 @@ func newTiktoken(encoding string) (*tiktokenEncoding, error) {
 // the length of one pre-tokenizer piece, so a long run without word breaks
 // (a wall of punctuation, a paragraph of CJK) could stall a core for
 // minutes; count therefore encodes long texts in chunks of at most
-// chunkBytes. It cuts where a letter, a space and a letter meet: both
+// chunkBytes. A chunk ends where a letter, a space and a letter meet: both
 // encodings always start a new piece at that space, so the count stays
-// exact. Only a stretch of maxChunk bytes with no such place is cut
+// exact. Only a stretch of maxChunk bytes with no such place is split
 // elsewhere (on a rune boundary), which can change the count by a token or
-// so at each such cut. The fast engine needs no chunks.
+// so at each such split. The fast engine needs no chunks.
 func (e *tiktokenEncoding) count(s string, deadline time.Time) (int, int) {
 	n, covered := 0, 0
 	for covered < len(s) {
@@ -427,7 +236,7 @@ func (e *tiktokenEncoding) count(s string, deadline time.Time) (int, int) {
 			break
 		}
 		rest := s[covered:]
-		chunk := rest[:cut(rest)]
+		chunk := rest[:chunkLen(rest)]
 		n += len(e.enc.EncodeOrdinary(chunk))
 		covered += len(chunk)
 	}
@@ -436,17 +245,17 @@ func (e *tiktokenEncoding) count(s string, deadline time.Time) (int, int) {
 
 const (
 	chunkBytes = 4 << 10  // preferred chunk size
-	maxChunk   = 16 << 10 // largest chunk searched for an exact cut
-	roughChunk = 512      // size of a chunk cut where no exact cut exists
+	maxChunk   = 16 << 10 // largest chunk searched for an exact end
+	roughChunk = 512      // size of a chunk where no exact end exists
 )
 
-// cut returns the length of the next chunk of s to encode.
-func cut(s string) int {
+// chunkLen returns the length of the next chunk of s to encode.
+func chunkLen(s string) int {
 	if len(s) <= chunkBytes {
 		return len(s)
 	}
 	end := min(len(s), maxChunk)
-	// The last exact cut below chunkBytes, else the first one above it.
+	// The last exact end below chunkBytes, else the first one above it.
 	best := -1
 	for i := 1; i+1 < end; i++ {
 		if s[i] != ' ' || !isLetterAt(s, i+1) || !isLetterBefore(s, i) {
@@ -463,7 +272,7 @@ func cut(s string) int {
 	if best > 0 {
 		return best
 	}
-	// No exact cut: take roughChunk bytes, backed up to a rune start.
+	// No exact end: take roughChunk bytes, backed up to a rune start.
 	i := roughChunk
 	for i > 0 && !utf8.RuneStart(s[i]) {
 		i--

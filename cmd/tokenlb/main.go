@@ -1,9 +1,12 @@
 // Command tokenlb is an Envoy ext_proc server that routes each LLM request to
-// the backend with the fewest in-flight prompt tokens.
+// the backend whose load, in expected work, is lowest once the request is
+// added (see package route).
 //
 //	tokenlb --config deploy/tokenlb.yaml
 //
 // See deploy/tokenlb.yaml for every setting and tokenlb --help for flags.
+// main only wires: config.Load, then build (every part, from the
+// configuration), then run (serve until a signal, then drain).
 package main
 
 import (
@@ -33,11 +36,12 @@ import (
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
+	"github.com/tokenlb/tokenlb/route"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
 func main() {
-	cfg, err := config.FromArgs("tokenlb", os.Args[1:], os.Stderr)
+	cfg, err := config.Load("tokenlb", os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return
 	}
@@ -48,7 +52,7 @@ func main() {
 	log := newLogger(cfg)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := listenAndServe(ctx, cfg, log); err != nil {
+	if err := listenAndRun(ctx, cfg, log); err != nil {
 		log.Error("tokenlb stopped", "err", err)
 		os.Exit(1)
 	}
@@ -64,7 +68,11 @@ func newLogger(cfg config.Config) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
 }
 
-func listenAndServe(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+func listenAndRun(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+	a, err := build(cfg, log)
+	if err != nil {
+		return err
+	}
 	grpcLis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -74,136 +82,164 @@ func listenAndServe(ctx context.Context, cfg config.Config, log *slog.Logger) er
 		grpcLis.Close()
 		return fmt.Errorf("admin: %w", err)
 	}
-	return serve(ctx, cfg, log, grpcLis, adminLis)
+	return a.run(ctx, grpcLis, adminLis)
+}
+
+// app is tokenlb built from its configuration, ready to run.
+type app struct {
+	cfg     config.Config
+	log     *slog.Logger
+	picker  *picker.Picker
+	watcher *backend.Watcher
+	grpc    *grpc.Server
+	health  *health.Server
+	admin   *http.Server
+	state   atomic.Int32 // starting, ready, stopping
+}
+
+const (
+	starting int32 = iota
+	ready
+	stopping
+)
+
+// build makes every part of tokenlb from cfg and wires them together.
+func build(cfg config.Config, log *slog.Logger) (*app, error) {
+	a := &app{cfg: cfg, log: log}
+	tok, err := tokenizer.New(cfg.Tokenizer.Options(cfg.Encoding))
+	if err != nil {
+		return nil, err
+	}
+	if a.picker, err = picker.New(cfg.HostAddresses(), cfg.PickerOptions()); err != nil {
+		return nil, err
+	}
+	for _, h := range cfg.Hosts {
+		if len(h.Models) > 0 {
+			if err := a.picker.SetModels(h.Address, h.Models); err != nil {
+				return nil, err
+			}
+		}
+	}
+	wopts := cfg.Watch()
+	wopts.Logger = log
+	watchMetrics := backend.NewMetrics()
+	if a.watcher, err = backend.New(a.picker, cfg.HostAddresses(), wopts, watchMetrics); err != nil {
+		return nil, err
+	}
+	est := cost.New(cfg.Cost.Options())
+	rc := cfg.Route()
+	rc.Picker, rc.Tokenizer, rc.Cost, rc.ResponseStatus, rc.Logger = a.picker, tok, est, a.watcher.Observe, log
+	rc.Metrics = route.NewMetrics()
+	pc := cfg.Processor()
+	pc.Logger, pc.Metrics = log, processor.NewMetrics()
+	srv := processor.New(route.New(rc), pc)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(a.picker.Collector(route.Causes...), tok.Collector(), collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(pc.Metrics.Collectors()...)
+	reg.MustRegister(rc.Metrics.Collectors()...)
+	reg.MustRegister(watchMetrics.Collectors()...)
+
+	a.grpc = grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
+	extprocv3.RegisterExternalProcessorServer(a.grpc, srv)
+	a.health = health.NewServer()
+	healthpb.RegisterHealthServer(a.grpc, a.health)
+	a.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
+	isReady := func() bool { return a.state.Load() == ready }
+	a.admin = &http.Server{Handler: admin.Handler(a.picker, est, reg, isReady), ReadHeaderTimeout: 10 * time.Second}
+	return a, nil
 }
 
 // readyWait bounds how long tokenlb waits for its first look at the
 // backends before it reports ready.
 const readyWait = 5 * time.Second
 
-// serve runs tokenlb on the given listeners until ctx is done, then shuts
-// down: not ready, wait ShutdownDelay, stop accepting streams, drain the
+// run serves on the given listeners until ctx is done, then shuts down:
+// not ready, wait ShutdownDelay, stop accepting streams, drain the
 // in-flight ones for up to DrainTimeout.
-func serve(ctx context.Context, cfg config.Config, log *slog.Logger, grpcLis, adminLis net.Listener) error {
-	tok, err := tokenizer.New(cfg.Tokenizer.Options(cfg.Encoding, cfg.PrefixAffinity))
-	if err != nil {
-		return err
-	}
-	p, err := picker.New(cfg.HostAddresses(), picker.Options{MaxInFlightTokens: cfg.MaxInFlightTokensPerHost, Tolerance: picker.DefaultTolerance,
-		StallWeight: cfg.Cost.StallWeight, Affinity: cfg.Affinity(),
-		// Hosts whose models are never asked for serve any model.
-		UnknownServesAny: cfg.Models.DiscoveryInterval == 0})
-	if err != nil {
-		return err
-	}
-	for _, h := range cfg.Hosts {
-		if len(h.Models) > 0 {
-			p.SetModels(h.Address, h.Models)
-		}
-	}
-	wopts := cfg.Watch()
-	wopts.Logger = log
-	watchMetrics := backend.NewMetrics()
-	watcher, err := backend.New(p, cfg.HostAddresses(), wopts, watchMetrics)
-	if err != nil {
-		return err
-	}
-	metrics := processor.NewMetrics()
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(p.Collector(), tok.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	reg.MustRegister(metrics.Collectors()...)
-	reg.MustRegister(watchMetrics.Collectors()...)
-
-	model := cost.New(cfg.Cost.Options())
-	srv := processor.New(p, tok, processor.Config{
-		DestinationHeader:  cfg.DestinationHeader,
-		MaxBodyBytes:       cfg.MaxBodyBytes,
-		RetryAfter:         cfg.RetryAfter,
-		Fallbacks:          cfg.FallbackHosts,
-		Cost:               model,
-		Observer:           cfg.Response.Observer,
-		LeaseHeader:        cfg.Response.LeaseHeader,
-		ObserverGrace:      cfg.Response.ObserverGrace,
-		EstimateFirstToken: cfg.Response.EstimateFirstToken,
-		ModelRouting:       cfg.Models.Routing,
-		ResponseStatus:     watcher.Observe,
-		Logger:             log,
-		Metrics:            metrics,
-	})
-	gs := grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
-	extprocv3.RegisterExternalProcessorServer(gs, srv)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
-	hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
-
-	// Ready once the watcher has checked every host and read its models
-	// (each bounded by its timeout), or after readyWait whatever it knows.
-	var state atomic.Int32 // starting, ready, stopping
-	const (
-		starting int32 = iota
-		ready
-		stopping
-	)
-	isReady := func() bool { return state.Load() == ready }
-	adminSrv := &http.Server{Handler: admin.Handler(p, model, reg, isReady), ReadHeaderTimeout: 10 * time.Second}
-
+func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	stopSweeper := make(chan struct{})
 	defer close(stopSweeper)
-	go p.RunSweeper(stopSweeper, cfg.SweepInterval, cfg.LeaseTTL)
+	go a.picker.RunSweeper(stopSweeper, a.cfg.SweepInterval, a.cfg.LeaseTTL)
 	watchCtx, stopWatching := context.WithCancel(context.Background())
 	watched := make(chan struct{})
-	go func() { watcher.Run(watchCtx); close(watched) }()
+	go func() { a.watcher.Run(watchCtx); close(watched) }()
 	defer func() { stopWatching(); <-watched }()
-	go func() {
-		select {
-		case <-watcher.Ready():
-		case <-time.After(readyWait):
-			log.Warn("backends not all checked yet; serving anyway", "waited", readyWait)
-		case <-watchCtx.Done():
-			return
-		}
-		// Serving first, so that /readyz never says ready before the gRPC
-		// health does; after a shutdown began, Shutdown overrides it.
-		hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-		state.CompareAndSwap(starting, ready)
-	}()
+	go a.becomeReady(watchCtx)
 
 	errc := make(chan error, 2)
-	go func() { errc <- gs.Serve(grpcLis) }()
-	go func() { errc <- adminSrv.Serve(adminLis) }()
-	log.Info("tokenlb serving", "ext_proc", grpcLis.Addr().String(), "admin", adminLis.Addr().String(),
-		"hosts", cfg.HostAddresses(), "encoding", cfg.Encoding, "tokenizer", cfg.Tokenizer.Engine, "destination_header", cfg.DestinationHeader)
+	go func() { errc <- a.grpc.Serve(grpcLis) }()
+	go func() { errc <- a.admin.Serve(adminLis) }()
+	a.log.Info("tokenlb serving", "ext_proc", grpcLis.Addr().String(), "admin", adminLis.Addr().String(),
+		"hosts", a.cfg.HostAddresses(), "encoding", a.cfg.Encoding, "tokenizer", a.cfg.Tokenizer.Engine,
+		"destination_header", a.cfg.DestinationHeader)
 
 	var serveErr error
 	select {
 	case <-ctx.Done():
 	case serveErr = <-errc:
 	}
-
-	log.Info("shutting down", "shutdown_delay", cfg.ShutdownDelay, "drain_timeout", cfg.DrainTimeout)
-	state.Store(stopping)
-	hs.Shutdown() // every service NOT_SERVING: Envoy's health check stops sending streams
-	if serveErr == nil {
-		select {
-		case <-time.After(cfg.ShutdownDelay):
-		case serveErr = <-errc:
-		}
-	}
-	drained := make(chan struct{})
-	go func() { gs.GracefulStop(); close(drained) }()
-	select {
-	case <-drained:
-	case <-time.After(cfg.DrainTimeout):
-		log.Warn("drain timeout: closing the remaining streams", "open_leases", p.Stats().OpenLeases)
-		gs.Stop()
-		<-drained
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	adminSrv.Shutdown(shutdownCtx)
+	serveErr = a.shutdown(serveErr, errc)
 	if serveErr != nil && !errors.Is(serveErr, http.ErrServerClosed) && !errors.Is(serveErr, grpc.ErrServerStopped) {
 		return serveErr
 	}
-	log.Info("tokenlb stopped")
+	a.log.Info("tokenlb stopped")
 	return nil
+}
+
+// becomeReady reports ready once the watcher has checked every host and
+// read its models (each bounded by its timeout), or after readyWait
+// whatever it knows.
+func (a *app) becomeReady(ctx context.Context) {
+	select {
+	case <-a.watcher.Ready():
+	case <-time.After(readyWait):
+		a.log.Warn("backends not all checked yet; serving anyway", "waited", readyWait)
+	case <-ctx.Done():
+		return
+	}
+	// Serving first, so that /readyz never says ready before the gRPC
+	// health does; after a shutdown began, shutdown overrides it.
+	a.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	a.state.CompareAndSwap(starting, ready)
+}
+
+// shutdown reports not ready, waits ShutdownDelay (unless a server already
+// failed), then stops both servers the same way: gracefully, and forcibly
+// once their time is up. It returns the first server error.
+func (a *app) shutdown(serveErr error, errc <-chan error) error {
+	a.log.Info("shutting down", "shutdown_delay", a.cfg.ShutdownDelay, "drain_timeout", a.cfg.DrainTimeout)
+	a.state.Store(stopping)
+	a.health.Shutdown() // every service NOT_SERVING: Envoy's health check stops sending streams
+	if serveErr == nil {
+		select {
+		case <-time.After(a.cfg.ShutdownDelay):
+		case serveErr = <-errc:
+		}
+	}
+	stopGracefully(a.cfg.DrainTimeout, a.grpc.GracefulStop, func() {
+		a.log.Warn("drain timeout: closing the remaining streams", "open_leases", a.picker.Stats().OpenLeases)
+		a.grpc.Stop()
+	})
+	stopGracefully(adminShutdownTimeout,
+		func() { a.admin.Shutdown(context.Background()) }, func() { a.admin.Close() })
+	return serveErr
+}
+
+// adminShutdownTimeout bounds how long the admin server waits for its
+// requests in flight.
+const adminShutdownTimeout = 5 * time.Second
+
+// stopGracefully runs graceful, and force once timeout has passed without
+// graceful returning, then waits for graceful to return.
+func stopGracefully(timeout time.Duration, graceful, force func()) {
+	done := make(chan struct{})
+	go func() { graceful(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		force()
+		<-done
+	}
 }

@@ -1,4 +1,10 @@
-package tokenizer
+// Package llmapi knows what the LLM HTTP APIs look like, in both
+// directions, and nothing of counting or routing: which API a path names
+// (APIFor), the request shapes of OpenAI's chat completions, completions,
+// embeddings and responses APIs and Anthropic's messages API (Parse), the
+// usage a response reports (ParseUsage), event-stream framing, and the
+// OpenAI error shape (Error).
+package llmapi
 
 import (
 	"bytes"
@@ -38,14 +44,14 @@ const (
 // MaxDepth bounds how deeply a request body may nest JSON arrays and objects.
 const MaxDepth = 128
 
-// Errors returned by CountRequest; wrap-checked with errors.Is.
+// Errors returned by Parse; wrap-checked with errors.Is.
 var (
 	ErrInvalidJSON = errors.New("request body is not valid JSON")
 	ErrTooDeep     = fmt.Errorf("request body nests JSON deeper than %d levels", MaxDepth)
 	ErrNoPrompt    = errors.New("request body has nothing to count")
 )
 
-// Prompt is what tokenlb learns from a request body.
+// Prompt is what a request body says of the prompt and its answer.
 type Prompt struct {
 	API    API
 	Model  string
@@ -53,20 +59,17 @@ type Prompt struct {
 	// MaxOutputTokens is max_tokens, max_completion_tokens or
 	// max_output_tokens, whichever the request set; 0 when none.
 	MaxOutputTokens int
-	// Tokens is the prompt's token count, template overheads included.
+	// Tokens is the prompt's token count by the Counter Parse was given,
+	// template overheads included.
 	Tokens int
-	// Estimated is "" when Tokens is exact, else why part of it was
-	// estimated: EstimatedSize or EstimatedTime.
-	Estimated string
-	// Prefix hashes the prompt's leading blocks (Options.PrefixBlocks):
-	// Prefix[i] covers its first i+1 blocks of Options.PrefixBlockBytes.
-	// Two prompts that start with the same text share leading hashes.
-	Prefix []uint64
-	// PrefixBlockBytes is the block size of Prefix (0 without one), and
-	// TextBytes the length of all the request's texts: what share of a
-	// prompt a shared prefix covers.
-	PrefixBlockBytes int
-	TextBytes        int
+}
+
+// Counter counts the tokens of one text of a request. Parse calls it for
+// each text in the order the request lists them (for chat: each message's
+// role and content in turn, then tool definitions), so that a counter may
+// also hash the prompt's leading text on the way.
+type Counter interface {
+	Count(text string) int
 }
 
 // APIFor returns the request shape served at path (query string ignored).
@@ -126,26 +129,14 @@ type toolCall struct {
 	} `json:"function"`
 }
 
-// CountRequest parses body as the request shape for path and counts its
-// prompt tokens. On API paths an empty body is ErrNoPrompt, a body that is not
-// JSON is ErrInvalidJSON and one nesting deeper than MaxDepth is ErrTooDeep.
-// On Other paths the string values of a JSON body are counted and any other
-// body costs zero: the backend judges requests tokenlb does not model.
-//
-// Counting stays within the Tokenizer's budget (Options.ExactBytes and
-// TimeLimit); past it, the rest is estimated and Prompt.Estimated says why.
-func (tk *Tokenizer) CountRequest(path string, body []byte) (Prompt, error) {
-	t := tk.newBudget()
-	p, err := t.request(path, body)
-	t.done()
-	p.Estimated, p.Prefix, p.TextBytes = t.estimated, t.prefix.hashes, t.textBytes
-	if p.Prefix != nil {
-		p.PrefixBlockBytes = tk.opts.PrefixBlockBytes
-	}
-	return p, err
-}
-
-func (t *budget) request(path string, body []byte) (Prompt, error) {
+// Parse reads body as the request shape for path and counts its prompt
+// tokens with c. On API paths an empty body is ErrNoPrompt, a body that is
+// not JSON is ErrInvalidJSON and one nesting deeper than MaxDepth is
+// ErrTooDeep. On Other paths the string values of a JSON body are counted
+// and any other body costs zero: the backend judges requests tokenlb does
+// not model.
+func Parse(path string, body []byte, c Counter) (Prompt, error) {
+	t := walker{c}
 	p := Prompt{API: APIFor(path)}
 	if len(bytes.TrimSpace(body)) == 0 {
 		if p.API == Other {
@@ -198,6 +189,17 @@ func (t *budget) request(path string, body []byte) (Prompt, error) {
 	return p, err
 }
 
+// walker walks one request body, counting each text it finds.
+type walker struct{ c Counter }
+
+// text counts one text.
+func (t walker) text(s string) int {
+	if s == "" {
+		return 0
+	}
+	return t.c.Count(s)
+}
+
 func firstPositive(vs ...int) int {
 	for _, v := range vs {
 		if v > 0 {
@@ -207,7 +209,7 @@ func firstPositive(vs ...int) int {
 	return 0
 }
 
-func (t *budget) countChat(r *request) (int, error) {
+func (t walker) countChat(r *request) (int, error) {
 	if len(r.Messages) == 0 {
 		return 0, fmt.Errorf("%w: \"messages\" is missing or empty", ErrNoPrompt)
 	}
@@ -234,7 +236,7 @@ func (t *budget) countChat(r *request) (int, error) {
 	return n + tools, err
 }
 
-func (t *budget) countResponses(r *request) (int, error) {
+func (t walker) countResponses(r *request) (int, error) {
 	if isNull(r.Input) && isNull(r.Instructions) {
 		return 0, fmt.Errorf("%w: \"input\" is missing", ErrNoPrompt)
 	}
@@ -288,7 +290,7 @@ func (t *budget) countResponses(r *request) (int, error) {
 	return n + tools, err
 }
 
-func (t *budget) countAnthropic(r *request) (int, error) {
+func (t walker) countAnthropic(r *request) (int, error) {
 	if len(r.Messages) == 0 {
 		return 0, fmt.Errorf("%w: \"messages\" is missing or empty", ErrNoPrompt)
 	}
@@ -322,7 +324,7 @@ type part struct {
 
 // countContent counts a message's content: a string, null, or an array of
 // parts (text, images, tool use and tool results).
-func (t *budget) countContent(raw json.RawMessage) (int, error) {
+func (t walker) countContent(raw json.RawMessage) (int, error) {
 	switch kind(raw) {
 	case 0:
 		return 0, nil
@@ -383,7 +385,7 @@ func (t *budget) countContent(raw json.RawMessage) (int, error) {
 // countInput counts a completions prompt or an embeddings input: a string, an
 // array of strings, an array of token ids, or an array of token-id arrays.
 // Token ids are counted as they are: one id, one token.
-func (t *budget) countInput(raw json.RawMessage) (int, error) {
+func (t walker) countInput(raw json.RawMessage) (int, error) {
 	switch kind(raw) {
 	case 0:
 		return 0, fmt.Errorf("%w: the prompt or input is missing", ErrNoPrompt)
@@ -396,7 +398,7 @@ func (t *budget) countInput(raw json.RawMessage) (int, error) {
 
 // countCompact counts JSON values (tool definitions, tool inputs) as the
 // compact JSON text a chat template renders them into.
-func (t *budget) countCompact(raws ...json.RawMessage) (int, error) {
+func (t walker) countCompact(raws ...json.RawMessage) (int, error) {
 	n := 0
 	var buf bytes.Buffer
 	for _, raw := range raws {
@@ -426,7 +428,7 @@ func skipStructural(key string) bool {
 // string values (object keys excluded, and values under keys for which skip
 // reports true) plus one token per number, so that token-id arrays count as
 // their length. The value must already be valid JSON.
-func (t *budget) countJSON(raw []byte, skip func(string) bool) (int, error) {
+func (t walker) countJSON(raw []byte, skip func(string) bool) (int, error) {
 	type frame struct{ object, wantKey bool }
 	var stack []frame
 	valueDone := func() {

@@ -1,37 +1,53 @@
-package picker
+package prefix
 
 import "time"
 
-// prefixTable remembers which hosts recently served each prompt prefix, by
-// the hashes of some of the prefix's leading blocks (see kept): an entry is
-// a block, not a prompt. It is bounded by two generations: when the current one is half of Entries, it becomes the old
+// Options configure a Table.
+type Options struct {
+	// TTL is how long a host counts as having served a prefix; a backend's
+	// cache evicts what it has not used for a while. 0 means 5 minutes.
+	TTL time.Duration
+	// Entries bounds the table (each entry about 100 bytes); 0 means
+	// 1<<16.
+	Entries int
+}
+
+// Table remembers which hosts recently served each prompt prefix, by the
+// hashes of some of the prefix's leading blocks (see kept): an entry is a
+// block, not a prompt. Hosts are numbered 0 to 63. It is bounded by two
+// generations: when the current one is half of Entries, it becomes the old
 // one and the one before is dropped, so what was used least recently goes
-// first. The picker's lock guards it.
-type prefixTable struct {
+// first. It is not safe for concurrent use: the caller locks (the picker
+// holds its own lock while it looks up and records).
+type Table struct {
 	ttl      time.Duration
 	half     int
-	cur, old map[uint64]*prefixEntry
+	cur, old map[uint64]*entry
 }
 
-// prefixHosts is how many hosts an entry remembers: the most recent.
-const prefixHosts = 4
+// MaxHosts is how many hosts a Table tells apart: one bit each.
+const MaxHosts = 64
 
-type prefixEntry struct {
-	host [prefixHosts]int8  // host index + 1; 0 is empty
-	at   [prefixHosts]int64 // when it last served the prefix, Unix ns
+// entryHosts is how many hosts an entry remembers: the most recent.
+const entryHosts = 4
+
+type entry struct {
+	host [entryHosts]int8  // host index + 1; 0 is empty
+	at   [entryHosts]int64 // when it last served the prefix, Unix ns
 }
 
-func newPrefixTable(a Affinity) *prefixTable {
-	if a.TTL <= 0 {
-		a.TTL = 5 * time.Minute
+// NewTable returns an empty Table.
+func NewTable(opts Options) *Table {
+	if opts.TTL <= 0 {
+		opts.TTL = 5 * time.Minute
 	}
-	if a.Entries <= 0 {
-		a.Entries = 1 << 16
+	if opts.Entries <= 0 {
+		opts.Entries = 1 << 16
 	}
-	return &prefixTable{ttl: a.TTL, half: max(1, a.Entries/2), cur: map[uint64]*prefixEntry{}, old: map[uint64]*prefixEntry{}}
+	return &Table{ttl: opts.TTL, half: max(1, opts.Entries/2), cur: map[uint64]*entry{}, old: map[uint64]*entry{}}
 }
 
-func (t *prefixTable) get(k uint64) *prefixEntry {
+func (t *Table) get(k uint64) *entry {
 	if e, ok := t.cur[k]; ok {
 		return e
 	}
@@ -44,14 +60,14 @@ func (t *prefixTable) get(k uint64) *prefixEntry {
 // a prefix meet at every power of two within it.
 func kept(i, n int) bool { return i == n-1 || (i+1)&i == 0 }
 
-// lookup returns the hosts among eligible (a bit each, by index) that
+// Lookup returns the hosts among eligible (a bit each, by index) that
 // served the longest of the prefixes within the TTL, trying shorter ones
 // while none of the hosts that served a longer one is eligible, down to
 // half the longest served (a host that shares only a prompt's first block,
 // a common system prompt, saves it little); matched is how many blocks
 // those hosts share with the prompt, and served reports whether any host
 // served any of them.
-func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (hosts uint64, matched int, served bool) {
+func (t *Table) Lookup(prefix []uint64, eligible uint64, now time.Time) (hosts uint64, matched int, served bool) {
 	since := now.Add(-t.ttl).UnixNano()
 	floor := 0
 	for i := len(prefix) - 1; i >= floor; i-- {
@@ -78,8 +94,8 @@ func (t *prefixTable) lookup(prefix []uint64, eligible uint64, now time.Time) (h
 	return 0, 0, served
 }
 
-// record notes that host served every prefix (the blocks the table keeps).
-func (t *prefixTable) record(prefix []uint64, host int, now time.Time) {
+// Record notes that host served every prefix (the blocks the table keeps).
+func (t *Table) Record(prefix []uint64, host int, now time.Time) {
 	at := now.UnixNano()
 	for i, k := range prefix {
 		if !kept(i, len(prefix)) {
@@ -89,10 +105,10 @@ func (t *prefixTable) record(prefix []uint64, host int, now time.Time) {
 		if !ok {
 			e = t.old[k] // carried over, before a rotation drops the old generation
 			if len(t.cur) >= t.half {
-				t.old, t.cur = t.cur, make(map[uint64]*prefixEntry, t.half)
+				t.old, t.cur = t.cur, make(map[uint64]*entry, t.half)
 			}
 			if e == nil {
-				e = &prefixEntry{}
+				e = &entry{}
 			}
 			t.cur[k] = e
 		}
@@ -120,5 +136,5 @@ func (t *prefixTable) record(prefix []uint64, host int, now time.Time) {
 	}
 }
 
-// len returns how many prefixes the table holds.
-func (t *prefixTable) len() int { return len(t.cur) + len(t.old) }
+// Len returns how many entries the table holds.
+func (t *Table) Len() int { return len(t.cur) + len(t.old) }

@@ -1,0 +1,114 @@
+package processor
+
+import (
+	"strings"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+)
+
+// Router decides where requests go and follows them to their end. The
+// Server calls it from many streams at once: it must be safe for concurrent
+// use. Package route is tokenlb's Router.
+type Router interface {
+	// Admit is called at a request's headers when a body follows, before
+	// it is read: a non-nil Rejection answers the client at once.
+	Admit(r *Request) *Rejection
+	// Route is called once per request, with its whole body (or at its
+	// headers when it has none), and either routes it (a Flight) or
+	// rejects it.
+	Route(r *Request) (Flight, *Rejection)
+}
+
+// Request is what the Server knows of an HTTP request when it asks the
+// Router.
+type Request struct {
+	Method, Path, ContentType string
+	// RequestID is Envoy's x-request-id, for logs.
+	RequestID string
+	// HasBody says a body follows the headers (or followed them); Body is
+	// the whole of it, once read.
+	HasBody bool
+	Body    []byte
+}
+
+// Flight is a routed request, from the routing decision to the end of its
+// response. Each method may be called from a different stream, but never
+// two at once except End, which may race with the others (the stream that
+// follows the response can end while another gives up on it): a Flight
+// must do its work once, whichever call comes first.
+type Flight interface {
+	// Destinations lists where the request goes: the chosen host first,
+	// then the hosts a proxy may retry it on, each a literal ip:port.
+	Destinations() []string
+	// ResponseHeaders delivers the response's headers; next says what the
+	// Flight will be shown of the rest. It may be called twice, by the
+	// routing stream and then by the observer stream that follows the
+	// response.
+	ResponseHeaders(h Headers, next Next)
+	// ResponseBody delivers a chunk of the response body; end says it is
+	// the last.
+	ResponseBody(chunk []byte, end bool)
+	// End says the response is over, or that nothing more of it will be
+	// seen, and how.
+	End(how Ending)
+}
+
+// Next says what a Flight is shown of a response after its headers.
+type Next int
+
+const (
+	// BodyShown: the body follows, in ResponseBody calls, then End.
+	BodyShown Next = iota
+	// NoBody: the response ended with its headers.
+	NoBody
+	// BodyHidden: a body follows that no stream shows; End comes when the
+	// routing stream ends (with response trailers SEND, Envoy holds it
+	// open to the end of the response; otherwise at once).
+	BodyHidden
+)
+
+// Ending says how a Flight's response ended, as the Server saw it.
+type Ending int
+
+const (
+	// ResponseEnded: the response body, or its trailers, ended.
+	ResponseEnded Ending = iota
+	// HeadersOnly: the headers are the last of the response anyone will
+	// see (no observer stream claimed it in time).
+	HeadersOnly
+	// StreamEnded: the stream ended before the response did (client
+	// abort, upstream reset, timeout, Envoy gone).
+	StreamEnded
+	// Rejected: tokenlb answered the client itself.
+	Rejected
+)
+
+// Headers are an HTTP message's headers as Envoy sent them.
+type Headers struct{ m *corev3.HeaderMap }
+
+// Lookup returns the last value of the header named key (matched without
+// regard to case), and whether there was one.
+func (h Headers) Lookup(key string) (value string, ok bool) {
+	for _, hv := range h.m.GetHeaders() {
+		if strings.EqualFold(hv.GetKey(), key) {
+			value, ok = headerValue(hv), true
+		}
+	}
+	return value, ok
+}
+
+// Rejection is an answer tokenlb gives the client itself, in place of the
+// backend's.
+type Rejection struct {
+	Status int
+	// Reason names the rejection in tokenlb_rejections_total and in
+	// Envoy's response details ("tokenlb_" + Reason).
+	Reason string
+	// Message says what went wrong, for logs; Body is the JSON answer.
+	Message string
+	Body    []byte
+	// RetryAfter, when positive, is sent as retry-after (whole seconds,
+	// at least 1).
+	RetryAfter time.Duration
+}

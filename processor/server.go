@@ -1,0 +1,424 @@
+// Package processor is tokenlb's Envoy external-processing (ext_proc)
+// server: the protocol and nothing else.
+//
+// Envoy opens one Process stream per HTTP request. The Server reads the
+// request's headers and body in the order Envoy sends them (BUFFERED or
+// FULL_DUPLEX_STREAMED request bodies), asks a Router where the request goes
+// and tells Envoy: it sets the destination header
+// (x-gateway-destination-endpoint by default) and the same key in the
+// "envoy.lb" dynamic metadata namespace, as the Endpoint Picker Protocol
+// does, or answers the client itself (an ImmediateResponse). It then shows
+// the Router's Flight what it sees of the response: on the same stream
+// (response body STREAMED), or on the stream of a second ext_proc filter in
+// observability mode, which finds the request by a correlation header. What
+// a request costs, which host takes it and what is learned from its
+// response are the Router's business (package route).
+//
+// proto-notes.md documents the message order.
+package processor
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// Defaults for Config fields left empty.
+const (
+	DefaultDestinationHeader = "x-gateway-destination-endpoint"
+	DefaultMetadataNamespace = "envoy.lb"
+	DefaultMaxBodyBytes      = 8 << 20
+	DefaultLeaseHeader       = "x-tokenlb-lease"
+	DefaultObserverGrace     = 2 * time.Second
+	// ObserverMetadata is the gRPC initial metadata key that marks a stream
+	// from the observability-mode filter; its value is "observer".
+	ObserverMetadata = "x-tokenlb-role"
+	// ChunkBytes is the largest body chunk streamed back in
+	// FULL_DUPLEX_STREAMED mode; Envoy advises staying below 64 KiB.
+	ChunkBytes = 62000
+)
+
+// Config configures a Server.
+type Config struct {
+	// DestinationHeader is the header Envoy's ORIGINAL_DST cluster or
+	// override_host policy reads; it is also the key in MetadataNamespace.
+	DestinationHeader string
+	// MetadataNamespace is the dynamic metadata namespace of the destination.
+	MetadataNamespace string
+	// MaxBodyBytes is the largest request body accepted; larger gets 413.
+	MaxBodyBytes int64
+	// Observer says that an observability-mode ext_proc filter after this
+	// one watches responses: routed requests get a LeaseHeader that lets
+	// its stream take over following the response.
+	Observer bool
+	// LeaseHeader is the correlation header for the observer.
+	LeaseHeader string
+	// ObserverGrace is how long a routed request waits, after its
+	// response headers, for an observer stream to claim it: the
+	// observer's stream opens on its own and may be overtaken by the
+	// response headers on the routing stream.
+	ObserverGrace time.Duration
+	// Logger receives per-request debug logs and errors; nil discards them.
+	Logger *slog.Logger
+	// Metrics records stream metrics; nil records nothing.
+	Metrics *Metrics
+}
+
+// Server implements envoy.service.ext_proc.v3.ExternalProcessor.
+type Server struct {
+	extprocv3.UnimplementedExternalProcessorServer
+	cfg    Config
+	router Router
+	log    *slog.Logger
+	m      *Metrics
+
+	mu      sync.Mutex
+	pending map[string]*followed // routed requests an observer may claim, by lease id
+}
+
+// New returns a Server that asks router where each request goes.
+func New(router Router, cfg Config) *Server {
+	if cfg.DestinationHeader == "" {
+		cfg.DestinationHeader = DefaultDestinationHeader
+	}
+	cfg.DestinationHeader = strings.ToLower(cfg.DestinationHeader)
+	if cfg.MetadataNamespace == "" {
+		cfg.MetadataNamespace = DefaultMetadataNamespace
+	}
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if cfg.LeaseHeader == "" {
+		cfg.LeaseHeader = DefaultLeaseHeader
+	}
+	cfg.LeaseHeader = strings.ToLower(cfg.LeaseHeader)
+	if cfg.ObserverGrace <= 0 {
+		cfg.ObserverGrace = DefaultObserverGrace
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m := cfg.Metrics
+	if m == nil {
+		m = NewMetrics()
+	}
+	return &Server{cfg: cfg, router: router, log: log, m: m, pending: make(map[string]*followed)}
+}
+
+// Process serves one HTTP request's stream. It answers every message Envoy
+// sends, never returns before Envoy ends the stream (a server that returns
+// early makes Envoy skip the response phase) except after an immediate
+// response, and on the way out ends the request's Flight unless an observer
+// stream follows it.
+func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
+	if md, _ := metadata.FromIncomingContext(stream.Context()); slices.Contains(md.Get(ObserverMetadata), "observer") {
+		return s.observe(stream)
+	}
+	s.m.streams.Inc()
+	defer s.m.streams.Dec()
+	rs := &routingStream{s: s, grpc: stream, reqMode: filterv3.ProcessingMode_BUFFERED}
+	defer rs.end()
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			if isStreamEnd(stream.Context(), err) {
+				return nil
+			}
+			return err
+		}
+		if pc := req.GetProtocolConfig(); pc != nil {
+			rs.reqMode, rs.respMode = pc.GetRequestBodyMode(), pc.GetResponseBodyMode()
+		}
+		done, err := rs.handle(req)
+		if err != nil {
+			if isStreamEnd(stream.Context(), err) {
+				return nil
+			}
+			s.log.Warn("ext_proc send failed", "path", rs.req.Path, "err", err)
+			return err
+		}
+		if done {
+			return nil
+		}
+	}
+}
+
+// isStreamEnd reports whether err is Envoy ending the stream, which it does
+// with END_STREAM followed at once by a reset: either may surface.
+func isStreamEnd(ctx context.Context, err error) bool {
+	if errors.Is(err, io.EOF) || ctx.Err() != nil {
+		return true
+	}
+	c := status.Code(err)
+	return c == codes.Canceled || c == codes.DeadlineExceeded
+}
+
+// routingStream is the state of one routing stream: the stream of the
+// filter that routes requests, which sees the request and then the
+// response headers (and the response body, when it is STREAMED).
+type routingStream struct {
+	s    *Server
+	grpc extprocv3.ExternalProcessor_ProcessServer
+
+	reqMode, respMode filterv3.ProcessingMode_BodySendMode
+
+	req      Request
+	decided  bool      // the request has been routed or rejected
+	flight   *followed // nil until routed
+	observed bool      // an observer stream follows the response
+}
+
+// end runs when the stream ends: unless an observer took the response over,
+// the flight ends with it.
+func (rs *routingStream) end() {
+	if rs.flight != nil && !rs.observed {
+		rs.s.forget(rs.flight)
+		rs.flight.End(StreamEnded)
+	}
+}
+
+// handle answers one message; done reports that the stream is finished.
+func (rs *routingStream) handle(req *extprocv3.ProcessingRequest) (done bool, err error) {
+	switch r := req.Request.(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		return rs.requestHeaders(r.RequestHeaders)
+	case *extprocv3.ProcessingRequest_RequestBody:
+		return rs.requestBody(r.RequestBody)
+	case *extprocv3.ProcessingRequest_RequestTrailers:
+		return rs.requestTrailers()
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		rs.responseHeaders(r.ResponseHeaders)
+		return false, rs.grpc.Send(responseHeadersReply())
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		if rs.flight != nil && !rs.observed {
+			rs.flight.ResponseBody(r.ResponseBody.GetBody(), r.ResponseBody.GetEndOfStream())
+		}
+		return false, rs.grpc.Send(responseBodyReply(r.ResponseBody, rs.respMode))
+	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		if rs.flight != nil && !rs.observed {
+			rs.flight.End(ResponseEnded)
+		}
+		return false, rs.grpc.Send(responseTrailersReply())
+	}
+	// An unknown message type from a newer Envoy: nothing to answer.
+	return false, nil
+}
+
+func (rs *routingStream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
+	contentLength := int64(-1)
+	for _, hv := range h.GetHeaders().GetHeaders() {
+		v := headerValue(hv)
+		switch strings.ToLower(hv.GetKey()) {
+		case ":path":
+			rs.req.Path = v
+		case ":method":
+			rs.req.Method = v
+		case "content-type":
+			rs.req.ContentType = v
+		case "content-length":
+			if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+				contentLength = n
+			}
+		case "x-request-id":
+			rs.req.RequestID = v
+		}
+	}
+	rs.req.HasBody = !h.GetEndOfStream()
+	switch rs.reqMode {
+	case filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_FULL_DUPLEX_STREAMED:
+	default:
+		if rs.req.HasBody {
+			return rs.reject(errUnsupportedMode(rs.reqMode))
+		}
+	}
+	if contentLength > rs.s.cfg.MaxBodyBytes {
+		return rs.reject(errTooLarge(rs.s.cfg.MaxBodyBytes))
+	}
+	if !rs.req.HasBody {
+		// No body: route now, in the headers reply.
+		return rs.route(inHeaders)
+	}
+	if rej := rs.s.router.Admit(&rs.req); rej != nil {
+		return rs.reject(rej)
+	}
+	if rs.reqMode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED {
+		// The headers reply waits for the whole body: it carries the route.
+		return false, nil
+	}
+	// Envoy holds the headers for the body; the body reply sets the
+	// destination. Remove a client-sent one now, so that no path (trailers
+	// without a body, say) can forward it.
+	return false, rs.grpc.Send(removeHeaderReply(rs.s.cfg.DestinationHeader))
+}
+
+func (rs *routingStream) requestBody(b *extprocv3.HttpBody) (bool, error) {
+	if rs.decided {
+		// A duplicate end of stream, or data after it: routed already.
+		rs.s.log.Debug("request body after end of stream ignored", "path", rs.req.Path, "request_id", rs.req.RequestID)
+		return false, nil
+	}
+	if int64(len(rs.req.Body))+int64(len(b.GetBody())) > rs.s.cfg.MaxBodyBytes {
+		return rs.reject(errTooLarge(rs.s.cfg.MaxBodyBytes))
+	}
+	if rs.reqMode != filterv3.ProcessingMode_FULL_DUPLEX_STREAMED {
+		// BUFFERED: this one message is the whole body, whether or not
+		// trailers follow.
+		rs.req.Body = b.GetBody()
+		return rs.route(inBody)
+	}
+	rs.req.Body = append(rs.req.Body, b.GetBody()...)
+	if !b.GetEndOfStream() {
+		return false, nil
+	}
+	return rs.route(inDuplex)
+}
+
+func (rs *routingStream) requestTrailers() (bool, error) {
+	switch {
+	case rs.decided:
+	case rs.reqMode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED:
+		// The trailers end the body.
+		if done, err := rs.route(inDuplex); done || err != nil {
+			return done, err
+		}
+	default:
+		// BUFFERED with trailers but no body: Envoy sends no body message,
+		// and the headers can no longer be changed, so there is no way to
+		// route the request.
+		return rs.reject(errNoBody())
+	}
+	return false, rs.grpc.Send(requestTrailersReply())
+}
+
+// routeReply says which reply carries the route.
+type routeReply int
+
+const (
+	inHeaders routeReply = iota // no body: the headers reply
+	inBody                      // BUFFERED: the body reply (Envoy still holds the headers)
+	inDuplex                    // FULL_DUPLEX_STREAMED: the held headers reply, then the body echoed
+)
+
+// route asks the Router where the request goes and sends the reply that
+// carries the destination (and, in FULL_DUPLEX_STREAMED mode, the body).
+func (rs *routingStream) route(in routeReply) (bool, error) {
+	rs.decided = true
+	s := rs.s
+	f, rej := s.router.Route(&rs.req)
+	if rej != nil {
+		return rs.reject(rej)
+	}
+	rs.flight = &followed{Flight: f}
+	dests := f.Destinations()
+	set := []headerPair{{s.cfg.DestinationHeader, dests[0]}}
+	if s.cfg.Observer {
+		s.await(rs.flight)
+		set = append(set, headerPair{s.cfg.LeaseHeader, rs.flight.id})
+	}
+	// The metadata carries the Endpoint Picker Protocol's ordered list: the
+	// chosen host, then fallbacks that override_host tries on a retry. The
+	// header stays a single address, as ORIGINAL_DST requires.
+	md := destinationMetadata(s.cfg.MetadataNamespace, s.cfg.DestinationHeader, strings.Join(dests, ","))
+	err := rs.grpc.Send(routeReplyMessage(in, set, md))
+	if err != nil || in != inDuplex {
+		return false, err
+	}
+	return false, rs.sendChunks(rs.req.Body)
+}
+
+// sendChunks streams body back to Envoy in FULL_DUPLEX_STREAMED mode, in
+// chunks of at most ChunkBytes, the last one marked end of stream.
+func (rs *routingStream) sendChunks(body []byte) error {
+	for {
+		n := min(len(body), ChunkBytes)
+		last := n == len(body)
+		err := rs.grpc.Send(requestBodyChunk(body[:n], last))
+		if err != nil || last {
+			return err
+		}
+		body = body[n:]
+	}
+}
+
+// responseHeaders decides who follows the response. This stream does when
+// it will see the rest (no body, or a response body it is sent). Otherwise
+// an observer stream does, if one is configured: one that already claimed
+// the request, or one that claims it within Config.ObserverGrace; if none
+// does, the headers are the last thing seen of the response. Without an
+// observer the Flight is told that the body stays hidden.
+func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
+	f, s := rs.flight, rs.s
+	if f == nil || rs.observed {
+		return
+	}
+	eos := h.GetEndOfStream()
+	headers := Headers{h.GetHeaders()}
+	if !eos && rs.respMode == filterv3.ProcessingMode_NONE && s.cfg.Observer {
+		rs.observed = true
+		f.ResponseHeaders(headers, BodyShown)
+		if f.claim.Load() != claimOpen {
+			return // claimed already
+		}
+		time.AfterFunc(s.cfg.ObserverGrace, func() {
+			if !f.claim.CompareAndSwap(claimOpen, claimClosed) {
+				return
+			}
+			s.forget(f)
+			s.m.observerClaims.WithLabelValues("none").Inc()
+			s.log.Warn("no observer stream claimed a routed request; is the observer filter configured?",
+				"request_id", rs.req.RequestID, "grace", s.cfg.ObserverGrace)
+			f.End(HeadersOnly)
+		})
+		return
+	}
+	if !f.claim.CompareAndSwap(claimOpen, claimClosed) {
+		// An observer claimed it and sees the same response.
+		rs.observed = true
+		return
+	}
+	s.forget(f)
+	switch {
+	case eos:
+		f.ResponseHeaders(headers, NoBody)
+	case rs.respMode == filterv3.ProcessingMode_NONE:
+		f.ResponseHeaders(headers, BodyHidden)
+	default:
+		f.ResponseHeaders(headers, BodyShown)
+	}
+}
+
+// reject answers the client directly and ends the exchange.
+func (rs *routingStream) reject(r *Rejection) (bool, error) {
+	rs.decided = true
+	rs.s.m.rejections.WithLabelValues(r.Reason).Inc()
+	rs.s.log.Debug("rejected", "path", rs.req.Path, "request_id", rs.req.RequestID, "status", r.Status, "reason", r.Reason, "message", r.Message)
+	err := rs.grpc.Send(immediateResponse(r))
+	if rs.flight != nil {
+		rs.flight.End(Rejected)
+	}
+	return true, err
+}
+
+// GRPCServerOptions returns the gRPC server options a Server needs: a
+// receive limit above maxBodyBytes, since Envoy sends a buffered body as one
+// message and grpc-go refuses messages over 4 MiB by default.
+func GRPCServerOptions(maxBodyBytes int64) []grpc.ServerOption {
+	if maxBodyBytes <= 0 {
+		maxBodyBytes = DefaultMaxBodyBytes
+	}
+	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(maxBodyBytes) + 1<<20)}
+}

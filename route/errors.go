@@ -1,0 +1,48 @@
+package route
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tokenlb/tokenlb/llmapi"
+	"github.com/tokenlb/tokenlb/processor"
+)
+
+// The Router's rejections, each an OpenAI-shaped error with its status and
+// the reason tokenlb_rejections_total counts it under.
+
+func reject(status int, reason string, e llmapi.Error) *processor.Rejection {
+	return &processor.Rejection{Status: status, Reason: reason, Message: e.Message, Body: e.JSON()}
+}
+
+func errPrompt(err error) *processor.Rejection {
+	code := "missing_prompt"
+	switch {
+	case errors.Is(err, llmapi.ErrTooDeep):
+		code = "json_too_deep"
+	case errors.Is(err, llmapi.ErrInvalidJSON):
+		code = "invalid_json"
+	}
+	return reject(400, code, llmapi.Error{Type: "invalid_request_error", Code: code, Message: err.Error()})
+}
+
+func errMediaType(ct string) *processor.Rejection {
+	return reject(415, "unsupported_media_type", llmapi.Error{Type: "invalid_request_error", Code: "unsupported_media_type",
+		Message: fmt.Sprintf("content-type %q is not JSON; send application/json", ct)})
+}
+
+func errNoCapacity(retryAfter time.Duration) *processor.Rejection {
+	r := reject(503, "no_capacity", llmapi.Error{Type: "server_error", Code: "no_capacity",
+		Message: "every backend is at its in-flight token limit; retry later"})
+	r.RetryAfter = retryAfter
+	return r
+}
+
+func errUnknownModel(model string) *processor.Rejection {
+	if len(model) > 256 {
+		model = model[:256] + "..."
+	}
+	return reject(404, "unknown_model", llmapi.Error{Type: "invalid_request_error", Code: "model_not_found", Param: "model",
+		Message: fmt.Sprintf("The model %q does not exist or no backend serves it.", model)})
+}

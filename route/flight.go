@@ -1,0 +1,201 @@
+package route
+
+import (
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/tokenlb/tokenlb/cost"
+	"github.com/tokenlb/tokenlb/llmapi"
+	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/processor"
+)
+
+// tailBytes is how much of a response's end is kept to find its usage.
+const tailBytes = 16 << 10
+
+// Why a lease was released, by how its response ended: the values of
+// tokenlb_releases_total's cause label, besides the picker's own
+// picker.Swept.
+const (
+	ReleasedAtHeaders picker.Cause = "response_headers"   // the backend answered, no body to follow (or none shown)
+	ReleasedAtEnd     picker.Cause = "response_end"       // the response body (or its trailers) ended
+	ReleasedStreamEnd picker.Cause = "stream_end"         // the stream ended first (client abort, reset, error)
+	ReleasedRejected  picker.Cause = "immediate_response" // tokenlb answered the client itself
+)
+
+// Causes lists every release cause, for metrics that show each from the
+// start.
+var Causes = []picker.Cause{ReleasedAtHeaders, ReleasedAtEnd, ReleasedStreamEnd, ReleasedRejected, picker.Swept}
+
+// causeOf names the release cause of each way a response ends.
+func causeOf(how processor.Ending) picker.Cause {
+	switch how {
+	case processor.ResponseEnded:
+		return ReleasedAtEnd
+	case processor.HeadersOnly:
+		return ReleasedAtHeaders
+	case processor.Rejected:
+		return ReleasedRejected
+	}
+	return ReleasedStreamEnd
+}
+
+// flight follows one routed request to its end: it releases the prefill
+// part of the lease at the first token and the rest at the end, teaches the
+// cost estimator what the response showed, and reports the response's
+// status for passive health checks. One stream drives it (the routing
+// stream, or an observer that claimed it), but both may end at once, so its
+// methods lock; the first-token estimate's timer only touches the lease,
+// which is safe for concurrent use.
+type flight struct {
+	rt    *Router
+	lease *picker.Lease
+	req   cost.Request
+
+	mu sync.Mutex
+
+	status int
+	// streamed: the response is an event stream, so its first bytes are
+	// its first token. A whole response's first bytes come at its end.
+	streamed bool
+	ttft     time.Duration
+	events   int    // data events seen
+	tail     []byte // the response body's last tailBytes
+	timer    *time.Timer
+	finished bool
+	reported bool // the status went to Config.ResponseStatus
+}
+
+func newFlight(rt *Router, lease *picker.Lease, req cost.Request) *flight {
+	f := &flight{rt: rt, lease: lease, req: req}
+	if rt.cfg.EstimateFirstToken {
+		hs := rt.cost.Speed(lease.Host())
+		work := float64(lease.Ahead()+int64(req.PromptTokens)) * hs.TokenRatio
+		d := time.Duration(work / hs.PrefillTokensPerSecond * float64(time.Second))
+		f.timer = time.AfterFunc(d, func() { lease.FirstToken() })
+	}
+	return f
+}
+
+// Destinations returns the leased host, then up to Config.Fallbacks other
+// hosts for a retry.
+func (f *flight) Destinations() []string {
+	return append([]string{f.lease.Host()}, f.lease.Fallbacks(f.rt.cfg.Fallbacks)...)
+}
+
+// ResponseHeaders notes the status and reports it; a response without a
+// body ends here, and so does one whose body nobody will show, unless the
+// first token is estimated (then the charge is held until the stream ends).
+func (f *flight) ResponseHeaders(h processor.Headers, next processor.Next) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if v, ok := h.Lookup(":status"); ok {
+		f.status, _ = strconv.Atoi(v)
+	}
+	if v, ok := h.Lookup("content-type"); ok {
+		f.streamed = llmapi.IsEventStream(v)
+	}
+	f.report(h)
+	switch {
+	case next == processor.NoBody:
+		f.finishLocked(ReleasedAtHeaders)
+	case next == processor.BodyHidden && !f.rt.cfg.EstimateFirstToken:
+		f.finishLocked(ReleasedAtHeaders)
+	}
+}
+
+// report tells Config.ResponseStatus the response's status, once.
+func (f *flight) report(h processor.Headers) {
+	if f.status == 0 || f.reported || f.rt.cfg.ResponseStatus == nil {
+		return
+	}
+	f.reported = true
+	attempts := 1
+	if v, ok := h.Lookup("x-envoy-attempt-count"); ok {
+		attempts, _ = strconv.Atoi(v)
+	}
+	_, overloaded := h.Lookup("x-envoy-overloaded")
+	switch {
+	case attempts > 1:
+		// Envoy retried the request elsewhere (override_host's
+		// fallbacks): the chosen host failed it, whatever the answer.
+		f.rt.cfg.ResponseStatus(f.lease.Host(), 503)
+	case overloaded:
+		// Envoy's own circuit breaker, not the host.
+	default:
+		f.rt.cfg.ResponseStatus(f.lease.Host(), f.status)
+	}
+}
+
+// ResponseBody notes a chunk of the response body: the first bytes are the
+// first token (a streamed response's first event; a whole response
+// otherwise).
+func (f *flight) ResponseBody(b []byte, end bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(b) > 0 {
+		if f.ttft == 0 && f.ok() {
+			f.ttft = time.Since(f.lease.Start())
+			f.lease.FirstToken()
+		}
+		f.events += llmapi.CountEvents(b)
+		f.tail = append(f.tail, b...)
+		if n := len(f.tail); n > tailBytes {
+			f.tail = append(f.tail[:0], f.tail[n-tailBytes:]...)
+		}
+	}
+	if end {
+		f.finishLocked(ReleasedAtEnd)
+	}
+}
+
+func (f *flight) ok() bool { return f.status == 0 || f.status/100 == 2 }
+
+// End releases whatever the lease still holds and, for a successful
+// response, teaches the cost estimator.
+func (f *flight) End(how processor.Ending) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.finishLocked(causeOf(how))
+}
+
+func (f *flight) finishLocked(cause picker.Cause) {
+	if f.finished {
+		return
+	}
+	f.finished = true
+	if f.timer != nil {
+		f.timer.Stop()
+	}
+	if !f.lease.Release(cause) {
+		return
+	}
+	if !f.ok() || (cause != ReleasedAtEnd && cause != ReleasedAtHeaders) {
+		return
+	}
+	f.learn(cause)
+}
+
+// learn teaches the cost estimator what a successful response showed.
+func (f *flight) learn(cause picker.Cause) {
+	rt := f.rt
+	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, Ahead: f.lease.Ahead(),
+		Duration: time.Since(f.lease.Start())}
+	if f.streamed {
+		// Only a stream's first event times the prefill and splits the
+		// response into prefill and decode: a whole response would teach
+		// that prefill takes all of it and decoding no time at all.
+		o.TTFT = f.ttft
+	}
+	if u, ok := llmapi.ParseUsage(f.tail); ok {
+		o.PromptTokens, o.OutputTokens = u.PromptTokens, u.CompletionTokens
+		rt.m.usageSeen.WithLabelValues("yes").Inc()
+	} else {
+		o.OutputTokens = f.events // one token per streamed event, as vLLM sends them
+		rt.m.usageSeen.WithLabelValues("no").Inc()
+	}
+	rt.cost.Learn(o)
+	rt.log.Debug("response ended", "host", o.Host, "cause", cause, "ttft", o.TTFT, "duration", o.Duration,
+		"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "ahead", o.Ahead, "tokens", f.req.PromptTokens)
+}

@@ -1,0 +1,39 @@
+package route
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the Router's Prometheus metrics. Register them with
+// Collectors.
+type Metrics struct {
+	requestTokens   *prometheus.HistogramVec
+	tokenizeSeconds prometheus.Histogram
+	pickSeconds     prometheus.Histogram
+	outputTokens    prometheus.Histogram
+	usageSeen       *prometheus.CounterVec
+}
+
+// NewMetrics returns unregistered metrics.
+func NewMetrics() *Metrics {
+	return &Metrics{
+		requestTokens: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "tokenlb_request_prompt_tokens", Help: "Prompt tokens per routed request, by API.",
+			Buckets: prometheus.ExponentialBuckets(16, 2, 14)}, []string{"api"}),
+		tokenizeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tokenlb_tokenize_duration_seconds", Help: "Time to parse a request body and count its tokens.",
+			Buckets: prometheus.ExponentialBuckets(25e-6, 2.5, 12)}),
+		pickSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tokenlb_pick_duration_seconds", Help: "Time to pick and charge a host.",
+			Buckets: prometheus.ExponentialBuckets(1e-7, 4, 10)}),
+		outputTokens: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tokenlb_request_expected_output_tokens", Help: "Output tokens the cost model expected per routed request.",
+			Buckets: prometheus.ExponentialBuckets(4, 2, 14)}),
+		usageSeen: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenlb_responses_usage_total", Help: "Successful responses followed to their end, by whether they reported usage."},
+			[]string{"usage"}),
+	}
+}
+
+// Collectors returns the metrics for registration.
+func (m *Metrics) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.outputTokens, m.usageSeen}
+}

@@ -1,0 +1,145 @@
+// Package route is the life of a request in tokenlb, top to bottom. It is
+// the processor's Router: the Envoy protocol (package processor) hands it a
+// request and shows it the response; everything tokenlb decides happens
+// here, in this order:
+//
+//	parse   the body as the API its path names (llmapi): model, stream, output cap
+//	count   its prompt tokens (tokenizer), hashing its leading blocks on the way (prefix)
+//	cost    what it will cost each host (cost): expected output, prefill and decode parts
+//	pick    the host whose load after adding it is lowest, and charge it, in one step (picker)
+//	fly     a flight follows the response: the first token releases the prefill part,
+//	        the end the rest, or everything when the stream ends first; a
+//	        successful response teaches the cost estimator, and every
+//	        response's status goes to passive health checks (backend)
+//
+// count.go holds the first two steps, route.go the next two, flight.go the
+// last.
+package route
+
+import (
+	"errors"
+	"hash/maphash"
+	"log/slog"
+	"time"
+
+	"github.com/tokenlb/tokenlb/cost"
+	"github.com/tokenlb/tokenlb/llmapi"
+	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/prefix"
+	"github.com/tokenlb/tokenlb/processor"
+	"github.com/tokenlb/tokenlb/tokenizer"
+)
+
+// DefaultRetryAfter is Config.RetryAfter's default.
+const DefaultRetryAfter = time.Second
+
+// Config configures a Router.
+type Config struct {
+	// Picker holds the hosts and their load; Tokenizer counts prompts.
+	Picker    *picker.Picker
+	Tokenizer *tokenizer.Tokenizer
+	// Prefix says which of a prompt's leading blocks are hashed, for the
+	// picker's prefix affinity; Blocks 0 hashes none. A zero Seed is
+	// replaced by a random one.
+	Prefix prefix.Hashing
+	// Cost prices requests per host and learns from responses; nil means
+	// cost.New with zero options (prompt tokens held until the end).
+	Cost *cost.Estimator
+	// RetryAfter is sent with 503 when no host has capacity.
+	RetryAfter time.Duration
+	// Fallbacks is how many other hosts follow the chosen one in the
+	// destination list, for a proxy to retry on.
+	Fallbacks int
+	// EstimateFirstToken releases the prefill part when the host should
+	// have prefilled the request, by the cost estimator's speed, instead
+	// of waiting to see the first token (for responses tokenlb never sees).
+	EstimateFirstToken bool
+	// ModelRouting sends each request only to hosts that serve its model
+	// (picker.Request.Model), and answers 404 when none does.
+	ModelRouting bool
+	// ResponseStatus, when set, is told the status of each routed request's
+	// response, from its response headers: passive health checks
+	// (backend.Watcher.Observe) learn from it which hosts fail.
+	ResponseStatus func(host string, status int)
+	// Logger receives per-request debug logs; nil discards them.
+	Logger *slog.Logger
+	// Metrics records request metrics; nil records nothing.
+	Metrics *Metrics
+}
+
+// Router routes requests; it implements processor.Router.
+type Router struct {
+	cfg  Config
+	cost *cost.Estimator
+	log  *slog.Logger
+	m    *Metrics
+}
+
+// New returns a Router.
+func New(cfg Config) *Router {
+	if cfg.Cost == nil {
+		cfg.Cost = cost.New(cost.Options{})
+	}
+	if cfg.RetryAfter <= 0 {
+		cfg.RetryAfter = DefaultRetryAfter
+	}
+	if cfg.Prefix.Seed == (maphash.Seed{}) {
+		cfg.Prefix.Seed = maphash.MakeSeed()
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m := cfg.Metrics
+	if m == nil {
+		m = NewMetrics()
+	}
+	return &Router{cfg: cfg, cost: cfg.Cost, log: log, m: m}
+}
+
+// Admit refuses, before its body is read, a request to an API path whose
+// body is declared and is not JSON.
+func (rt *Router) Admit(r *processor.Request) *processor.Rejection {
+	if llmapi.APIFor(r.Path) != llmapi.Other && r.ContentType != "" && !llmapi.IsJSON(r.ContentType) {
+		return errMediaType(r.ContentType)
+	}
+	return nil
+}
+
+// Route parses and counts the request, prices it on each host, picks and
+// charges one, and returns the flight that follows its response.
+func (rt *Router) Route(r *processor.Request) (processor.Flight, *processor.Rejection) {
+	prompt, rej := rt.count(r)
+	if rej != nil {
+		return nil, rej
+	}
+	return rt.pick(r, prompt)
+}
+
+// pick prices the prompt on each host and charges the one the picker
+// chooses, all in one step.
+func (rt *Router) pick(r *processor.Request, prompt prompt) (processor.Flight, *processor.Rejection) {
+	rt.m.requestTokens.WithLabelValues(string(prompt.API)).Observe(float64(prompt.Tokens))
+	start := time.Now()
+	req := cost.Request{Model: prompt.Model, Route: string(prompt.API), PromptTokens: prompt.Tokens,
+		MaxOutputTokens: prompt.MaxOutputTokens}
+	output := rt.cost.Output(req)
+	pr := picker.Request{Cost: rt.cost.Cost(req, output), Prefix: prompt.Prefix, PrefixBlockBytes: prompt.BlockBytes,
+		PromptBytes: prompt.TextBytes}
+	if rt.cfg.ModelRouting {
+		pr.Model = prompt.Model
+	}
+	lease, err := rt.cfg.Picker.Pick(pr)
+	rt.m.pickSeconds.Observe(time.Since(start).Seconds())
+	switch {
+	case errors.Is(err, picker.ErrUnknownModel):
+		return nil, errUnknownModel(prompt.Model)
+	case err != nil:
+		return nil, errNoCapacity(rt.cfg.RetryAfter)
+	}
+	f := newFlight(rt, lease, req)
+	rt.m.outputTokens.Observe(float64(output))
+	rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", prompt.API, "model", prompt.Model,
+		"tokens", prompt.Tokens, "expected_output", output, "host", lease.Host())
+	return f, nil
+}
