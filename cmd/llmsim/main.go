@@ -1,11 +1,12 @@
 // Command llmsim serves a simulated vLLM-like OpenAI-compatible backend
-// (package sim documents the model and its defaults).
+// (package internal/sim documents the model and its defaults).
 //
 //	llmsim --listen 127.0.0.1:8001
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -15,7 +16,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/tokenlb/tokenlb/sim"
+	"github.com/tokenlb/tokenlb/internal/sim"
 )
 
 func main() {
@@ -41,15 +42,37 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	s := sim.New(c)
-	go s.Run(ctx)
+	// The engine outlives the server, which needs it to finish the
+	// requests in flight.
+	engineCtx, stopEngine := context.WithCancel(context.Background())
+	defer stopEngine()
+	go s.Run(engineCtx)
 	srv := &http.Server{Addr: *listen, Handler: s, ReadHeaderTimeout: 10 * time.Second}
+	stopped := make(chan struct{})
 	go func() {
 		<-ctx.Done()
-		srv.Close()
+		shutdown(srv)
+		close(stopped)
 	}()
 	slog.Info("llmsim serving", "listen", *listen)
 	if err := srv.ListenAndServe(); err != nil && err != http.ErrServerClosed {
 		fmt.Fprintln(os.Stderr, "llmsim:", err)
 		os.Exit(1)
+	}
+	<-stopped
+}
+
+// shutdownTimeout bounds how long a stopping llmsim lets the requests in
+// flight run.
+const shutdownTimeout = 5 * time.Second
+
+// shutdown stops srv gracefully where it can: it stops accepting
+// connections and waits up to shutdownTimeout for the requests in flight,
+// then closes the connections still open, cutting what is left.
+func shutdown(srv *http.Server) {
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(ctx); errors.Is(err, context.DeadlineExceeded) {
+		srv.Close()
 	}
 }

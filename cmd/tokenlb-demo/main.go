@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/tokenlb/tokenlb/demo"
+	"github.com/tokenlb/tokenlb/internal/demo"
 )
 
 func main() {

@@ -54,80 +54,138 @@ func Render(path string, o Options) (out []byte, err error) {
 	setAddr(get(cfg, "admin", "address"), o.AdminPort)
 	listener := get(cfg, "static_resources", "listeners", 0)
 	setAddr(get(listener, "address"), o.ListenPort)
+	if err := renderClusters(get(cfg, "static_resources").(map[string]any), o); err != nil {
+		return nil, err
+	}
+	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
+	if err := renderFilters(hcm, o); err != nil {
+		return nil, err
+	}
+	return yaml.Marshal(cfg)
+}
+
+// renderClusters applies o to the clusters of resources (the
+// static_resources), dropping those renderCluster drops.
+func renderClusters(resources map[string]any, o Options) error {
 	var clusters []any
-	for _, c := range get(cfg, "static_resources", "clusters").([]any) {
+	for _, c := range resources["clusters"].([]any) {
 		c := c.(map[string]any)
-		if o.Policy != "" {
-			if c["name"] == "tokenlb" {
-				continue
-			}
-			if c["name"] == "llm_backends" {
-				delete(c, "load_balancing_policy")
-				c["lb_policy"] = o.Policy
-			}
+		keep, err := renderCluster(c, o)
+		if err != nil {
+			return err
 		}
-		clusters = append(clusters, c)
-		switch c["name"] {
-		case "tokenlb":
-			setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), o.TokenlbPort)
-		case "llm_backends":
-			if la, ok := c["load_assignment"].(map[string]any); ok {
-				var eps []any
-				for _, b := range o.Backends {
-					host, port, err := net.SplitHostPort(b)
-					if err != nil {
-						return nil, fmt.Errorf("envoycfg: backend %q: %w", b, err)
-					}
-					p, _ := strconv.Atoi(port)
-					eps = append(eps, map[string]any{"endpoint": map[string]any{"address": map[string]any{
-						"socket_address": map[string]any{"address": host, "port_value": p}}}})
-				}
-				la["endpoints"] = []any{map[string]any{"lb_endpoints": eps}}
-			}
+		if keep {
+			clusters = append(clusters, c)
 		}
 	}
-	get(cfg, "static_resources").(map[string]any)["clusters"] = clusters
-	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
+	resources["clusters"] = clusters
+	return nil
+}
+
+// renderCluster applies o to cluster c: the tokenlb cluster points at
+// o.TokenlbPort, and llm_backends lists o.Backends if it lists endpoints.
+// With o.Policy, llm_backends is balanced by that lb_policy and the tokenlb
+// cluster is dropped: keep is false.
+func renderCluster(c map[string]any, o Options) (keep bool, err error) {
+	if o.Policy != "" {
+		if c["name"] == "tokenlb" {
+			return false, nil
+		}
+		if c["name"] == "llm_backends" {
+			delete(c, "load_balancing_policy")
+			c["lb_policy"] = o.Policy
+		}
+	}
+	switch c["name"] {
+	case "tokenlb":
+		setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), o.TokenlbPort)
+	case "llm_backends":
+		if la, ok := c["load_assignment"].(map[string]any); ok {
+			eps, err := endpoints(o.Backends)
+			if err != nil {
+				return false, err
+			}
+			la["endpoints"] = []any{map[string]any{"lb_endpoints": eps}}
+		}
+	}
+	return true, nil
+}
+
+// endpoints returns the lb_endpoints of a cluster that lists the backends,
+// given as host:port.
+func endpoints(backends []string) ([]any, error) {
+	var eps []any
+	for _, b := range backends {
+		host, port, err := net.SplitHostPort(b)
+		if err != nil {
+			return nil, fmt.Errorf("envoycfg: backend %q: %w", b, err)
+		}
+		p, _ := strconv.Atoi(port)
+		eps = append(eps, map[string]any{"endpoint": map[string]any{"address": map[string]any{
+			"socket_address": map[string]any{"address": host, "port_value": p}}}})
+	}
+	return eps, nil
+}
+
+// renderFilters applies o to the HTTP filters of hcm (the
+// HttpConnectionManager), dropping those renderFilter drops.
+func renderFilters(hcm map[string]any, o Options) error {
 	var filters []any
 	for _, f := range hcm["http_filters"].([]any) {
 		f := f.(map[string]any)
-		switch f["name"] {
-		case "envoy.filters.http.ext_proc":
-			if o.Policy != "" {
-				continue
-			}
-			tc := get(f, "typed_config").(map[string]any)
-			if tc["observability_mode"] == true {
-				if o.Response != "" {
-					continue
-				}
-				break
-			}
-			pm := get(f, "typed_config", "processing_mode").(map[string]any)
-			switch o.Response {
-			case "":
-			case "streamed":
-				pm["response_body_mode"] = "STREAMED"
-			case "estimate":
-				pm["response_body_mode"], pm["response_trailer_mode"] = "NONE", "SEND"
-			case "headers":
-				pm["response_body_mode"], pm["response_trailer_mode"] = "NONE", "SKIP"
-			default:
-				return nil, fmt.Errorf("envoycfg: unknown response mode %q", o.Response)
-			}
-			if o.Duplex {
-				pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"
-				pm["request_trailer_mode"] = "SEND"
-			}
-		case "envoy.filters.http.header_mutation":
-			if o.Unsanitised {
-				continue
-			}
+		keep, err := renderFilter(f, o)
+		if err != nil {
+			return err
 		}
-		filters = append(filters, f)
+		if keep {
+			filters = append(filters, f)
+		}
 	}
 	hcm["http_filters"] = filters
-	return yaml.Marshal(cfg)
+	return nil
+}
+
+// renderFilter applies o to HTTP filter f. It drops (keep false) tokenlb's
+// ext_proc filters for an Envoy-only baseline (o.Policy), the observer for
+// another o.Response, and the header sanitiser when o.Unsanitised; it sets
+// the routing filter's processing mode.
+func renderFilter(f map[string]any, o Options) (keep bool, err error) {
+	switch f["name"] {
+	case "envoy.filters.http.ext_proc":
+		if o.Policy != "" {
+			return false, nil
+		}
+		tc := get(f, "typed_config").(map[string]any)
+		if tc["observability_mode"] == true {
+			return o.Response == "", nil
+		}
+		pm := get(f, "typed_config", "processing_mode").(map[string]any)
+		return true, setProcessingMode(pm, o)
+	case "envoy.filters.http.header_mutation":
+		return !o.Unsanitised, nil
+	}
+	return true, nil
+}
+
+// setProcessingMode sets the routing filter's processing mode pm for
+// o.Response and o.Duplex.
+func setProcessingMode(pm map[string]any, o Options) error {
+	switch o.Response {
+	case "":
+	case "streamed":
+		pm["response_body_mode"] = "STREAMED"
+	case "estimate":
+		pm["response_body_mode"], pm["response_trailer_mode"] = "NONE", "SEND"
+	case "headers":
+		pm["response_body_mode"], pm["response_trailer_mode"] = "NONE", "SKIP"
+	default:
+		return fmt.Errorf("envoycfg: unknown response mode %q", o.Response)
+	}
+	if o.Duplex {
+		pm["request_body_mode"] = "FULL_DUPLEX_STREAMED"
+		pm["request_trailer_mode"] = "SEND"
+	}
+	return nil
 }
 
 // get walks a decoded YAML document by map keys and list indexes.

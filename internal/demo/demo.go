@@ -19,7 +19,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/tokenlb/tokenlb/bench"
+	"github.com/tokenlb/tokenlb/internal/bench"
 	"github.com/tokenlb/tokenlb/internal/envoycfg"
 	"github.com/tokenlb/tokenlb/internal/proc"
 )

@@ -182,8 +182,6 @@ func mapsKeys(m map[string]float64) func(func(string) bool) {
 	}
 }
 
-// Write stores <profile>.json, <profile>.md and the latency CDFs
-// <profile>-ttft.png and <profile>-e2e.png in dir.
 // ReadReport reads a report that Write wrote, without the raw latencies
 // (its tables can be rendered again, not its plots).
 func ReadReport(path string) (*Report, error) {
@@ -198,6 +196,8 @@ func ReadReport(path string) (*Report, error) {
 	return &r, nil
 }
 
+// Write stores <profile>.json, <profile>.md and the latency CDFs
+// <profile>-ttft.png and <profile>-e2e.png in dir.
 func (r *Report) Write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err

@@ -112,7 +112,7 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-// Server is one simulated vLLM instance. It is an http.Handler; Start runs
+// Server is one simulated vLLM instance. It is an http.Handler; Run runs
 // its engine.
 type Server struct {
 	cfg Config
@@ -204,25 +204,14 @@ func promptTokens(r *request) ([]uint32, error) {
 	return Tokenize(text), nil
 }
 
+// complete answers a chat or text completion request, as one response
+// or, when the request asks for it, as a server-sent event stream.
 func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
-	var req request
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		apiError(w, 400, "invalid_json", err.Error())
+	req, toks, ok := readRequest(w, r)
+	if !ok {
 		return
 	}
-	toks, err := promptTokens(&req)
-	if err == nil && len(toks) == 0 {
-		err = errors.New("empty prompt")
-	}
-	if err != nil {
-		apiError(w, 400, "invalid_prompt", err.Error())
-		return
-	}
-	maxOut := req.MaxCompletion
-	if maxOut <= 0 {
-		maxOut = req.MaxTokens
-	}
-	sq, err := s.eng.submit(r.Context(), toks, maxOut)
+	sq, err := s.eng.submit(r.Context(), toks, req.maxOutput())
 	if errors.Is(err, errStopped) {
 		apiError(w, 503, "shutting_down", err.Error())
 		return
@@ -231,38 +220,98 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
 		apiError(w, 400, "context_length_exceeded", err.Error())
 		return
 	}
-	id := fmt.Sprintf("cmpl-%p", sq)
-	chat := r.URL.Path == "/v1/chat/completions"
-	object, chunkObject := "text_completion", "text_completion"
-	if chat {
-		object, chunkObject = "chat.completion", "chat.completion.chunk"
-	}
-	usage := func(n int) map[string]int {
-		return map[string]int{"prompt_tokens": len(toks), "completion_tokens": n, "total_tokens": len(toks) + n}
-	}
-	choice := func(text string, finish any, delta bool) map[string]any {
-		c := map[string]any{"index": 0, "finish_reason": finish}
-		switch {
-		case !chat:
-			c["text"] = text
-		case delta:
-			c["delta"] = map[string]string{"content": text}
-		default:
-			c["message"] = map[string]string{"role": "assistant", "content": text}
-		}
-		return c
-	}
+	c := completion{id: fmt.Sprintf("cmpl-%p", sq), model: s.cfg.Model,
+		chat: r.URL.Path == "/v1/chat/completions", promptTokens: len(toks)}
 	if !req.Stream {
-		n := 0
-		for n = range sq.events {
-		}
-		if r.Context().Err() != nil {
-			return
-		}
-		writeJSON(w, 200, map[string]any{"id": id, "object": object, "created": time.Now().Unix(), "model": s.cfg.Model,
-			"choices": []any{choice(strings.Repeat("tok ", n), "length", false)}, "usage": usage(n)})
+		c.respond(w, r, sq)
 		return
 	}
+	c.stream(w, r, sq, req.StreamOptions.IncludeUsage)
+}
+
+// readRequest decodes a completion request and tokenizes its prompt. It
+// answers a request it cannot use with a 400 itself, and then returns
+// ok false.
+func readRequest(w http.ResponseWriter, r *http.Request) (req request, toks []uint32, ok bool) {
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		apiError(w, 400, "invalid_json", err.Error())
+		return req, nil, false
+	}
+	toks, err := promptTokens(&req)
+	if err == nil && len(toks) == 0 {
+		err = errors.New("empty prompt")
+	}
+	if err != nil {
+		apiError(w, 400, "invalid_prompt", err.Error())
+		return req, nil, false
+	}
+	return req, toks, true
+}
+
+// maxOutput is the request's output limit: max_completion_tokens, else
+// max_tokens; 0 or less leaves it to the engine.
+func (r *request) maxOutput() int {
+	if r.MaxCompletion > 0 {
+		return r.MaxCompletion
+	}
+	return r.MaxTokens
+}
+
+// completion builds the response objects of one request, in the shape of
+// OpenAI's chat completions or (legacy) completions API.
+type completion struct {
+	id, model    string
+	chat         bool
+	promptTokens int
+}
+
+// objects returns the object type of a whole response and of a stream's
+// chunk.
+func (c completion) objects() (object, chunk string) {
+	if c.chat {
+		return "chat.completion", "chat.completion.chunk"
+	}
+	return "text_completion", "text_completion"
+}
+
+// usage is the token usage once n tokens have been generated.
+func (c completion) usage(n int) map[string]int {
+	return map[string]int{"prompt_tokens": c.promptTokens, "completion_tokens": n, "total_tokens": c.promptTokens + n}
+}
+
+// choice is the one choice of a response (delta false) or of a stream's
+// chunk (delta true) with text; finish is its finish_reason, or nil.
+func (c completion) choice(text string, finish any, delta bool) map[string]any {
+	ch := map[string]any{"index": 0, "finish_reason": finish}
+	switch {
+	case !c.chat:
+		ch["text"] = text
+	case delta:
+		ch["delta"] = map[string]string{"content": text}
+	default:
+		ch["message"] = map[string]string{"role": "assistant", "content": text}
+	}
+	return ch
+}
+
+// respond waits until sq has generated its last token and answers with the
+// whole completion, unless the client has gone.
+func (c completion) respond(w http.ResponseWriter, r *http.Request, sq *seq) {
+	n := 0
+	for n = range sq.events {
+	}
+	if r.Context().Err() != nil {
+		return
+	}
+	object, _ := c.objects()
+	writeJSON(w, 200, map[string]any{"id": c.id, "object": object, "created": time.Now().Unix(), "model": c.model,
+		"choices": []any{c.choice(strings.Repeat("tok ", n), "length", false)}, "usage": c.usage(n)})
+}
+
+// stream answers with a server-sent event for each token sq generates,
+// then, with includeUsage, one with the usage, and [DONE], unless the
+// client has gone by then.
+func (c completion) stream(w http.ResponseWriter, r *http.Request, sq *seq, includeUsage bool) {
 	w.Header().Set("content-type", "text/event-stream")
 	w.Header().Set("cache-control", "no-cache")
 	fl, _ := w.(http.Flusher)
@@ -279,19 +328,20 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
 			fl.Flush()
 		}
 	}
+	_, chunk := c.objects()
 	n := 0
 	for n = range sq.events {
 		finish := any(nil)
 		if n == sq.maxOut {
 			finish = "length"
 		}
-		send(map[string]any{"id": id, "object": chunkObject, "model": s.cfg.Model, "choices": []any{choice("tok ", finish, true)}})
+		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{c.choice("tok ", finish, true)}})
 	}
 	if r.Context().Err() != nil {
 		return
 	}
-	if req.StreamOptions.IncludeUsage {
-		send(map[string]any{"id": id, "object": chunkObject, "model": s.cfg.Model, "choices": []any{}, "usage": usage(n)})
+	if includeUsage {
+		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{}, "usage": c.usage(n)})
 	}
 	fmt.Fprint(w, "data: [DONE]\n\n")
 }

@@ -17,7 +17,7 @@ import (
 // sees: three hosts receiving traffic, no errors, and every charge back to 0
 // after the clients stop.
 func TestRun(t *testing.T) {
-	root, _ := filepath.Abs("..")
+	root, _ := filepath.Abs(filepath.Join("..", ".."))
 	envoy, err := proc.FindEnvoy(root)
 	if err != nil {
 		if os.Getenv("CI") == "true" {

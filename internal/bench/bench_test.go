@@ -10,9 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenlb/tokenlb/sim"
-
 	"github.com/tokenlb/tokenlb/internal/proc"
+	"github.com/tokenlb/tokenlb/internal/sim"
 )
 
 func TestGenerateIsReproducible(t *testing.T) {
@@ -169,7 +168,7 @@ func TestReport(t *testing.T) {
 
 // TestRunArm runs every arm briefly through a real Envoy.
 func TestRunArm(t *testing.T) {
-	root, _ := filepath.Abs("..")
+	root, _ := filepath.Abs(filepath.Join("..", ".."))
 	envoy, err := proc.FindEnvoy(root)
 	if err != nil {
 		if os.Getenv("CI") == "true" {
