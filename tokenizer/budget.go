@@ -149,4 +149,3 @@ func alignRune(s string, i int) int {
 	}
 	return i
 }
-
