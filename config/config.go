@@ -174,7 +174,7 @@ type BackendMetrics struct {
 	Interval time.Duration `yaml:"interval"` // 0 turns it off
 }
 
-// PrefixAffinity configures prefix affinity (package picker).
+// PrefixAffinity configures prefix affinity (packages picker and prefix).
 type PrefixAffinity struct {
 	// MaxExtraLoad is how much more expected work than the least-loaded
 	// host a host that recently served the prompt's prefix may have and

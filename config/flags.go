@@ -59,7 +59,7 @@ func newFlagSet(name string, c *Config, output io.Writer) *flag.FlagSet {
 func bind(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "ext_proc gRPC listen address")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
-	fs.Var((*hostList)(&c.Hosts), "hosts", "comma-separated backend ip:port list (replaces the file's hosts)")
+	fs.Var((*hostList)(&c.Hosts), "hosts", "comma-separated backend `ip:port` list (replaces the file's hosts)")
 	fs.StringVar(&c.Encoding, "encoding", c.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
 	bindTokenizer(fs, &c.Tokenizer)
 	fs.StringVar(&c.DestinationHeader, "destination-header", c.DestinationHeader, "header carrying the chosen host")

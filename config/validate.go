@@ -15,7 +15,7 @@ import (
 // Validate checks every field and names each bad one.
 func (c *Config) Validate() error {
 	var p problems
-	c.validateAddresses(&p)
+	c.validateListenersAndHosts(&p)
 	c.validateTokenizer(&p)
 	c.validateRouting(&p)
 	c.validateCost(&p)
@@ -35,7 +35,9 @@ func (p *problems) add(field, format string, args ...any) {
 	*p = append(*p, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
 }
 
-func (c *Config) validateAddresses(p *problems) {
+// validateListenersAndHosts checks where tokenlb listens and the hosts it
+// routes to, with their models.
+func (c *Config) validateListenersAndHosts(p *problems) {
 	for _, f := range []struct{ name, addr string }{{"listen", c.Listen}, {"admin", c.Admin}} {
 		if _, err := netip.ParseAddrPort(f.addr); err != nil {
 			p.add(f.name, "%q is not an ip:port address", f.addr)
@@ -89,6 +91,9 @@ func settableHeader(h string) bool {
 		!strings.HasPrefix(strings.ToLower(h), "x-envoy-")
 }
 
+// validateRouting checks what shapes each request's route: the headers
+// tokenlb sets, fallbacks, the body limit, the in-flight cap and prefix
+// affinity.
 func (c *Config) validateRouting(p *problems) {
 	if h := c.DestinationHeader; !settableHeader(h) || strings.EqualFold(h, "host") {
 		p.add("destination_header", "%q cannot be set by an ext_proc server", h)

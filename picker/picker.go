@@ -432,7 +432,8 @@ func (p *Picker) charge(best option, r Request, now time.Time) *Lease {
 	return l
 }
 
-// candidates returns the hosts that may serve model, and whether one of
+// candidates returns the hosts that may serve model, healthy or not (score
+// leaves out the unhealthy ones when one is healthy), and whether one of
 // them is healthy: those known to serve it, if one of them is healthy; else
 // those whose models are not known (which may serve it), if one of them is
 // healthy; else all of these, for a pick among unhealthy hosts. A host

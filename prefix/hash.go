@@ -17,6 +17,8 @@ type Hashing struct {
 	// BlockBytes is a block's length; 0 means DefaultBlockBytes.
 	BlockBytes int
 	// Seed seeds the hashes: prompts hashed with the same Seed compare.
+	// It must come from maphash.MakeSeed once Blocks is positive (a zero
+	// Seed panics); route.New makes one per process.
 	Seed maphash.Seed
 }
 
@@ -34,12 +36,13 @@ type Hasher struct {
 	hashes []uint64
 }
 
-// NewHasher returns a Hasher for one request.
-func NewHasher(opts Hashing) *Hasher {
+// NewHasher returns a Hasher for one request, to be used in place (a
+// Hasher that has been written to must not be copied).
+func NewHasher(opts Hashing) Hasher {
 	if opts.BlockBytes <= 0 {
 		opts.BlockBytes = DefaultBlockBytes
 	}
-	return &Hasher{opts: opts}
+	return Hasher{opts: opts}
 }
 
 // Write adds one text of the request; an empty text adds nothing.

@@ -34,7 +34,7 @@ func TestPrefixHashes(t *testing.T) {
 	doc := strings.Repeat("the same long document, ", 20) // 480 bytes
 	prefix := func(system, user string) []uint64 {
 		h := NewHasher(opts)
-		if _, err := llmapi.Parse("/v1/chat/completions", chatBody(t, system, user), hashing{h}); err != nil {
+		if _, err := llmapi.Parse("/v1/chat/completions", chatBody(t, system, user), hashing{&h}); err != nil {
 			t.Fatal(err)
 		}
 		return h.Sum()
@@ -61,7 +61,7 @@ func TestPrefixHashes(t *testing.T) {
 		t.Fatal("a change in block 4 did not change exactly the hashes from block 4 on")
 	}
 	off := NewHasher(Hashing{Seed: opts.Seed})
-	llmapi.Parse("/v1/chat/completions", chatBody(t, doc, "q"), hashing{off})
+	llmapi.Parse("/v1/chat/completions", chatBody(t, doc, "q"), hashing{&off})
 	if off.Sum() != nil {
 		t.Fatalf("hashed %d blocks with Blocks 0", len(off.Sum()))
 	}

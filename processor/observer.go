@@ -7,9 +7,9 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 )
 
-// followed is a routed request's Flight with what it takes for an observer
+// claimable is a routed request's Flight with what it takes for an observer
 // stream to find it and take over following its response.
-type followed struct {
+type claimable struct {
 	Flight
 	id    string // the lease header's value; "" without an observer
 	claim atomic.Int32
@@ -24,8 +24,8 @@ const (
 	claimClosed              // the routing stream kept it, or gave up waiting
 )
 
-// await makes f claimable by an observer stream, under a fresh lease id.
-func (s *Server) await(f *followed) {
+// offer makes f claimable by an observer stream, under a fresh lease id.
+func (s *Server) offer(f *claimable) {
 	f.id = rand.Text()
 	s.mu.Lock()
 	s.pending[f.id] = f
@@ -33,7 +33,7 @@ func (s *Server) await(f *followed) {
 }
 
 // forget removes f from the requests an observer may claim.
-func (s *Server) forget(f *followed) {
+func (s *Server) forget(f *claimable) {
 	if f.id != "" {
 		s.mu.Lock()
 		delete(s.pending, f.id)
@@ -50,7 +50,7 @@ func (s *Server) forget(f *followed) {
 func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error {
 	s.m.streams.Inc()
 	defer s.m.streams.Dec()
-	var f *followed
+	var f *claimable
 	defer func() {
 		if f != nil {
 			f.End(StreamEnded)
@@ -92,7 +92,7 @@ func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error
 // claim finds the routed request named by the lease header and takes over
 // following its response, unless its routing stream decided to follow it
 // itself or gave up waiting.
-func (s *Server) claim(h *extprocv3.HttpHeaders) *followed {
+func (s *Server) claim(h *extprocv3.HttpHeaders) *claimable {
 	var id string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		if hv.GetKey() == s.cfg.LeaseHeader {

@@ -31,12 +31,12 @@ func setHeaders(hs []headerPair) []*corev3.HeaderValueOption {
 	return out
 }
 
-// routeReplyMessage is the reply that routes a request: its header
-// mutation and destination metadata go in the reply to the message that
-// completed the request (see routeReply).
-func routeReplyMessage(in routeReply, set []headerPair, md *structpb.Struct) *extprocv3.ProcessingResponse {
+// routingReply is the reply that routes a request: its header mutation and
+// destination metadata go in the reply to the message that completed the
+// request (see routeVia).
+func routingReply(via routeVia, set []headerPair, md *structpb.Struct) *extprocv3.ProcessingResponse {
 	common := &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: setHeaders(set)}}
-	if in == inBody {
+	if via == viaBody {
 		return &extprocv3.ProcessingResponse{DynamicMetadata: md,
 			Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: common}}}
 	}

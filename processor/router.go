@@ -15,8 +15,9 @@ type Router interface {
 	// it is read: a non-nil Rejection answers the client at once.
 	Admit(r *Request) *Rejection
 	// Route is called once per request, with its whole body (or at its
-	// headers when it has none), and either routes it (a Flight) or
-	// rejects it.
+	// headers when it has none), and either routes it or rejects it:
+	// exactly one of the Flight and the Rejection is non-nil, and a
+	// Flight has at least one destination.
 	Route(r *Request) (Flight, *Rejection)
 }
 
@@ -27,24 +28,25 @@ type Request struct {
 	// RequestID is Envoy's x-request-id, for logs.
 	RequestID string
 	// HasBody says a body follows the headers (or followed them); Body is
-	// the whole of it, once read.
+	// the whole of it when Route is called (the Server drops it after).
 	HasBody bool
 	Body    []byte
 }
 
 // Flight is a routed request, from the routing decision to the end of its
-// response. Each method may be called from a different stream, but never
-// two at once except End, which may race with the others (the stream that
-// follows the response can end while another gives up on it): a Flight
-// must do its work once, whichever call comes first.
+// response. Its methods are called from two streams, possibly at once (the
+// routing stream hands the response headers over while the observer stream
+// that claimed the request shows the response; either may end first): a
+// Flight must be safe for concurrent use, and end once, whichever End (or
+// ending ResponseHeaders or ResponseBody) comes first.
 type Flight interface {
 	// Destinations lists where the request goes: the chosen host first,
 	// then the hosts a proxy may retry it on, each a literal ip:port.
 	Destinations() []string
 	// ResponseHeaders delivers the response's headers; next says what the
 	// Flight will be shown of the rest. It may be called twice, by the
-	// routing stream and then by the observer stream that follows the
-	// response.
+	// routing stream and by the observer stream that follows the response,
+	// in either order.
 	ResponseHeaders(h Headers, next Next)
 	// ResponseBody delivers a chunk of the response body; end says it is
 	// the last.
@@ -87,11 +89,11 @@ const (
 // Headers are an HTTP message's headers as Envoy sent them.
 type Headers struct{ m *corev3.HeaderMap }
 
-// Lookup returns the last value of the header named key (matched without
-// regard to case), and whether there was one.
+// Lookup returns the last value of the header named key (in lower case;
+// header names are matched in any case), and whether there was one.
 func (h Headers) Lookup(key string) (value string, ok bool) {
 	for _, hv := range h.m.GetHeaders() {
-		if strings.EqualFold(hv.GetKey(), key) {
+		if strings.ToLower(hv.GetKey()) == key {
 			value, ok = headerValue(hv), true
 		}
 	}

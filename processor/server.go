@@ -73,7 +73,8 @@ type Config struct {
 	ObserverGrace time.Duration
 	// Logger receives per-request debug logs and errors; nil discards them.
 	Logger *slog.Logger
-	// Metrics records stream metrics; nil records nothing.
+	// Metrics records stream metrics; nil records into metrics nobody
+	// registered.
 	Metrics *Metrics
 }
 
@@ -86,7 +87,7 @@ type Server struct {
 	m      *Metrics
 
 	mu      sync.Mutex
-	pending map[string]*followed // routed requests an observer may claim, by lease id
+	pending map[string]*claimable // routed requests an observer may claim, by lease id
 }
 
 // New returns a Server that asks router where each request goes.
@@ -116,7 +117,7 @@ func New(router Router, cfg Config) *Server {
 	if m == nil {
 		m = NewMetrics()
 	}
-	return &Server{cfg: cfg, router: router, log: log, m: m, pending: make(map[string]*followed)}
+	return &Server{cfg: cfg, router: router, log: log, m: m, pending: make(map[string]*claimable)}
 }
 
 // Process serves one HTTP request's stream. It answers every message Envoy
@@ -177,9 +178,9 @@ type routingStream struct {
 	reqMode, respMode filterv3.ProcessingMode_BodySendMode
 
 	req      Request
-	decided  bool      // the request has been routed or rejected
-	flight   *followed // nil until routed
-	observed bool      // an observer stream follows the response
+	decided  bool       // the request has been routed or rejected
+	flight   *claimable // nil until routed
+	observed bool       // an observer stream follows the response
 }
 
 // end runs when the stream ends: unless an observer took the response over,
@@ -250,7 +251,7 @@ func (rs *routingStream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) 
 	}
 	if !rs.req.HasBody {
 		// No body: route now, in the headers reply.
-		return rs.route(inHeaders)
+		return rs.route(viaHeaders)
 	}
 	if rej := rs.s.router.Admit(&rs.req); rej != nil {
 		return rs.reject(rej)
@@ -278,13 +279,13 @@ func (rs *routingStream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		// BUFFERED: this one message is the whole body, whether or not
 		// trailers follow.
 		rs.req.Body = b.GetBody()
-		return rs.route(inBody)
+		return rs.route(viaBody)
 	}
 	rs.req.Body = append(rs.req.Body, b.GetBody()...)
 	if !b.GetEndOfStream() {
 		return false, nil
 	}
-	return rs.route(inDuplex)
+	return rs.route(viaDuplex)
 }
 
 func (rs *routingStream) requestTrailers() (bool, error) {
@@ -292,7 +293,7 @@ func (rs *routingStream) requestTrailers() (bool, error) {
 	case rs.decided:
 	case rs.reqMode == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED:
 		// The trailers end the body.
-		if done, err := rs.route(inDuplex); done || err != nil {
+		if done, err := rs.route(viaDuplex); done || err != nil {
 			return done, err
 		}
 	default:
@@ -304,40 +305,43 @@ func (rs *routingStream) requestTrailers() (bool, error) {
 	return false, rs.grpc.Send(requestTrailersReply())
 }
 
-// routeReply says which reply carries the route.
-type routeReply int
+// routeVia says which reply carries the route.
+type routeVia int
 
 const (
-	inHeaders routeReply = iota // no body: the headers reply
-	inBody                      // BUFFERED: the body reply (Envoy still holds the headers)
-	inDuplex                    // FULL_DUPLEX_STREAMED: the held headers reply, then the body echoed
+	viaHeaders routeVia = iota // no body: the headers reply
+	viaBody                    // BUFFERED: the body reply (Envoy still holds the headers)
+	viaDuplex                  // FULL_DUPLEX_STREAMED: the held headers reply, then the body echoed
 )
 
 // route asks the Router where the request goes and sends the reply that
 // carries the destination (and, in FULL_DUPLEX_STREAMED mode, the body).
-func (rs *routingStream) route(in routeReply) (bool, error) {
+// The body is not kept past it: the stream lives as long as the response.
+func (rs *routingStream) route(via routeVia) (bool, error) {
 	rs.decided = true
 	s := rs.s
 	f, rej := s.router.Route(&rs.req)
+	body := rs.req.Body
+	rs.req.Body = nil
 	if rej != nil {
 		return rs.reject(rej)
 	}
-	rs.flight = &followed{Flight: f}
+	rs.flight = &claimable{Flight: f}
 	dests := f.Destinations()
 	set := []headerPair{{s.cfg.DestinationHeader, dests[0]}}
 	if s.cfg.Observer {
-		s.await(rs.flight)
+		s.offer(rs.flight)
 		set = append(set, headerPair{s.cfg.LeaseHeader, rs.flight.id})
 	}
 	// The metadata carries the Endpoint Picker Protocol's ordered list: the
 	// chosen host, then fallbacks that override_host tries on a retry. The
 	// header stays a single address, as ORIGINAL_DST requires.
 	md := destinationMetadata(s.cfg.MetadataNamespace, s.cfg.DestinationHeader, strings.Join(dests, ","))
-	err := rs.grpc.Send(routeReplyMessage(in, set, md))
-	if err != nil || in != inDuplex {
+	err := rs.grpc.Send(routingReply(via, set, md))
+	if err != nil || via != viaDuplex {
 		return false, err
 	}
-	return false, rs.sendChunks(rs.req.Body)
+	return false, rs.sendChunks(body)
 }
 
 // sendChunks streams body back to Envoy in FULL_DUPLEX_STREAMED mode, in
@@ -358,8 +362,9 @@ func (rs *routingStream) sendChunks(body []byte) error {
 // it will see the rest (no body, or a response body it is sent). Otherwise
 // an observer stream does, if one is configured: one that already claimed
 // the request, or one that claims it within Config.ObserverGrace; if none
-// does, the headers are the last thing seen of the response. Without an
-// observer the Flight is told that the body stays hidden.
+// does, the headers are the last thing seen of the response. With neither
+// an observer nor a response body sent to this stream, the Flight is told
+// that the body stays hidden.
 func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
 	f, s := rs.flight, rs.s
 	if f == nil || rs.observed {
@@ -373,6 +378,7 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
 		if f.claim.Load() != claimOpen {
 			return // claimed already
 		}
+		requestID := rs.req.RequestID
 		time.AfterFunc(s.cfg.ObserverGrace, func() {
 			if !f.claim.CompareAndSwap(claimOpen, claimClosed) {
 				return
@@ -380,7 +386,7 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
 			s.forget(f)
 			s.m.observerClaims.WithLabelValues("none").Inc()
 			s.log.Warn("no observer stream claimed a routed request; is the observer filter configured?",
-				"request_id", rs.req.RequestID, "grace", s.cfg.ObserverGrace)
+				"request_id", requestID, "grace", s.cfg.ObserverGrace)
 			f.End(HeadersOnly)
 		})
 		return
@@ -401,7 +407,7 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
 	}
 }
 
-// reject answers the client directly and ends the exchange.
+// reject answers the client directly and ends the stream.
 func (rs *routingStream) reject(r *Rejection) (bool, error) {
 	rs.decided = true
 	rs.s.m.rejections.WithLabelValues(r.Reason).Inc()

@@ -12,9 +12,6 @@ import (
 // prompt is what counting a request body found.
 type prompt struct {
 	llmapi.Prompt
-	// Estimated is "" when Tokens is exact, else why part of it was
-	// estimated (tokenizer.EstimatedSize or EstimatedTime).
-	Estimated string
 	// Prefix hashes the prompt's leading blocks (Config.Prefix), each
 	// covering every block before it; BlockBytes is their length and
 	// TextBytes the length of all the request's texts: what share of the
@@ -48,30 +45,27 @@ func (rt *Router) count(r *processor.Request) (prompt, *processor.Rejection) {
 // within the tokenizer's budget, hashing the prompt's leading blocks in the
 // same pass.
 func (rt *Router) countBody(path string, body []byte) (prompt, error) {
-	c := &counter{budget: rt.cfg.Tokenizer.Budget(), hasher: prefix.NewHasher(rt.cfg.Prefix)}
-	p, err := llmapi.Parse(path, body, c)
-	c.budget.Done()
-	out := prompt{Prompt: p, Estimated: c.budget.Estimated(), Prefix: c.hasher.Sum(), TextBytes: c.bytes}
+	pass := &onePass{budget: rt.cfg.Tokenizer.Budget(), hasher: prefix.NewHasher(rt.cfg.Prefix)}
+	p, err := llmapi.Parse(path, body, pass)
+	pass.budget.Done()
+	out := prompt{Prompt: p, Prefix: pass.hasher.Sum(), TextBytes: pass.bytes}
 	if out.Prefix != nil {
-		out.BlockBytes = c.hasher.BlockBytes()
+		out.BlockBytes = pass.hasher.BlockBytes()
 	}
 	return out, err
 }
 
-// counter counts one request's texts for llmapi.Parse: it notes their
-// length, hashes them for prefix affinity and counts them within the
-// budget.
-type counter struct {
+// onePass is the llmapi.Counter that reads each text of a request once: it
+// notes its length, hashes it for prefix affinity and counts its tokens
+// within the budget.
+type onePass struct {
 	budget *tokenizer.Budget
-	hasher *prefix.Hasher
+	hasher prefix.Hasher
 	bytes  int // of every text, counted exactly or not
 }
 
-func (c *counter) Count(s string) int {
-	if s == "" {
-		return 0
-	}
-	c.bytes += len(s)
-	c.hasher.Write(s)
-	return c.budget.Count(s)
+func (o *onePass) Count(s string) int {
+	o.bytes += len(s)
+	o.hasher.Write(s)
+	return o.budget.Count(s)
 }

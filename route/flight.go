@@ -28,17 +28,20 @@ const (
 // start.
 var Causes = []picker.Cause{ReleasedAtHeaders, ReleasedAtEnd, ReleasedStreamEnd, ReleasedRejected, picker.Swept}
 
-// causeOf names the release cause of each way a response ends.
-func causeOf(how processor.Ending) picker.Cause {
+// causeOf names the release cause of each way a response ends, and says
+// whether the response was seen as far as anyone will see it (its end, or
+// its headers when no stream shows its body): only such a response teaches
+// the cost estimator.
+func causeOf(how processor.Ending) (cause picker.Cause, seen bool) {
 	switch how {
 	case processor.ResponseEnded:
-		return ReleasedAtEnd
+		return ReleasedAtEnd, true
 	case processor.HeadersOnly:
-		return ReleasedAtHeaders
+		return ReleasedAtHeaders, true
 	case processor.Rejected:
-		return ReleasedRejected
+		return ReleasedRejected, false
 	}
-	return ReleasedStreamEnd
+	return ReleasedStreamEnd, false
 }
 
 // flight follows one routed request to its end: it releases the prefill
@@ -70,7 +73,7 @@ type flight struct {
 func newFlight(rt *Router, lease *picker.Lease, req cost.Request) *flight {
 	f := &flight{rt: rt, lease: lease, req: req}
 	if rt.cfg.EstimateFirstToken {
-		hs := rt.cost.Speed(lease.Host())
+		hs := rt.cfg.Cost.Speed(lease.Host())
 		work := float64(lease.Ahead()+int64(req.PromptTokens)) * hs.TokenRatio
 		d := time.Duration(work / hs.PrefillTokensPerSecond * float64(time.Second))
 		f.timer = time.AfterFunc(d, func() { lease.FirstToken() })
@@ -99,9 +102,9 @@ func (f *flight) ResponseHeaders(h processor.Headers, next processor.Next) {
 	f.report(h)
 	switch {
 	case next == processor.NoBody:
-		f.finishLocked(ReleasedAtHeaders)
+		f.finishLocked(ReleasedAtHeaders, true)
 	case next == processor.BodyHidden && !f.rt.cfg.EstimateFirstToken:
-		f.finishLocked(ReleasedAtHeaders)
+		f.finishLocked(ReleasedAtHeaders, true)
 	}
 }
 
@@ -146,7 +149,7 @@ func (f *flight) ResponseBody(b []byte, end bool) {
 		}
 	}
 	if end {
-		f.finishLocked(ReleasedAtEnd)
+		f.finishLocked(ReleasedAtEnd, true)
 	}
 }
 
@@ -160,7 +163,10 @@ func (f *flight) End(how processor.Ending) {
 	f.finishLocked(causeOf(how))
 }
 
-func (f *flight) finishLocked(cause picker.Cause) {
+// finishLocked releases the lease, once; seen says the response was seen
+// as far as anyone will see it, so that a successful one teaches the cost
+// estimator.
+func (f *flight) finishLocked(cause picker.Cause, seen bool) {
 	if f.finished {
 		return
 	}
@@ -171,7 +177,7 @@ func (f *flight) finishLocked(cause picker.Cause) {
 	if !f.lease.Release(cause) {
 		return
 	}
-	if !f.ok() || (cause != ReleasedAtEnd && cause != ReleasedAtHeaders) {
+	if !seen || !f.ok() {
 		return
 	}
 	f.learn(cause)
@@ -195,7 +201,7 @@ func (f *flight) learn(cause picker.Cause) {
 		o.OutputTokens = f.events // one token per streamed event, as vLLM sends them
 		rt.m.usageSeen.WithLabelValues("no").Inc()
 	}
-	rt.cost.Learn(o)
+	rt.cfg.Cost.Learn(o)
 	rt.log.Debug("response ended", "host", o.Host, "cause", cause, "ttft", o.TTFT, "duration", o.Duration,
 		"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "ahead", o.Ahead, "tokens", f.req.PromptTokens)
 }

@@ -7,10 +7,11 @@
 //	count   its prompt tokens (tokenizer), hashing its leading blocks on the way (prefix)
 //	cost    what it will cost each host (cost): expected output, prefill and decode parts
 //	pick    the host whose load after adding it is lowest, and charge it, in one step (picker)
-//	fly     a flight follows the response: the first token releases the prefill part,
-//	        the end the rest, or everything when the stream ends first; a
-//	        successful response teaches the cost estimator, and every
-//	        response's status goes to passive health checks (backend)
+//	fly     a flight follows the response: the first bytes of a successful body release
+//	        the prefill part, the end the rest, or everything when the stream ends
+//	        first; a successful response teaches the cost estimator, and each
+//	        response's status goes to passive health checks (backend), unless it
+//	        is Envoy's own overload answer
 //
 // count.go holds the first two steps, route.go the next two, flight.go the
 // last.
@@ -63,16 +64,16 @@ type Config struct {
 	ResponseStatus func(host string, status int)
 	// Logger receives per-request debug logs; nil discards them.
 	Logger *slog.Logger
-	// Metrics records request metrics; nil records nothing.
+	// Metrics records request metrics; nil records into metrics nobody
+	// registered.
 	Metrics *Metrics
 }
 
 // Router routes requests; it implements processor.Router.
 type Router struct {
-	cfg  Config
-	cost *cost.Estimator
-	log  *slog.Logger
-	m    *Metrics
+	cfg Config
+	log *slog.Logger
+	m   *Metrics
 }
 
 // New returns a Router.
@@ -94,7 +95,7 @@ func New(cfg Config) *Router {
 	if m == nil {
 		m = NewMetrics()
 	}
-	return &Router{cfg: cfg, cost: cfg.Cost, log: log, m: m}
+	return &Router{cfg: cfg, log: log, m: m}
 }
 
 // Admit refuses, before its body is read, a request to an API path whose
@@ -109,37 +110,37 @@ func (rt *Router) Admit(r *processor.Request) *processor.Rejection {
 // Route parses and counts the request, prices it on each host, picks and
 // charges one, and returns the flight that follows its response.
 func (rt *Router) Route(r *processor.Request) (processor.Flight, *processor.Rejection) {
-	prompt, rej := rt.count(r)
+	p, rej := rt.count(r)
 	if rej != nil {
 		return nil, rej
 	}
-	return rt.pick(r, prompt)
+	return rt.pick(r, p)
 }
 
-// pick prices the prompt on each host and charges the one the picker
-// chooses, all in one step.
-func (rt *Router) pick(r *processor.Request, prompt prompt) (processor.Flight, *processor.Rejection) {
-	rt.m.requestTokens.WithLabelValues(string(prompt.API)).Observe(float64(prompt.Tokens))
+// pick prices the prompt on each host (its cost, by the expected output)
+// and has the picker choose and charge one, in one step; the flight then
+// holds the charge.
+func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *processor.Rejection) {
+	rt.m.requestTokens.WithLabelValues(string(p.API)).Observe(float64(p.Tokens))
 	start := time.Now()
-	req := cost.Request{Model: prompt.Model, Route: string(prompt.API), PromptTokens: prompt.Tokens,
-		MaxOutputTokens: prompt.MaxOutputTokens}
-	output := rt.cost.Output(req)
-	pr := picker.Request{Cost: rt.cost.Cost(req, output), Prefix: prompt.Prefix, PrefixBlockBytes: prompt.BlockBytes,
-		PromptBytes: prompt.TextBytes}
+	req := cost.Request{Model: p.Model, Route: string(p.API), PromptTokens: p.Tokens, MaxOutputTokens: p.MaxOutputTokens}
+	output := rt.cfg.Cost.Output(req)
+	pr := picker.Request{Cost: rt.cfg.Cost.Cost(req, output), Prefix: p.Prefix, PrefixBlockBytes: p.BlockBytes,
+		PromptBytes: p.TextBytes}
 	if rt.cfg.ModelRouting {
-		pr.Model = prompt.Model
+		pr.Model = p.Model
 	}
 	lease, err := rt.cfg.Picker.Pick(pr)
 	rt.m.pickSeconds.Observe(time.Since(start).Seconds())
 	switch {
 	case errors.Is(err, picker.ErrUnknownModel):
-		return nil, errUnknownModel(prompt.Model)
+		return nil, errUnknownModel(p.Model)
 	case err != nil:
 		return nil, errNoCapacity(rt.cfg.RetryAfter)
 	}
 	f := newFlight(rt, lease, req)
 	rt.m.outputTokens.Observe(float64(output))
-	rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", prompt.API, "model", prompt.Model,
-		"tokens", prompt.Tokens, "expected_output", output, "host", lease.Host())
+	rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", p.API, "model", p.Model,
+		"tokens", p.Tokens, "expected_output", output, "host", lease.Host())
 	return f, nil
 }

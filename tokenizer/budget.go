@@ -16,9 +16,9 @@ const (
 // of them counted exactly (for the whole request, not per text), then from
 // the ratio of tokens to bytes counted so far. Past TimeLimit, from that
 // ratio alone. The clock is read before each text that is not cached and,
-// inside a long text, every deadlineEvery bytes, so a request overruns its
-// time by at most one such stretch (or one long piece's merge, bounded by
-// maxBudgetPiece).
+// inside a long text, as the engine goes (the fast engine every 16 KiB, and
+// within the merge of a piece too long to merge at once; tiktoken-go between
+// chunks), so a request overruns its time by at most one such stretch.
 type Budget struct {
 	t          *Tokenizer
 	deadline   time.Time

@@ -87,14 +87,14 @@ func listenAndRun(ctx context.Context, cfg config.Config, log *slog.Logger) erro
 
 // app is tokenlb built from its configuration, ready to run.
 type app struct {
-	cfg     config.Config
-	log     *slog.Logger
-	picker  *picker.Picker
-	watcher *backend.Watcher
-	grpc    *grpc.Server
-	health  *health.Server
-	admin   *http.Server
-	state   atomic.Int32 // starting, ready, stopping
+	cfg          config.Config
+	log          *slog.Logger
+	picker       *picker.Picker
+	watcher      *backend.Watcher
+	grpcServer   *grpc.Server
+	healthServer *health.Server
+	adminServer  *http.Server
+	state        atomic.Int32 // starting, ready, stopping
 }
 
 const (
@@ -141,13 +141,13 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	reg.MustRegister(rc.Metrics.Collectors()...)
 	reg.MustRegister(watchMetrics.Collectors()...)
 
-	a.grpc = grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
-	extprocv3.RegisterExternalProcessorServer(a.grpc, srv)
-	a.health = health.NewServer()
-	healthpb.RegisterHealthServer(a.grpc, a.health)
-	a.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
+	a.grpcServer = grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
+	extprocv3.RegisterExternalProcessorServer(a.grpcServer, srv)
+	a.healthServer = health.NewServer()
+	healthpb.RegisterHealthServer(a.grpcServer, a.healthServer)
+	a.healthServer.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
 	isReady := func() bool { return a.state.Load() == ready }
-	a.admin = &http.Server{Handler: admin.Handler(a.picker, est, reg, isReady), ReadHeaderTimeout: 10 * time.Second}
+	a.adminServer = &http.Server{Handler: admin.Handler(a.picker, est, reg, isReady), ReadHeaderTimeout: 10 * time.Second}
 	return a, nil
 }
 
@@ -169,8 +169,8 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	go a.becomeReady(watchCtx)
 
 	errc := make(chan error, 2)
-	go func() { errc <- a.grpc.Serve(grpcLis) }()
-	go func() { errc <- a.admin.Serve(adminLis) }()
+	go func() { errc <- a.grpcServer.Serve(grpcLis) }()
+	go func() { errc <- a.adminServer.Serve(adminLis) }()
 	a.log.Info("tokenlb serving", "ext_proc", grpcLis.Addr().String(), "admin", adminLis.Addr().String(),
 		"hosts", a.cfg.HostAddresses(), "encoding", a.cfg.Encoding, "tokenizer", a.cfg.Tokenizer.Engine,
 		"destination_header", a.cfg.DestinationHeader)
@@ -201,7 +201,7 @@ func (a *app) becomeReady(ctx context.Context) {
 	}
 	// Serving first, so that /readyz never says ready before the gRPC
 	// health does; after a shutdown began, shutdown overrides it.
-	a.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	a.healthServer.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	a.state.CompareAndSwap(starting, ready)
 }
 
@@ -211,19 +211,19 @@ func (a *app) becomeReady(ctx context.Context) {
 func (a *app) shutdown(serveErr error, errc <-chan error) error {
 	a.log.Info("shutting down", "shutdown_delay", a.cfg.ShutdownDelay, "drain_timeout", a.cfg.DrainTimeout)
 	a.state.Store(stopping)
-	a.health.Shutdown() // every service NOT_SERVING: Envoy's health check stops sending streams
+	a.healthServer.Shutdown() // every service NOT_SERVING: Envoy's health check stops sending streams
 	if serveErr == nil {
 		select {
 		case <-time.After(a.cfg.ShutdownDelay):
 		case serveErr = <-errc:
 		}
 	}
-	stopGracefully(a.cfg.DrainTimeout, a.grpc.GracefulStop, func() {
+	stopGracefully(a.cfg.DrainTimeout, a.grpcServer.GracefulStop, func() {
 		a.log.Warn("drain timeout: closing the remaining streams", "open_leases", a.picker.Stats().OpenLeases)
-		a.grpc.Stop()
+		a.grpcServer.Stop()
 	})
 	stopGracefully(adminShutdownTimeout,
-		func() { a.admin.Shutdown(context.Background()) }, func() { a.admin.Close() })
+		func() { a.adminServer.Shutdown(context.Background()) }, func() { a.adminServer.Close() })
 	return serveErr
 }
 
