@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -31,6 +32,13 @@ type Command struct {
 	// Retable names an earlier report (a .json in the output folder) whose
 	// tables are to be rendered again; nothing runs.
 	Retable string
+	// Backend is "" (llmsim, reports named after the profile alone),
+	// "llmsim" or "llmd-sim" (reports named after the backend's setting
+	// too, Backend.Name).
+	Backend string
+	// MeasureCapacity runs the open loop at Utilization of the backends'
+	// measured capacity on each profile (always so for llmd-sim).
+	MeasureCapacity bool
 }
 
 // SetFlags defines tokenlb-bench's flags in fs, each setting a field of c
@@ -55,6 +63,11 @@ func (c *Command) SetFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.Overhead, "overhead", false, "run the overhead measurement instead")
 	fs.StringVar(&c.TokenlbFlags, "tokenlb-flags", "", "space-separated flags added to every tokenlb arm (e.g. --decode-weight=0.2)")
 	fs.StringVar(&c.Retable, "retable", "", "render the tables of an earlier run's report (a .json in the output folder) again, and exit")
+	fs.StringVar(&c.Backend, "backend", "", `backends: llmsim, or llmd-sim (the llm-d inference simulator at --llmd-sim); "" is llmsim with reports named after the profile alone`)
+	fs.StringVar(&o.Backend.Bin, "llmd-sim", os.Getenv("LLMD_SIM_BIN"), "llm-d-inference-sim binary (default $LLMD_SIM_BIN)")
+	fs.IntVar(&o.Backend.Slots, "slots", 4, "llmd-sim: requests an instance runs at once (--max-num-seqs)")
+	fs.Float64Var(&o.Backend.LoadFactor, "load-factor", 1, "llmd-sim: how much slower it gets with every slot busy (--time-factor-under-load)")
+	fs.BoolVar(&c.MeasureCapacity, "measure-capacity", false, "open loop at --utilization of the backends' measured capacity on each profile (always so for llmd-sim)")
 }
 
 // variantNames lists the tokenlb variants, sorted, for the -arms help.
@@ -92,6 +105,21 @@ func (c *Command) Run(ctx context.Context, w, log io.Writer) error {
 	o := c.Options
 	o.TokenlbFlags = strings.Fields(c.TokenlbFlags)
 	o.Log = log
+	switch c.Backend {
+	case "", "llmsim":
+		o.Backend.Kind = "llmsim"
+	case "llmd-sim":
+		o.Backend.Kind = "llmd-sim"
+		if o.Backend.Bin == "" {
+			return errors.New("bench: --backend llmd-sim needs the llm-d-inference-sim binary: set LLMD_SIM_BIN or --llmd-sim " +
+				"(built from github.com/llm-d/llm-d-inference-sim; bench/RESULTS.md names the commit)")
+		}
+		if o.Backend.Slots < 1 || o.Backend.LoadFactor < 1 {
+			return fmt.Errorf("bench: llmd-sim needs --slots >= 1 and --load-factor >= 1, not %d and %g", o.Backend.Slots, o.Backend.LoadFactor)
+		}
+	default:
+		return fmt.Errorf("bench: unknown backend %q (want llmsim or llmd-sim)", c.Backend)
+	}
 	if c.Overhead {
 		return Overhead(ctx, o, c.OutDir)
 	}
@@ -121,6 +149,18 @@ func (c *Command) runProfile(ctx context.Context, o Options, profile string) (*R
 		mode += ", backend-1 at half speed"
 	}
 	rep := &Report{Profile: profile, Mode: mode, Requests: c.Requests, Runs: map[string][]Result{}}
+	if c.Backend != "" {
+		rep.Backend = o.Backend.Name()
+		rep.Mode = o.Backend.About() + ", " + mode
+	}
+	if c.MeasureCapacity || o.Backend.Kind == "llmd-sim" {
+		capacity, err := c.measure(ctx, o, workload)
+		if err != nil {
+			return nil, err
+		}
+		o.Capacity, rep.CapacityRPS = capacity, capacity
+		rep.Mode += fmt.Sprintf(", capacity measured %.2f req/s", capacity)
+	}
 	for _, s := range strings.Split(c.Seeds, ",") {
 		seed, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
@@ -143,6 +183,27 @@ func (c *Command) runProfile(ctx context.Context, o Options, profile string) (*R
 		}
 	}
 	return rep, nil
+}
+
+// measure returns the backends' capacity on a profile's workload, from the
+// requests of the first seed.
+func (c *Command) measure(ctx context.Context, o Options, workload string) (float64, error) {
+	seed, err := strconv.ParseUint(strings.Split(c.Seeds, ",")[0], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("seed: %w", err)
+	}
+	reqs, err := Generate(workload, seed, c.Requests)
+	if err != nil {
+		return 0, err
+	}
+	o.Seed = seed
+	start := time.Now()
+	capacity, err := MeasureCapacity(ctx, o, reqs)
+	if err != nil {
+		return 0, fmt.Errorf("%s: measuring capacity: %w", workload, err)
+	}
+	fmt.Fprintf(o.Log, "%-7s capacity %.2f req/s (closed loop, least-request, %s)\n", workload, capacity, time.Since(start).Round(time.Second))
+	return capacity, nil
 }
 
 // mode describes how the runs load the backends, for the report's title.

@@ -17,7 +17,13 @@ import (
 // Report is one profile's results: per-seed runs and, per arm, the median
 // over seeds of every statistic.
 type Report struct {
-	Profile  string              `json:"profile"`
+	// Backend names the backend and its setting (Backend.Name), when the
+	// run chose one: the report's files are then named after both.
+	Backend string `json:"backend,omitempty"`
+	// CapacityRPS is the backends' measured capacity on this profile, when
+	// the open loop's rate came from it (requests per second).
+	CapacityRPS float64             `json:"capacity_rps,omitempty"`
+	Profile     string              `json:"profile"`
 	Mode     string              `json:"mode"`
 	Seeds    []uint64            `json:"seeds"`
 	Requests int                 `json:"requests_per_run"`
@@ -196,8 +202,17 @@ func ReadReport(path string) (*Report, error) {
 	return &r, nil
 }
 
-// Write stores <profile>.json, <profile>.md and the latency CDFs
-// <profile>-ttft.png and <profile>-e2e.png in dir.
+// name is the report's file name without extension: the profile, after
+// the backend when one was chosen (llmd-sim-4slots-lf2-prefix).
+func (r *Report) name() string {
+	if r.Backend != "" {
+		return r.Backend + "-" + r.Profile
+	}
+	return r.Profile
+}
+
+// Write stores <name>.json, <name>.md and the latency CDFs
+// <name>-ttft.png and <name>-e2e.png in dir (see name).
 func (r *Report) Write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -206,14 +221,14 @@ func (r *Report) Write(dir string) error {
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(dir, r.Profile+".json"), js, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, r.name()+".json"), js, 0o644); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(dir, r.Profile+".md"), []byte(r.Table()), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, r.name()+".md"), []byte(r.Table()), 0o644); err != nil {
 		return err
 	}
 	for _, which := range []string{"ttft", "e2e"} {
-		if err := r.plotCDF(filepath.Join(dir, r.Profile+"-"+which+".png"), which); err != nil {
+		if err := r.plotCDF(filepath.Join(dir, r.name()+"-"+which+".png"), which); err != nil {
 			return err
 		}
 	}

@@ -3,13 +3,13 @@ package bench
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -62,6 +62,8 @@ var Variants = map[string]Variant{
 		About: "as shipped, behind deploy/envoy-override-host.yaml: Envoy's override_host policy, health checks and retries on the fallback hosts tokenlb lists"},
 	"tokenlb-no-health": {Flags: []string{"--health-check-interval=0", "--consecutive-5xx=0"},
 		About: "as shipped, without health checks or passive ejection"},
+	"tokenlb-decode-1": {Flags: []string{"--decode-weight=1"},
+		About: "as shipped, with the whole of a request's decode time charged (decode_weight 1)"},
 }
 
 // Options configure one run of one arm.
@@ -69,6 +71,8 @@ type Options struct {
 	Envoy, Tokenlb string // binaries
 	DeployDir      string // the repository's deploy/ folder
 	Backends       int
+	// Backend is what serves requests: llmsim (the zero value) or llm-d-sim.
+	Backend Backend
 	// TokenlbFlags are added to every tokenlb arm's flags (for tuning).
 	TokenlbFlags []string
 	// SlowHosts run at half speed (every cost doubled): the first ones.
@@ -90,6 +94,11 @@ type Options struct {
 	// KillAt, when in (0, 1), stops backend-1 (its server closed, its
 	// connections cut) when that share of the requests has been sent.
 	KillAt float64
+
+	// Capacity, when positive, is the backends' measured capacity on this
+	// workload (requests/s, MeasureCapacity): the open loop runs at
+	// Utilization of it rather than of an estimate from llmsim's costs.
+	Capacity float64
 
 	// For the overhead run: a fixed open-loop rate (requests/s) instead of
 	// one derived from Utilization, and hooks given tokenlb's pid before
@@ -116,6 +125,7 @@ type Result struct {
 	LastErrorMillis float64 `json:"killed_last_error_ms,omitempty"`
 	ttfts           []float64
 	e2es            []float64
+	ends            []time.Time // when each completed request ended
 }
 
 // Stats summarise latencies in milliseconds.
@@ -177,7 +187,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	g := &proc.Group{Dir: dir}
 	defer g.StopAll()
 
-	b, err := startBackends(ctx, o)
+	b, err := startBackends(ctx, g, o)
 	if err != nil {
 		return res, err
 	}
@@ -203,63 +213,6 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	}
 	l.summarize()
 	return res, ctx.Err()
-}
-
-// backends are one run's llmsim instances, served in this process, each on
-// its own loopback port.
-type backends struct {
-	hosts    []string // host:port, backend-1 first
-	servers  []*http.Server
-	stopSims context.CancelFunc // stops every instance's engine
-}
-
-// startBackends starts o.Backends llmsim instances, the first o.SlowHosts
-// at half speed. Their engines run until ctx is done or stop is called. On
-// error it stops those it started.
-func startBackends(ctx context.Context, o Options) (*backends, error) {
-	simCtx, stopSims := context.WithCancel(ctx)
-	b := &backends{stopSims: stopSims}
-	for i := range o.Backends {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			b.stop()
-			return nil, err
-		}
-		s := sim.New(backendConfig(o, i))
-		go s.Run(simCtx)
-		srv := &http.Server{Handler: s}
-		go srv.Serve(l)
-		b.servers = append(b.servers, srv)
-		b.hosts = append(b.hosts, l.Addr().String())
-	}
-	return b, nil
-}
-
-// backendConfig configures backend i+1: llmsim's default costs, doubled
-// for the slow ones, and a seed of its own.
-func backendConfig(o Options, i int) sim.Config {
-	cfg := sim.Config{Name: fmt.Sprintf("backend-%d", i+1), TimeScale: o.TimeScale, Seed: o.Seed + uint64(i)}
-	if i < o.SlowHosts {
-		d := sim.Defaults
-		cfg.StepOverhead, cfg.PrefillTokenCost, cfg.DecodeSeqCost = 2*d.StepOverhead, 2*d.PrefillTokenCost, 2*d.DecodeSeqCost
-	}
-	return cfg
-}
-
-// kill stops backend-1 the way a host dies: its server closed at once and
-// its connections cut, with no chance to finish what is in flight.
-func (b *backends) kill() { b.servers[0].Close() }
-
-// stop closes every backend's server, the last started first, then stops
-// their engines. It closes rather than shuts down gracefully: every request
-// has ended by then, or the run was cut short, and Envoy, still running,
-// may hold connections it never sent a request on, which a graceful
-// shutdown would wait 5 s for.
-func (b *backends) stop() {
-	for _, srv := range slices.Backward(b.servers) {
-		srv.Close()
-	}
-	b.stopSims()
 }
 
 // front is how an arm stands in front of the backends: one of the deploy/
@@ -417,7 +370,11 @@ func (l *load) closedLoop(ctx context.Context, reqs []Request) {
 func (l *load) openLoop(ctx context.Context, reqs []Request) {
 	o := l.o
 	rate := o.fixedRate
-	if rate == 0 {
+	switch {
+	case rate > 0:
+	case o.Capacity > 0:
+		rate = o.Utilization * o.Capacity
+	default:
 		rate = Rate(reqs, float64(o.Backends)-float64(o.SlowHosts)/2, o.Utilization, o.TimeScale)
 	}
 	rng := rand.New(rand.NewPCG(o.Seed, 0xa441))
@@ -474,6 +431,7 @@ func (l *load) record(s sample) {
 	}
 	res.ttfts = append(res.ttfts, s.ttft.Seconds()*1000)
 	res.e2es = append(res.e2es, s.e2e.Seconds()*1000)
+	res.ends = append(res.ends, s.start.Add(s.e2e))
 	l.shares[s.host]++
 }
 
@@ -515,7 +473,8 @@ func send(ctx context.Context, client *http.Client, url string, r Request) sampl
 		b, _ := io.ReadAll(resp.Body)
 		return sample{start: start, err: fmt.Errorf("status %d: %.200s", resp.StatusCode, b)}
 	}
-	s := sample{start: start, host: resp.Header.Get("x-llmsim-instance")}
+	// llmsim names itself in x-llmsim-instance, llm-d-sim in x-inference-pod.
+	s := sample{start: start, host: cmp.Or(resp.Header.Get("x-llmsim-instance"), resp.Header.Get("x-inference-pod"))}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {

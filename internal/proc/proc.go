@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -19,8 +21,19 @@ import (
 
 // Group is a set of started processes, logging into Dir.
 type Group struct {
-	Dir   string
-	procs []*process
+	Dir string
+
+	mu      sync.Mutex
+	procs   []*process
+	started int // processes and configurations numbered so far, for file names
+}
+
+// next returns a fresh number for a file name.
+func (g *Group) next() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.started++
+	return g.started - 1
 }
 
 type process struct {
@@ -32,11 +45,20 @@ type process struct {
 
 // Start starts bin with args; its output goes to a log file in g.Dir.
 func (g *Group) Start(name, bin string, args ...string) error {
-	f, err := os.Create(filepath.Join(g.Dir, fmt.Sprintf("%s-%d.log", name, len(g.procs))))
+	return g.StartEnv(name, bin, nil, args...)
+}
+
+// StartEnv starts bin with args and, besides this process's environment,
+// env ("KEY=value" each); its output goes to a log file in g.Dir.
+func (g *Group) StartEnv(name, bin string, env []string, args ...string) error {
+	f, err := os.Create(filepath.Join(g.Dir, fmt.Sprintf("%s-%d.log", name, g.next())))
 	if err != nil {
 		return err
 	}
 	cmd := exec.Command(bin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = f, f
 	// Children die with their parent, even if it is killed, but not with a
 	// Ctrl-C to the terminal's process group: the parent stops them itself.
@@ -47,13 +69,15 @@ func (g *Group) Start(name, bin string, args ...string) error {
 	}
 	p := &process{name: name, cmd: cmd, done: make(chan struct{}), log: f.Name()}
 	go func() { cmd.Wait(); f.Close(); close(p.done) }()
+	g.mu.Lock()
 	g.procs = append(g.procs, p)
+	g.mu.Unlock()
 	return nil
 }
 
 // Exited reports a process that stopped on its own, with its last log lines.
 func (g *Group) Exited() error {
-	for _, p := range g.procs {
+	for _, p := range g.running() {
 		select {
 		case <-p.done:
 			b, _ := os.ReadFile(p.log)
@@ -67,7 +91,7 @@ func (g *Group) Exited() error {
 
 // PID returns the process id of the first process named name, or 0.
 func (g *Group) PID(name string) int {
-	for _, p := range g.procs {
+	for _, p := range g.running() {
 		if p.name == name {
 			return p.cmd.Process.Pid
 		}
@@ -75,13 +99,38 @@ func (g *Group) PID(name string) int {
 	return 0
 }
 
+// Kill kills the first process named name at once, as a host dies, and
+// waits for it; the group no longer counts it as running.
+func (g *Group) Kill(name string) {
+	g.mu.Lock()
+	i := slices.IndexFunc(g.procs, func(p *process) bool { return p.name == name })
+	var p *process
+	if i >= 0 {
+		p = g.procs[i]
+		g.procs = slices.Delete(g.procs, i, i+1)
+	}
+	g.mu.Unlock()
+	if p != nil {
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// running returns the processes started and not killed.
+func (g *Group) running() []*process {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.procs)
+}
+
 // StopAll sends SIGTERM to every process and waits up to 5 s for each
 // before killing it.
 func (g *Group) StopAll() {
-	for _, p := range g.procs {
+	procs := g.running()
+	for _, p := range procs {
 		p.cmd.Process.Signal(syscall.SIGTERM)
 	}
-	for _, p := range g.procs {
+	for _, p := range procs {
 		select {
 		case <-p.done:
 		case <-time.After(5 * time.Second):
@@ -89,7 +138,9 @@ func (g *Group) StopAll() {
 			<-p.done
 		}
 	}
+	g.mu.Lock()
 	g.procs = nil
+	g.mu.Unlock()
 }
 
 // WaitReady polls url until it answers 200, a process exits, ctx ends or
@@ -158,7 +209,7 @@ func (g *Group) StartEnvoy(ctx context.Context, bin, path string, o envoycfg.Opt
 	if err != nil {
 		return o, err
 	}
-	cfgPath := filepath.Join(g.Dir, fmt.Sprintf("envoy-%d.yaml", len(g.procs)))
+	cfgPath := filepath.Join(g.Dir, fmt.Sprintf("envoy-%d.yaml", g.next()))
 	if err := os.WriteFile(cfgPath, cfg, 0o600); err != nil {
 		return o, err
 	}
