@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build run demo tools test vet bench bench-quick bench-tokenizer fuzz-tokenizer clean
+.PHONY: all build run demo tools test vet bench bench-quick bench-backends bench-backends-table bench-tokenizer fuzz-tokenizer clean
 
 all: build
 
@@ -71,6 +71,29 @@ bench: build tools
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out
+
+# The grid behind bench/RESULTS.md's "Backends tokenlb was not tuned on":
+# Envoy's least-request, llm-d's endpoint picker, tokenlb, and tokenlb
+# counting bytes / 4, on llmsim and on the llm-d inference simulator (4 slots
+# at load factor 1 and 2, 32 slots at load factor 3), each with the seed,
+# heavy and prefix profiles, seeds 1-3, 400 requests a run, open loop at 80%
+# of the measured capacity (llmsim: of its estimated one, as make bench).
+# Needs the llm-d simulator and endpoint picker, built from their public
+# repositories at the commits RESULTS.md names: LLMD_SIM_BIN and
+# LLMD_EPP_BIN. About 3 hours. make bench-backends-table renders the table.
+BACKEND_ARMS = envoy-least-request,llm-d,tokenlb,tokenlb-bytes
+BACKEND_RUN = ./bin/tokenlb-bench --arms $(BACKEND_ARMS) --profiles seed,heavy,prefix --seeds 1,2,3 --requests 400 --out bench/out/backends
+bench-backends: build tools
+	@[ -n "$$LLMD_SIM_BIN" ] && [ -n "$$LLMD_EPP_BIN" ] || { echo "set LLMD_SIM_BIN and LLMD_EPP_BIN (bench/RESULTS.md says how to build them)"; exit 1; }
+	envoy="$$(scripts/envoy.sh)" && \
+	$(BACKEND_RUN) --envoy "$$envoy" --backend llmsim --time-scale 0.5 && \
+	$(BACKEND_RUN) --envoy "$$envoy" --backend llmd-sim --slots 4 --load-factor 1 --time-scale 0.25 && \
+	$(BACKEND_RUN) --envoy "$$envoy" --backend llmd-sim --slots 4 --load-factor 2 --time-scale 0.25 && \
+	$(BACKEND_RUN) --envoy "$$envoy" --backend llmd-sim --slots 32 --load-factor 3 --time-scale 0.25 && \
+	./bin/tokenlb-bench --grid bench/out/backends
+
+bench-backends-table: build
+	./bin/tokenlb-bench --grid bench/out/backends
 
 # Counting throughput and allocations, tiktoken-go against the fast engine,
 # on the committed corpus (tokenizer/testdata/corpus) and both encodings,

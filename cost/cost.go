@@ -1,18 +1,16 @@
-// Package cost says what a request costs each backend host, in expected
-// microseconds of the host's work, and learns from finished requests to say
-// it better.
+// Package cost says what a request costs each backend host and learns
+// from finished requests to say it better.
 //
 // A continuous-batching server (vLLM, SGLang) spends a request's prompt once,
 // in prefill, and then holds a decode slot and KV memory for it until its
-// last token. The cost follows that in two parts:
+// last token. The cost follows that in two parts, in expected microseconds:
 //
 //	prefill = prompt tokens × host's token ratio × host's seconds per prefill token
 //	decode  = expected output tokens × host's seconds per output token × DecodeWeight
 //
 // The picker releases the prefill part at the first response token and the
 // decode part at the end. DecodeWeight scales the decode part down to what it
-// costs other requests: a decoding sequence adds a little to every batch step
-// of its host, while a prefill in front of a request delays it fully.
+// costs other requests.
 //
 // Three pieces learn, and each can be switched off:
 //   - TwoPhase: off charges both parts until the end of the response.
@@ -20,14 +18,17 @@
 //     usage responses report, as a decaying average with a prior, capped by
 //     the request's max_tokens; off uses the cap, or the prior without one.
 //   - Calibrate: learn each host's ratio between the prompt tokens it reports
-//     and tokenlb's count, its seconds per prefill token (from time to first
-//     token) and its seconds per output token (from the rest of the
-//     response), so that a slower or differently tokenizing host is charged
-//     what it will take; off uses the priors for every host.
+//     and tokenlb's count, its seconds per output token, and its regime
+//     (regime.go): how its time to first token follows from what is already
+//     there. The cost then predicts each request's time to first token on
+//     each host (Charge.Wait) and weighs the parts by what the host showed
+//     them to delay others; off uses the priors for every host, and predicts
+//     nothing.
 package cost
 
 import (
 	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -80,18 +81,25 @@ type Options struct {
 type Estimator struct {
 	opts  Options
 	alpha float64 // weight of a new observation
+	keep  float64 // what an old observation of a regime keeps of its weight
 
 	mu      sync.Mutex
 	fleet   hostSpeed // every host's observations together
 	hosts   map[string]*hostSpeed
 	outputs map[string]*average
+	prior   [features]float64 // the regime the configured priors describe
+	ownSize average           // the prompt tokens a host prefills, in thousands
 }
 
-// hostSpeed is what Calibrate learns about a host, as running averages of
-// logarithms: ratios and speeds are positive and their errors multiplicative,
-// so one wild sample moves the estimate by a factor, not to a wild value.
+// hostSpeed is what Calibrate learns about a host: its token ratio and
+// decode speed, as running averages of logarithms (ratios and speeds are
+// positive and their errors multiplicative, so one wild sample moves the
+// estimate by a factor, not to a wild value), its regime, and how wrong its
+// predictions of time to first token were.
 type hostSpeed struct {
-	logRatio, logPrefill, logDecode average
+	logRatio, logDecode average
+	regime              regime
+	errors              errorWindow
 }
 
 type average struct {
@@ -111,6 +119,9 @@ func (a *average) add(x, alpha float64) {
 // old observation, so that it only matters until there are observations.
 func (a *average) value(prior, priorWeight float64) float64 {
 	w := priorWeight * (1 - a.faded)
+	if a.weight+w == 0 {
+		return prior
+	}
 	return (a.sum + prior*w) / (a.weight + w)
 }
 
@@ -128,9 +139,22 @@ func New(opts Options) *Estimator {
 	if opts.Memory <= 0 {
 		opts.Memory = DefaultMemory
 	}
-	return &Estimator{opts: opts, alpha: 1 / float64(opts.Memory),
+	e := &Estimator{opts: opts, alpha: 1 / float64(opts.Memory), keep: 1 - 1/float64(regimeMemory*opts.Memory),
 		hosts: make(map[string]*hostSpeed), outputs: make(map[string]*average)}
+	// The prior regime is the fixed model's: prefills one after another at
+	// the prior speed, decoding delaying others by DecodeWeight.
+	own := 1000 / opts.PrefillTokensPerSecond
+	e.prior[featOwn], e.prior[featAhead], e.prior[featDecode] = own, own, opts.DecodeWeight
+	e.fleet.regime.theta = e.prior
+	return e
 }
+
+// regimeMemory is how many times Memory observations a regime's fit
+// remembers: it fits five coefficients, where an average fits one.
+const regimeMemory = 4
+
+// priorObs is how many observations' worth a regime's prior counts.
+const priorObs = 4
 
 // Options returns the estimator's options with defaults filled in.
 func (e *Estimator) Options() Options { return e.opts }
@@ -172,27 +196,68 @@ func outputKey(r Request) string { return r.Route + "\x00" + r.Model }
 
 // Cost returns r's cost on each host, for picker.Pick. output is the expected
 // output length (from Output).
+//
+// Without Calibrate, a host is charged its prefill and DecodeWeight of its
+// decode at the priors, and nothing is predicted. With it, each host's
+// regime predicts the request's time to first token there from the host's
+// state (Charge.Wait), and charges what the regime shows the request will
+// delay the requests after it: its prefill by how much queued prefill
+// delays a new one there, its decode by how much running requests do,
+// and, for as long as it runs, the slowdown one more request in flight
+// brings a typical prompt.
 func (e *Estimator) Cost(r Request, output int) picker.Cost {
-	return func(host string) picker.Charge {
-		ratio, prefill, decode := e.speed(host)
-		pre := float64(r.PromptTokens) * ratio * prefill * 1e6
-		dec := float64(output) * decode * e.opts.DecodeWeight * 1e6
-		c := picker.Charge{Tokens: int64(r.PromptTokens)}
-		if e.opts.TwoPhase {
-			c.UntilFirstToken, c.UntilEnd = int64(pre), int64(dec)
+	return func(st picker.HostState) picker.Charge {
+		ratio, decodePerToken := e.speed(st.Addr)
+		decode := float64(output) * decodePerToken // seconds
+		c := picker.Charge{Tokens: int64(r.PromptTokens), Decode: int64(decode * 1e6)}
+		var pre, dec float64 // seconds
+		if e.opts.Calibrate {
+			theta, typical := e.regimeOf(st.Addr)
+			own := float64(r.PromptTokens) * ratio * (1 - st.PrefixShare) / 1000
+			c.Wait = max(1, int64(predict(theta, features4(own, st, ratio))*1e6))
+			pre = theta[featAhead] * own
+			dec = theta[featDecode]*decode + theta[featCrowd]*typical
 		} else {
-			c.UntilEnd = int64(pre + dec)
+			pre = float64(r.PromptTokens) * ratio / e.opts.PrefillTokensPerSecond
+			dec = decode * e.opts.DecodeWeight
+		}
+		if e.opts.TwoPhase {
+			c.UntilFirstToken, c.UntilEnd = int64(pre*1e6), int64(dec*1e6)
+		} else {
+			c.UntilEnd = int64((pre + dec) * 1e6)
 		}
 		return c
 	}
 }
 
-// speed returns a host's tokens ratio, seconds per prefill token and seconds
-// per output token: learned with Calibrate, else the priors.
-func (e *Estimator) speed(host string) (ratio, prefill, decode float64) {
-	ratio, prefill, decode = 1, 1/e.opts.PrefillTokensPerSecond, 1/e.opts.DecodeTokensPerSecond
+// features4 returns the regime's features for a request of own thousand
+// prompt tokens (the host's, uncached) arriving at a host in state st.
+func features4(own float64, st picker.HostState, ratio float64) [features]float64 {
+	var x [features]float64
+	x[featBase] = 1
+	x[featOwn] = own
+	x[featCrowd] = own * float64(st.Requests)
+	x[featBusy] = float64(st.Requests)
+	x[featAhead] = float64(st.PrefillingTokens) * ratio / 1000
+	x[featDecode] = float64(st.Decode) / 1e6
+	return x
+}
+
+// predict returns theta's time to first token for x, in seconds.
+func predict(theta, x [features]float64) float64 {
+	var y float64
+	for i := range features {
+		y += theta[i] * x[i]
+	}
+	return max(0, y)
+}
+
+// speed returns a host's tokens ratio and seconds per output token: learned
+// with Calibrate, else the priors.
+func (e *Estimator) speed(host string) (ratio, decode float64) {
+	ratio, decode = 1, 1/e.opts.DecodeTokensPerSecond
 	if !e.opts.Calibrate {
-		return ratio, prefill, decode
+		return ratio, decode
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -202,31 +267,46 @@ func (e *Estimator) speed(host string) (ratio, prefill, decode float64) {
 	// make it look better (or worse) than the rest.
 	w := priorWeight * e.alpha
 	f := &e.fleet
-	lr, lp, ld := f.logRatio.value(0, w), f.logPrefill.value(math.Log(prefill), w), f.logDecode.value(math.Log(decode), w)
+	lr, ld := f.logRatio.value(0, w), f.logDecode.value(math.Log(decode), w)
 	if h, ok := e.hosts[host]; ok {
-		lr, lp, ld = h.logRatio.value(lr, w), h.logPrefill.value(lp, w), h.logDecode.value(ld, w)
+		lr, ld = h.logRatio.value(lr, w), h.logDecode.value(ld, w)
 	}
-	return math.Exp(lr), math.Exp(lp), math.Exp(ld)
+	return math.Exp(lr), math.Exp(ld)
+}
+
+// regimeOf returns a host's regime (the fleet's while it has none of its
+// own) and the typical prompt a host prefills, in thousands of tokens.
+func (e *Estimator) regimeOf(host string) (theta [features]float64, typical float64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	theta = e.fleet.regime.theta
+	if h, ok := e.hosts[host]; ok && h.regime.weight > 0 {
+		theta = h.regime.theta
+	}
+	return theta, e.ownSize.value(0, 0)
 }
 
 // Outcome is what one finished request showed.
 type Outcome struct {
 	Host    string
 	Request Request
-	// Ahead is tokenlb's count of prompt tokens that were waiting for
-	// their first token on the host when the request was routed.
-	Ahead int64
+	// State is the host's state the request was priced on.
+	State picker.HostState
+	// Predicted is the time to first token the cost predicted on the host
+	// (Charge.Wait); 0 when it predicted none.
+	Predicted time.Duration
 	// TTFT is the time from routing to the first token; 0 when not seen.
 	TTFT time.Duration
 	// Duration is the time from routing to the end of the response.
 	Duration time.Duration
 	// PromptTokens and OutputTokens are the backend's usage report; 0
 	// when it sent none. Output tokens may be counted from the stream
-	// instead when usage is missing.
-	PromptTokens, OutputTokens int
+	// instead when usage is missing. CachedTokens are the prompt tokens
+	// its prefix cache held, when it says (-1 when it does not).
+	PromptTokens, OutputTokens, CachedTokens int
 }
 
-// Learn folds a finished request into the learned averages.
+// Learn folds a finished request into the learned averages and regimes.
 func (e *Estimator) Learn(o Outcome) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -246,43 +326,58 @@ func (e *Estimator) Learn(o Outcome) {
 	}
 	h, ok := e.hosts[o.Host]
 	if !ok {
-		h = &hostSpeed{}
+		h = &hostSpeed{regime: regime{theta: e.fleet.regime.theta}}
 		e.hosts[o.Host] = h
 	}
 	// The fleet average learns at the same pace per host as each host
 	// does: its observations come len(hosts) times as often.
 	fa := e.alpha / float64(len(e.hosts))
-	ratio := 1.0
 	if o.PromptTokens > 0 {
-		ratio = clamp(float64(o.PromptTokens)/float64(o.Request.PromptTokens), 0.25, 4)
+		ratio := clamp(float64(o.PromptTokens)/float64(o.Request.PromptTokens), 0.25, 4)
 		h.logRatio.add(math.Log(ratio), e.alpha)
 		e.fleet.logRatio.add(math.Log(ratio), fa)
 	}
-	if o.TTFT > 0 {
-		// The first token comes once the host has prefilled what was
-		// queued ahead and this prompt (in its own tokens).
-		// A short prefill says little of the host's speed: its time to
-		// first token is mostly a decode step and the network. Each
-		// observation counts in proportion to its work, up to
-		// prefillWorkFull tokens, so that a host sent many short prompts
-		// does not look slow.
-		work := float64(o.Ahead+int64(o.Request.PromptTokens)) * ratio
-		x := math.Log(clamp(o.TTFT.Seconds()/work, 1e-8, 1))
-		share := min(work/prefillWorkFull, 1)
-		h.logPrefill.add(x, e.alpha*share)
-		e.fleet.logPrefill.add(x, fa*share)
-		if o.OutputTokens > 1 && o.Duration > o.TTFT {
-			per := (o.Duration - o.TTFT).Seconds() / float64(o.OutputTokens-1)
-			x := math.Log(clamp(per, 1e-6, 10))
-			h.logDecode.add(x, e.alpha)
-			e.fleet.logDecode.add(x, fa)
-		}
+	if o.TTFT <= 0 {
+		return
 	}
+	if o.OutputTokens > 1 && o.Duration > o.TTFT {
+		per := (o.Duration - o.TTFT).Seconds() / float64(o.OutputTokens-1)
+		x := math.Log(clamp(per, 1e-6, 10))
+		h.logDecode.add(x, e.alpha)
+		e.fleet.logDecode.add(x, fa)
+	}
+	if o.Predicted > 0 {
+		err := math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds()
+		h.errors.add(err)
+		e.fleet.errors.add(err)
+	}
+	e.learnRegime(h, o)
 }
 
-// prefillWorkFull is how many tokens of prefill make a full observation of
-// a host's prefill speed.
-const prefillWorkFull = 1024
+// learnRegime fits the host's regime, and the fleet's, to one more time to
+// first token.
+func (e *Estimator) learnRegime(h *hostSpeed, o Outcome) {
+	ratio := math.Exp(h.logRatio.value(e.fleet.logRatio.value(0, priorWeight*e.alpha), priorWeight*e.alpha))
+	// The prompt the host prefilled: its own count less what its cache
+	// held, when it reports both; else tokenlb's count at the host's ratio,
+	// less the share it was believed to hold.
+	own := float64(o.Request.PromptTokens) * ratio * (1 - o.State.PrefixShare)
+	if o.PromptTokens > 0 && o.CachedTokens >= 0 {
+		own = float64(max(0, o.PromptTokens-o.CachedTokens))
+	}
+	x := features4(own/1000, o.State, ratio)
+	y := min(o.TTFT.Seconds(), maxTTFT)
+	e.ownSize.add(own/1000, e.alpha)
+	h.regime.add(x, y, e.keep)
+	e.fleet.regime.add(x, y, 1-(1-e.keep)/float64(len(e.hosts)))
+	e.fleet.regime.fit(e.prior, priorObs)
+	h.regime.fit(e.fleet.regime.theta, priorObs)
+}
+
+// maxTTFT bounds one observation's time to first token (seconds), so that
+// a request stuck for a reason the regime does not model (a host hanging)
+// cannot drag the fit far.
+const maxTTFT = 600
 
 func clamp(x, lo, hi float64) float64 { return min(max(x, lo), hi) }
 
@@ -292,13 +387,88 @@ type HostSpeed struct {
 	// TokenRatio is the host's prompt tokens per tokenlb token.
 	TokenRatio float64 `json:"token_ratio"`
 	// PrefillTokensPerSecond and DecodeTokensPerSecond are its speeds, in
-	// its own tokens.
+	// its own tokens (the prefill speed is the regime's own coefficient).
 	PrefillTokensPerSecond float64 `json:"prefill_tokens_per_second"`
 	DecodeTokensPerSecond  float64 `json:"decode_tokens_per_second"`
+	// Regime is its learned regime (regime.go), by coefficient, with
+	// Calibrate; Observations how many times to first token it was fitted
+	// to (faded).
+	Regime       map[string]float64 `json:"regime,omitempty"`
+	Observations float64            `json:"observations,omitempty"`
+	// PredictionError is the median of |predicted - observed| / observed
+	// time to first token over its last requests; Predictions how many.
+	PredictionError float64 `json:"ttft_prediction_error"`
+	Predictions     int     `json:"ttft_predictions"`
 }
 
 // Speed returns what the estimator believes of host.
 func (e *Estimator) Speed(host string) HostSpeed {
-	ratio, prefill, decode := e.speed(host)
-	return HostSpeed{Address: host, TokenRatio: ratio, PrefillTokensPerSecond: 1 / prefill, DecodeTokensPerSecond: 1 / decode}
+	ratio, decode := e.speed(host)
+	s := HostSpeed{Address: host, TokenRatio: ratio, DecodeTokensPerSecond: 1 / decode,
+		PrefillTokensPerSecond: e.opts.PrefillTokensPerSecond}
+	if !e.opts.Calibrate {
+		return s
+	}
+	theta, _ := e.regimeOf(host)
+	if theta[featOwn] > 0 {
+		s.PrefillTokensPerSecond = 1000 / theta[featOwn]
+	}
+	s.Regime = make(map[string]float64, features)
+	for i, name := range featureNames {
+		s.Regime[name] = theta[i]
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if h, ok := e.hosts[host]; ok {
+		s.Observations = h.regime.weight
+		s.PredictionError, s.Predictions = h.errors.median(), h.errors.n
+	}
+	return s
+}
+
+// Spread returns how wrong the predictions of time to first token have
+// been across the fleet lately (the median relative error), for the
+// picker's Request.Spread: hosts whose scores are closer than that are not
+// told apart. Before enough predictions were checked it is
+// unprovenSpread.
+func (e *Estimator) Spread() float64 {
+	if !e.opts.Calibrate {
+		return 0
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.fleet.errors.n < errorWindowSize/4 {
+		return unprovenSpread
+	}
+	return e.fleet.errors.median()
+}
+
+// unprovenSpread is Spread before predictions were checked: a model that
+// has not yet shown it predicts well shares the choice with least-request.
+const unprovenSpread = 0.5
+
+// errorWindowSize is how many recent prediction errors a window keeps.
+const errorWindowSize = 64
+
+// errorWindow keeps the last errorWindowSize prediction errors.
+type errorWindow struct {
+	errs [errorWindowSize]float64
+	n    int // errors added, up to the window's size
+	next int
+}
+
+func (w *errorWindow) add(err float64) {
+	w.errs[w.next] = err
+	w.next = (w.next + 1) % errorWindowSize
+	w.n = min(w.n+1, errorWindowSize)
+}
+
+// median returns the window's median error, 0 when empty.
+func (w *errorWindow) median() float64 {
+	if w.n == 0 {
+		return 0
+	}
+	s := slices.Clone(w.errs[:w.n])
+	slices.Sort(s)
+	return s[len(s)/2]
 }

@@ -3,6 +3,7 @@ package cost
 import (
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -23,14 +24,15 @@ func TestCostParts(t *testing.T) {
 		want picker.Charge
 	}{
 		// prefill 1000 × 50 µs = 50,000 µs; decode 200 × 10 ms × 0.5 = 1,000,000 µs.
+		// The decode's 2,000,000 µs is reported whatever is charged of it.
 		{"two-phase", with(round, func(o *Options) { o.TwoPhase = true }),
-			picker.Charge{Tokens: 1000, UntilFirstToken: 50000, UntilEnd: 1000000}},
-		{"one-phase holds both to the end", round, picker.Charge{Tokens: 1000, UntilEnd: 1050000}},
+			picker.Charge{Tokens: 1000, UntilFirstToken: 50000, UntilEnd: 1000000, Decode: 2000000}},
+		{"one-phase holds both to the end", round, picker.Charge{Tokens: 1000, UntilEnd: 1050000, Decode: 2000000}},
 		{"decode weight 0 charges the prompt only", with(round, func(o *Options) { o.DecodeWeight = 0 }),
-			picker.Charge{Tokens: 1000, UntilEnd: 50000}},
+			picker.Charge{Tokens: 1000, UntilEnd: 50000, Decode: 2000000}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := New(tc.opts).Cost(req, 200)("10.0.0.1:80"); got != tc.want {
+			if got := New(tc.opts).Cost(req, 200)(picker.HostState{Addr: "10.0.0.1:80"}); got != tc.want {
 				t.Fatalf("charge %+v, want %+v", got, tc.want)
 			}
 		})
@@ -97,23 +99,51 @@ func TestOutputKeysBounded(t *testing.T) {
 // slowFast teaches a model that host "slow" takes twice as long as "fast"
 // to prefill and to decode, and reports 1.5 of its own tokens per tokenlb
 // token.
-func slowFast(m *Estimator) {
-	req := Request{Model: "m", Route: "chat", PromptTokens: 1000}
-	for range 200 {
-		// fast: 1000 tokens in 50 ms (20,000/s), 101 tokens in 1.05 s (100/s).
-		m.Learn(Outcome{Host: "fast", Request: req, TTFT: 50 * time.Millisecond, Duration: 1050 * time.Millisecond,
-			PromptTokens: 1000, OutputTokens: 101})
-		// slow: 1500 of its tokens in 150 ms (10,000/s); 101 in 2.15 s (50/s).
-		m.Learn(Outcome{Host: "slow", Request: req, TTFT: 150 * time.Millisecond, Duration: 2150 * time.Millisecond,
-			PromptTokens: 1500, OutputTokens: 101})
+// host is a simulated backend that answers with a time to first token
+// from what is in flight there.
+type host struct {
+	name  string
+	ratio float64 // its tokens per tokenlb token
+	// ttft is the host's time to first token for a prompt of own of its
+	// tokens, behind ahead of its tokens still prefilling, in state st.
+	ttft func(own, ahead float64, st picker.HostState) time.Duration
+}
+
+// teach sends m n outcomes of requests of varying sizes on varying states
+// at each of hosts, the first token as the host's ttft has it, the rest at
+// decode per output token.
+func teach(m *Estimator, n int, decode time.Duration, hosts ...host) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range n {
+		for _, h := range hosts {
+			tokens := 50 + rng.IntN(4000)
+			st := picker.HostState{Addr: h.name, Requests: int64(rng.IntN(8)), PrefillingTokens: int64(rng.IntN(6000)),
+				Decode: int64(rng.IntN(3e6))}
+			ttft := h.ttft(float64(tokens)*h.ratio, float64(st.PrefillingTokens)*h.ratio, st)
+			m.Learn(Outcome{Host: h.name, Request: Request{Model: "m", Route: "chat", PromptTokens: tokens}, State: st,
+				TTFT: ttft, Duration: ttft + 100*decode, PromptTokens: int(float64(tokens) * h.ratio), OutputTokens: 101,
+				CachedTokens: -1})
+		}
 	}
 }
 
-func near(got, want float64) bool { return math.Abs(got/want-1) < 0.02 }
+func near(got, want float64) bool { return math.Abs(got/want-1) < 0.05 }
 
+// serial is an engine that prefills one prompt after another: a prompt
+// waits for every prompt queued before it.
+func serial(perToken time.Duration) func(float64, float64, picker.HostState) time.Duration {
+	return func(own, ahead float64, _ picker.HostState) time.Duration {
+		return 5*time.Millisecond + time.Duration(own+ahead)*perToken
+	}
+}
+
+// TestCalibration: each host's token ratio, decode speed and prefill speed
+// are learned; a host never measured is charged as the fleet's average;
+// without calibration every host is charged alike and nothing predicted.
 func TestCalibration(t *testing.T) {
 	m := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
-	slowFast(m)
+	teach(m, 300, 10*time.Millisecond, host{"fast", 1, serial(50 * time.Microsecond)}) // 20,000/s, 100/s
+	teach(m, 300, 20*time.Millisecond, host{"slow", 1.5, serial(100 * time.Microsecond)})
 	fast, slow := m.Speed("fast"), m.Speed("slow")
 	if !near(fast.PrefillTokensPerSecond, 20000) || !near(fast.DecodeTokensPerSecond, 100) || !near(fast.TokenRatio, 1) {
 		t.Errorf("fast host: %+v", fast)
@@ -122,10 +152,14 @@ func TestCalibration(t *testing.T) {
 		t.Errorf("slow host: %+v", slow)
 	}
 	cost := m.Cost(Request{PromptTokens: 1000}, 100)
-	cf, cs := cost("fast"), cost("slow")
-	// slow: 1.5 × the tokens at half the speed: 3 × the prefill; 2 × the decode.
-	if !near(float64(cs.UntilFirstToken), 3*float64(cf.UntilFirstToken)) || !near(float64(cs.UntilEnd), 2*float64(cf.UntilEnd)) {
+	cf, cs := cost(picker.HostState{Addr: "fast"}), cost(picker.HostState{Addr: "slow"})
+	// slow: 1.5 × the tokens at half the speed: 3 × the prefill, both in
+	// the time to first token and in what it delays others; 2 × the decode.
+	if !near(float64(cs.UntilFirstToken), 3*float64(cf.UntilFirstToken)) || !near(float64(cs.Decode), 2*float64(cf.Decode)) {
 		t.Errorf("fast %+v, slow %+v", cf, cs)
+	}
+	if want := 5e3 + 1000*50; !near(float64(cf.Wait), want) {
+		t.Errorf("predicted wait on the idle fast host %d µs, want %.0f", cf.Wait, want)
 	}
 	// A host never measured is charged as the fleet's average: between the
 	// two, not at the configured prior.
@@ -134,28 +168,86 @@ func TestCalibration(t *testing.T) {
 	}
 
 	off := New(with(round, func(o *Options) { o.TwoPhase = true }))
-	slowFast(off)
-	if a, b := off.Cost(Request{PromptTokens: 1000}, 100)("fast"), off.Cost(Request{PromptTokens: 1000}, 100)("slow"); a != b {
-		t.Errorf("calibration off: hosts charged differently, %+v and %+v", a, b)
+	teach(off, 10, 10*time.Millisecond, host{"fast", 1, serial(50 * time.Microsecond)}, host{"slow", 1.5, serial(100 * time.Microsecond)})
+	c := off.Cost(Request{PromptTokens: 1000}, 100)
+	if a, b := c(picker.HostState{Addr: "fast"}), c(picker.HostState{Addr: "slow"}); a != b || a.Wait != 0 {
+		t.Errorf("calibration off: hosts charged %+v and %+v, want alike and nothing predicted", a, b)
 	}
 }
 
-// TestCalibrationAccountsForQueue: a request that waited behind 3,000 tokens
-// of other prompts does not make its host look slow.
-func TestCalibrationAccountsForQueue(t *testing.T) {
-	m := New(with(round, func(o *Options) { o.Calibrate = true }))
-	for range 200 {
-		m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 1000}, Ahead: 3000, TTFT: 200 * time.Millisecond,
-			Duration: 300 * time.Millisecond})
+// TestRegimes: the regime of an engine that prefills one prompt after
+// another, and that of one that runs each request in a slot and slows all
+// of them as more run, are told apart, and each predicts its own host.
+func TestRegimes(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
+	slots := func(own, _ float64, st picker.HostState) time.Duration {
+		// 20 ms + 0.5 ms a token, slowed by a third for each request
+		// running beside it (the llm-d simulator at load factor 2, 4 slots).
+		return time.Duration((20e-3 + own*0.5e-3) * (1 + float64(st.Requests)/3) * float64(time.Second))
 	}
-	if got := m.Speed("h").PrefillTokensPerSecond; !near(got, 20000) {
-		t.Fatalf("prefill speed %v, want 20,000 (4,000 tokens in 200 ms)", got)
+	teach(m, 400, 10*time.Millisecond, host{"serial", 1, serial(50 * time.Microsecond)}, host{"slots", 1, slots})
+	th := func(h string) map[string]float64 { return m.Speed(h).Regime }
+	if s := th("serial"); !near(s["ahead_seconds_per_1k_tokens"], 0.05) || s["crowd_seconds_per_1k_tokens_per_request"] > 0.005 {
+		t.Errorf("serial host: %v, want queued prefill to delay a prompt as its own does, and no crowding", s)
+	}
+	if s := th("slots"); s["ahead_seconds_per_1k_tokens"] > 0.01 || !near(s["own_seconds_per_1k_tokens"], 0.5) {
+		t.Errorf("slotted host: %v, want no delay from queued prefill and 0.5 s per 1,000 tokens", s)
+	}
+	busy := picker.HostState{Addr: "slots", Requests: 3}
+	want := (20e-3 + 1.0) * 2 // 2,000 tokens beside 3 others
+	if got := float64(m.Cost(Request{PromptTokens: 2000}, 10)(busy).Wait) / 1e6; math.Abs(got/want-1) > 0.15 {
+		t.Errorf("predicted %.2f s on the busy slotted host, want about %.2f", got, want)
+	}
+}
+
+// TestCachedTokensAreNotPrefill: a host whose prefix cache holds most of
+// each prompt is learned at its speed for the tokens it prefilled, not as
+// a fast host.
+func TestCachedTokensAreNotPrefill(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true }))
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 300 {
+		tokens := 500 + rng.IntN(4000)
+		cached := rng.IntN(tokens)
+		ttft := time.Duration(tokens-cached) * 100 * time.Microsecond
+		m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: tokens}, TTFT: ttft, Duration: ttft,
+			PromptTokens: tokens, CachedTokens: cached})
+	}
+	if got := m.Speed("h").PrefillTokensPerSecond; !near(got, 10000) {
+		t.Fatalf("prefill speed %.0f tokens/s, want 10,000 on the tokens prefilled", got)
+	}
+}
+
+// TestSpread: until predictions are checked the spread is that of an
+// unproven model; then it is how wrong they were.
+func TestSpread(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true }))
+	if got := m.Spread(); got != unprovenSpread {
+		t.Fatalf("spread %v before any prediction, want %v", got, unprovenSpread)
+	}
+	for i := range 100 {
+		// Predicted 100 ms; observed 80 or 125 ms: 25% and 20% off.
+		ttft := 80 * time.Millisecond
+		if i%2 == 1 {
+			ttft = 125 * time.Millisecond
+		}
+		m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 100}, Predicted: 100 * time.Millisecond, TTFT: ttft,
+			Duration: ttft, CachedTokens: -1})
+	}
+	if got := m.Spread(); got < 0.2 || got > 0.2501 {
+		t.Fatalf("spread %v, want between 0.2 and 0.25", got)
+	}
+	if s := m.Speed("h"); s.Predictions != errorWindowSize || s.PredictionError < 0.2 || s.PredictionError > 0.2501 {
+		t.Fatalf("host's prediction error %v over %d, want 0.2 to 0.25 over %d", s.PredictionError, s.Predictions, errorWindowSize)
+	}
+	if New(round).Spread() != 0 {
+		t.Fatal("a model that predicts nothing has a spread")
 	}
 }
 
 func TestCalibrationIgnoresWildSamples(t *testing.T) {
 	m := New(with(round, func(o *Options) { o.Calibrate = true }))
-	m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 1}, TTFT: time.Hour, PromptTokens: 1e6})
+	m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 1}, TTFT: time.Hour, PromptTokens: 1e6, CachedTokens: -1})
 	s := m.Speed("h")
 	if s.TokenRatio > 4 || s.PrefillTokensPerSecond < 1 || math.IsNaN(s.PrefillTokensPerSecond) {
 		t.Fatalf("one wild sample: %+v", s)
@@ -167,13 +259,15 @@ func TestCalibrationIgnoresWildSamples(t *testing.T) {
 // overhead (a decode step, the network), are believed about as fast.
 func TestCalibrationShortPrompts(t *testing.T) {
 	m := New(with(round, func(o *Options) { o.Calibrate = true }))
-	long := Outcome{Request: Request{PromptTokens: 1000}, TTFT: 55 * time.Millisecond, Duration: 100 * time.Millisecond}
-	short := Outcome{Request: Request{PromptTokens: 20}, TTFT: 6 * time.Millisecond, Duration: 50 * time.Millisecond}
+	long := Outcome{Request: Request{PromptTokens: 1000}, TTFT: 55 * time.Millisecond, Duration: 100 * time.Millisecond, CachedTokens: -1}
+	longer := Outcome{Request: Request{PromptTokens: 3000}, TTFT: 155 * time.Millisecond, Duration: 200 * time.Millisecond, CachedTokens: -1}
+	short := Outcome{Request: Request{PromptTokens: 20}, TTFT: 6 * time.Millisecond, Duration: 50 * time.Millisecond, CachedTokens: -1}
 	for range 200 {
-		long.Host = "a"
-		m.Learn(long)
-		long.Host = "b"
-		m.Learn(long)
+		for _, h := range []string{"a", "b"} {
+			long.Host, longer.Host = h, h
+			m.Learn(long)
+			m.Learn(longer)
+		}
 		short.Host = "b"
 		for range 4 {
 			m.Learn(short)

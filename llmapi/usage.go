@@ -8,27 +8,70 @@ import (
 // Usage is what a response reports of the tokens it took.
 type Usage struct {
 	PromptTokens, CompletionTokens int
+	// CachedTokens are the prompt tokens the server's prefix cache held
+	// (prompt_tokens_details.cached_tokens, as vLLM reports it); -1 when
+	// the response does not say.
+	CachedTokens int
 }
 
 // ParseUsage finds the last usage object in the end of a response body (a
 // JSON response, or an event stream's final usage chunk) and reads its
-// prompt and completion tokens. It scans bytes rather than parsing JSON: it
-// sees only the body's tail, which may be cut anywhere.
+// prompt, completion and cached tokens. It scans bytes rather than parsing
+// JSON: it sees only the body's tail, which may be cut anywhere.
 func ParseUsage(tail []byte) (Usage, bool) {
 	i := bytes.LastIndex(tail, []byte(`"usage"`))
 	if i < 0 {
 		return Usage{}, false
 	}
-	obj := tail[i+len(`"usage"`):]
-	if end := bytes.IndexByte(obj, '}'); end >= 0 {
-		obj = obj[:end]
-	}
+	obj := object(tail[i+len(`"usage"`):])
 	p, okP := intField(obj, `"prompt_tokens"`)
 	c, okC := intField(obj, `"completion_tokens"`)
 	if !okP || !okC {
 		return Usage{}, false
 	}
-	return Usage{p, c}, true
+	u := Usage{PromptTokens: p, CompletionTokens: c, CachedTokens: -1}
+	if n, ok := intField(obj, `"cached_tokens"`); ok {
+		u.CachedTokens = n
+	}
+	return u, true
+}
+
+// object returns the JSON object that b starts with (after spaces and a
+// colon), nested objects included, or as much of it as b holds when it is
+// cut off; nil when b does not start with one.
+func object(b []byte) []byte {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	if len(b) == 0 || b[0] != ':' {
+		return nil
+	}
+	b = bytes.TrimLeft(b[1:], " \t\r\n")
+	if len(b) == 0 || b[0] != '{' {
+		return nil
+	}
+	depth, inString, escaped := 0, false, false
+	for i, c := range b {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{':
+			depth++
+		case c == '}':
+			depth--
+			if depth == 0 {
+				return b[:i+1]
+			}
+		}
+	}
+	return b
 }
 
 // intField reads the non-negative integer after key and a colon.

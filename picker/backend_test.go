@@ -180,7 +180,7 @@ func TestRemoteLoad(t *testing.T) {
 // not yet decoding are taken to be the waiting ones.
 func TestRemotePricing(t *testing.T) {
 	p := mustNew(t, three[:1], Options{Seed: 1})
-	twoPart := func(string) Charge { return Charge{Tokens: 1, UntilFirstToken: 900, UntilEnd: 100} }
+	twoPart := func(HostState) Charge { return Charge{Tokens: 1, UntilFirstToken: 900, UntilEnd: 100} }
 	a, _ := p.Pick(Request{Cost: twoPart}) // averages: 1,000 whole, 100 decode
 	b, _ := p.Pick(Request{Cost: twoPart})
 	a.FirstToken() // a decodes, b waits
@@ -218,7 +218,7 @@ func TestPrefixAffinity(t *testing.T) {
 	p := mustNew(t, three, Options{Seed: 1, Now: clock, Affinity: Affinity{MaxExtraLoad: 500, TTL: time.Minute}})
 	// A request whose prefill costs 1,000 here: a host that holds its
 	// whole prompt saves all of it, more than MaxExtraLoad.
-	prefill := func(string) Charge { return Charge{Tokens: 100, UntilFirstToken: 1000} }
+	prefill := func(HostState) Charge { return Charge{Tokens: 100, UntilFirstToken: 1000} }
 	doc := []uint64{11, 12, 13}
 	first, _ := p.Pick(Request{Cost: prefill, Prefix: doc})
 	first.Release(ResponseEnd)
@@ -232,7 +232,8 @@ func TestPrefixAffinity(t *testing.T) {
 		l.Release(ResponseEnd)
 	}
 	// Home busy by up to MaxExtraLoad: still home.
-	busy, _ := p.Pick(Request{Cost: func(h string) Charge {
+	busy, _ := p.Pick(Request{Cost: func(hs HostState) Charge {
+		h := hs.Addr
 		if h == home {
 			return Charge{UntilEnd: 400}
 		}
@@ -251,7 +252,8 @@ func TestPrefixAffinity(t *testing.T) {
 	}
 	l.Release(ResponseEnd)
 	// Busier than that: the least loaded instead.
-	busier, _ := p.Pick(Request{Cost: func(h string) Charge {
+	busier, _ := p.Pick(Request{Cost: func(hs HostState) Charge {
+		h := hs.Addr
 		if h == home {
 			return Charge{UntilEnd: 200}
 		}
@@ -288,12 +290,13 @@ func TestPrefixSavingAtPriorSpeed(t *testing.T) {
 		home     bool
 	}{{0, false}, {5, true}} {
 		p := mustNew(t, three, Options{Seed: 1, Affinity: Affinity{MaxExtraLoad: 10000, PrefillPerToken: tc.perToken}})
-		cached := func(string) Charge { return Charge{Tokens: 100, UntilFirstToken: 10} } // learned: prefill looks free
+		cached := func(HostState) Charge { return Charge{Tokens: 100, UntilFirstToken: 10} } // learned: prefill looks free
 		first, _ := p.Pick(Request{Cost: cached, Prefix: []uint64{1, 2}})
 		home := first.Host()
 		// home is now 410 ahead (first, plus 400 more): 100 tokens at 5 a
 		// token save 500, at the UntilFirstToken 10.
-		extra, _ := p.Pick(Request{Cost: func(h string) Charge {
+		extra, _ := p.Pick(Request{Cost: func(hs HostState) Charge {
+			h := hs.Addr
 			if h == home {
 				return Charge{UntilEnd: 400}
 			}

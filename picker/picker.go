@@ -140,6 +140,7 @@ type host struct {
 	tokens     int64 // prompt tokens in flight
 	prefilling int64 // prompt tokens of requests still waiting for their first token
 	load       int64 // charged load not yet released
+	decode     int64 // Charge.Decode of the requests in flight
 	requests   int64
 	decoding   int64 // requests past their first token
 	picks      uint64
@@ -162,6 +163,34 @@ type Charge struct {
 	UntilFirstToken int64
 	// UntilEnd is load released when the response ends.
 	UntilEnd int64
+	// Wait, when positive, is the request's predicted time to first token
+	// on the host, given what is there: the host's score is then Wait plus
+	// the load the request adds (what it will delay the requests after
+	// it). 0 means no prediction: the score is the host's load after
+	// adding the request.
+	Wait int64
+	// Decode is the request's expected decode time on the host, whatever
+	// part of it is charged: HostState.Decode sums it over the requests in
+	// flight, for a cost that learns what decoding requests do there.
+	Decode int64
+}
+
+// HostState is what a Cost sees of a host: its ledger when the request
+// arrives.
+type HostState struct {
+	Addr string
+	// Requests are in flight; Decoding of them are past their first token.
+	Requests, Decoding int64
+	// PrefillingTokens are the prompt tokens of the requests still waiting
+	// for their first token.
+	PrefillingTokens int64
+	// Load is the charged load not yet released, and Decode the sum of
+	// Charge.Decode of the requests in flight.
+	Load, Decode int64
+	// PrefixShare is the share of this request's prompt that the host
+	// recently served as a prefix of another (and likely still caches);
+	// 0 without prefix affinity.
+	PrefixShare float64
 }
 
 // Request is what Pick needs to know of a request.
@@ -177,17 +206,23 @@ type Request struct {
 	Prefix           []uint64
 	PrefixBlockBytes int
 	PromptBytes      int
+	// Spread is how far apart, relative to the lowest, scores must be to
+	// tell hosts apart: how wrong the cost's predictions have been. Hosts
+	// within it count as tied (as within Options.Tolerance), so that a cost
+	// that predicts poorly leaves the choice to the fewest in-flight
+	// requests. 0 adds nothing to Tolerance.
+	Spread float64
 }
 
-// Cost says what a request would cost on a host. Pick calls it once per
-// host, with the picker locked: it must be quick and must not call back into
-// the picker.
-type Cost func(host string) Charge
+// Cost says what a request would cost on a host, given the host's state.
+// Pick calls it once per host, with the picker locked: it must be quick and
+// must not call back into the picker.
+type Cost func(h HostState) Charge
 
 // Tokens is the simplest cost: n prompt tokens on any host, held until the
 // end.
 func Tokens(n int64) Cost {
-	return func(string) Charge { return Charge{Tokens: n, UntilEnd: n} }
+	return func(HostState) Charge { return Charge{Tokens: n, UntilEnd: n} }
 }
 
 // Lease is one request's charge on one host.
@@ -198,6 +233,7 @@ type Lease struct {
 	start  time.Time
 	ahead  int64 // the host's prefilling tokens when the lease was taken
 	model  string
+	state  HostState // the host when the lease was taken
 	// Guarded by p.mu.
 	first bool // the first-token part is released
 	done  bool
@@ -292,49 +328,67 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 		p.panicPicks++
 	}
 	now := p.opts.Now()
-	opts, lowest, own := p.score(hosts, anyHealthy, r.Cost)
+	opts, lowest, own := p.score(hosts, anyHealthy, r, now)
 	if len(opts) == 0 {
 		p.rejectedPicks++
 		return nil, ErrNoCapacity
 	}
 	best, ok := p.byAffinity(r, opts, lowest, now)
 	if !ok {
-		best = p.leastLoaded(opts, lowest, own)
+		best = p.leastLoaded(opts, lowest, own, r.Spread)
 	}
 	return p.charge(best, r, now), nil
 }
 
-// option is a host a request may go to, with what it would cost there and
-// the host's score once charged.
+// option is a host a request may go to, with what it would cost there, the
+// host's state it was priced on and the host's score.
 type option struct {
 	h      *host
 	charge Charge
+	state  HostState
 	score  int64
 }
 
 // score prices the request on each candidate that can take it (healthy
 // ones only when some are, and under MaxInFlightTokens) and returns them
 // with the lowest score and the request's own cost on that host.
-func (p *Picker) score(hosts []*host, healthyOnly bool, cost Cost) (opts []option, lowest, own int64) {
+func (p *Picker) score(hosts []*host, healthyOnly bool, r Request, now time.Time) (opts []option, lowest, own int64) {
 	opts = make([]option, 0, len(hosts))
 	lowest = -1
 	for _, h := range hosts {
 		if healthyOnly && !h.health.Healthy() {
 			continue
 		}
-		c := cost(h.addr)
+		st := p.state(h, r, now)
+		c := r.Cost(st)
 		c.Tokens, c.UntilFirstToken, c.UntilEnd = max(c.Tokens, 0), max(c.UntilFirstToken, 0), max(c.UntilEnd, 0)
+		c.Wait, c.Decode = max(c.Wait, 0), max(c.Decode, 0)
 		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+c.Tokens > p.opts.MaxInFlightTokens {
 			continue
 		}
-		score := h.load + h.external + c.UntilFirstToken + c.UntilEnd +
+		wait := h.load // without a prediction, the load ahead
+		if c.Wait > 0 {
+			wait = c.Wait
+		}
+		score := wait + h.external + c.UntilFirstToken + c.UntilEnd +
 			int64(float64(c.UntilFirstToken)*float64(h.decoding)*p.opts.StallWeight)
-		opts = append(opts, option{h, c, score})
+		opts = append(opts, option{h, c, st, score})
 		if lowest < 0 || score < lowest {
 			lowest, own = score, c.UntilFirstToken+c.UntilEnd
 		}
 	}
 	return opts, lowest, own
+}
+
+// state is what a Cost sees of host h for request r.
+func (p *Picker) state(h *host, r Request, now time.Time) HostState {
+	st := HostState{Addr: h.addr, Requests: h.requests, Decoding: h.decoding, PrefillingTokens: h.prefilling,
+		Load: h.load, Decode: h.decode}
+	if p.prefixes != nil && len(r.Prefix) > 0 && r.PromptBytes > 0 && r.PrefixBlockBytes > 0 {
+		blocks := p.prefixes.Served(r.Prefix, h.index, now)
+		st.PrefixShare = min(1, float64(blocks*r.PrefixBlockBytes)/float64(r.PromptBytes))
+	}
+	return st
 }
 
 // byAffinity returns the host that recently served the longest of r's
@@ -384,9 +438,9 @@ func (p *Picker) byAffinity(r Request, opts []option, lowest int64, now time.Tim
 // leastLoaded returns the option with the lowest score, counting those
 // within Tolerance of the request's own cost as tied: among them the one
 // with the fewest in-flight requests, then one at random.
-func (p *Picker) leastLoaded(opts []option, lowest, own int64) option {
+func (p *Picker) leastLoaded(opts []option, lowest, own int64, spread float64) option {
 	var best option
-	limit := lowest + int64(float64(own)*p.opts.Tolerance)
+	limit := lowest + max(int64(float64(own)*p.opts.Tolerance), int64(float64(lowest)*spread))
 	ties := 0
 	for _, o := range opts {
 		switch {
@@ -422,10 +476,11 @@ func (p *Picker) charge(best option, r Request, now time.Time) *Lease {
 		}
 		p.priced++
 	}
-	l := &Lease{p: p, h: h, charge: best.charge, start: now, ahead: h.prefilling, model: r.Model}
+	l := &Lease{p: p, h: h, charge: best.charge, start: now, ahead: h.prefilling, model: r.Model, state: best.state}
 	h.tokens += best.charge.Tokens
 	h.prefilling += best.charge.Tokens
 	h.load += best.charge.UntilFirstToken + best.charge.UntilEnd
+	h.decode += best.charge.Decode
 	h.requests++
 	h.picks++
 	p.leases[l] = struct{}{}
@@ -613,6 +668,10 @@ func (l *Lease) Start() time.Time { return l.start }
 // the host when the lease was taken: the prefill queued in front of it.
 func (l *Lease) Ahead() int64 { return l.ahead }
 
+// State returns the host's state the request was priced on when the lease
+// was taken.
+func (l *Lease) State() HostState { return l.state }
+
 // FirstToken records that the request's first token came back: it releases
 // the UntilFirstToken part of the charge. Only the first call, and only
 // before Release, has an effect; it reports whether this call was the one.
@@ -655,6 +714,7 @@ func (p *Picker) releaseLocked(l *Lease, cause Cause) bool {
 	l.done = true
 	l.h.tokens -= l.charge.Tokens
 	l.h.load -= l.charge.UntilEnd
+	l.h.decode -= l.charge.Decode
 	l.h.requests--
 	delete(p.leases, l)
 	p.releases[cause]++

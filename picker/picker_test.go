@@ -281,7 +281,7 @@ func TestRunSweeper(t *testing.T) {
 // releases the rest once, whichever order they come in.
 func TestTwoPhaseRelease(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80"}, Options{})
-	two := func(string) Charge { return Charge{Tokens: 100, UntilFirstToken: 700, UntilEnd: 300} }
+	two := func(HostState) Charge { return Charge{Tokens: 100, UntilFirstToken: 700, UntilEnd: 300} }
 	load := func() HostLoad { return p.Hosts()[0] }
 
 	l, _ := p.Pick(Request{Cost: two})
@@ -331,7 +331,8 @@ func TestAhead(t *testing.T) {
 // fast host to an idle slow one.
 func TestCostPerHost(t *testing.T) {
 	p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80"}, Options{Tolerance: DefaultTolerance})
-	slow := func(h string) Charge {
+	slow := func(hs HostState) Charge {
+		h := hs.Addr
 		if h == "10.0.0.2:80" {
 			return Charge{UntilEnd: 200}
 		}
@@ -354,7 +355,8 @@ func TestCostPerHost(t *testing.T) {
 // TestToleranceSpreadsNearTies: costs a few percent apart count as tied, so
 // idle hosts share the work; with no tolerance the cheaper host takes all.
 func TestToleranceSpreadsNearTies(t *testing.T) {
-	near := func(h string) Charge {
+	near := func(hs HostState) Charge {
+		h := hs.Addr
 		if h == "10.0.0.2:80" {
 			return Charge{UntilEnd: 1030}
 		}
@@ -389,7 +391,8 @@ func TestStallWeight(t *testing.T) {
 		// .1: two decoding requests holding 100 each; .2: one request
 		// still prefilling, holding 300.
 		for range 2 {
-			l, _ := p.Pick(Request{Cost: func(h string) Charge {
+			l, _ := p.Pick(Request{Cost: func(hs HostState) Charge {
+				h := hs.Addr
 				if h == "10.0.0.1:80" {
 					return Charge{UntilEnd: 100}
 				}
@@ -397,7 +400,8 @@ func TestStallWeight(t *testing.T) {
 			}})
 			l.FirstToken()
 		}
-		p.Pick(Request{Cost: func(h string) Charge {
+		p.Pick(Request{Cost: func(hs HostState) Charge {
+			h := hs.Addr
 			if h == "10.0.0.2:80" {
 				return Charge{UntilFirstToken: 300}
 			}
@@ -407,7 +411,7 @@ func TestStallWeight(t *testing.T) {
 			t.Fatalf("decoding requests %d, %d; want 2, 0", h[0].DecodingRequests, h[1].DecodingRequests)
 		}
 		// A 150 prefill: .1 scores 200 + 150 (+ 2 × 150 × weight), .2 300 + 150.
-		l, _ := p.Pick(Request{Cost: func(string) Charge { return Charge{UntilFirstToken: 150} }})
+		l, _ := p.Pick(Request{Cost: func(HostState) Charge { return Charge{UntilFirstToken: 150} }})
 		if l.Host() != tc.want {
 			t.Errorf("stall weight %v: picked %s, want %s", tc.weight, l.Host(), tc.want)
 		}

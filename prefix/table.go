@@ -94,6 +94,27 @@ func (t *Table) Lookup(prefix []uint64, eligible uint64, now time.Time) (hosts u
 	return 0, 0, served
 }
 
+// Served returns how many leading blocks of prefix host served within the
+// TTL: the longest of the prefixes the table keeps that it served.
+func (t *Table) Served(prefix []uint64, host int, now time.Time) (blocks int) {
+	since := now.Add(-t.ttl).UnixNano()
+	for i := len(prefix) - 1; i >= 0; i-- {
+		if !kept(i, len(prefix)) {
+			continue
+		}
+		e := t.get(prefix[i])
+		if e == nil {
+			continue
+		}
+		for j, h := range e.host {
+			if int(h) == host+1 && e.at[j] >= since {
+				return i + 1
+			}
+		}
+	}
+	return 0
+}
+
 // Record notes that host served every prefix (the blocks the table keeps).
 func (t *Table) Record(prefix []uint64, host int, now time.Time) {
 	at := now.UnixNano()

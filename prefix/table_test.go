@@ -71,3 +71,24 @@ func TestPrefixTableKeeps(t *testing.T) {
 		t.Fatalf("with only host 0 (4 blocks in common of 64) eligible: %b, served %v; want none, served", got, served)
 	}
 }
+
+// TestServed: how many leading blocks a host served is the longest kept
+// prefix it served, within the TTL.
+func TestServed(t *testing.T) {
+	tab := NewTable(Options{TTL: time.Minute})
+	now := time.Unix(0, 0)
+	long := make([]uint64, 64)
+	for i := range long {
+		long[i] = uint64(1000 + i)
+	}
+	tab.Record(long[:40], 1, now)
+	tab.Record(long[:4], 0, now)
+	for _, tc := range []struct{ host, want int }{{1, 32}, {0, 4}, {2, 0}} {
+		if got := tab.Served(long, tc.host, now); got != tc.want {
+			t.Errorf("host %d served %d blocks, want %d", tc.host, got, tc.want)
+		}
+	}
+	if got := tab.Served(long, 1, now.Add(2*time.Minute)); got != 0 {
+		t.Errorf("after the TTL, host 1 served %d blocks", got)
+	}
+}

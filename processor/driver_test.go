@@ -47,9 +47,10 @@ type Config struct {
 // testEnv is a tokenlb Server and Router on a loopback port with a client
 // connected.
 type testEnv struct {
-	picker  *picker.Picker
-	metrics *processor.Metrics
-	client  extprocv3.ExternalProcessorClient
+	picker       *picker.Picker
+	metrics      *processor.Metrics
+	routeMetrics *route.Metrics
+	client       extprocv3.ExternalProcessorClient
 	// ended receives one value each time a Process call returns.
 	ended chan struct{}
 }
@@ -84,8 +85,10 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 	if err != nil {
 		t.Fatal(err)
 	}
+	routeMetrics := route.NewMetrics()
 	router := route.New(route.Config{Picker: p, Tokenizer: testTokenizer(t), Cost: cfg.Cost, Fallbacks: cfg.Fallbacks,
-		EstimateFirstToken: cfg.EstimateFirstToken, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus})
+		EstimateFirstToken: cfg.EstimateFirstToken, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
+		Metrics: routeMetrics})
 	metrics := processor.NewMetrics()
 	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, MaxBodyBytes: cfg.MaxBodyBytes,
 		Observer: cfg.Observer, ObserverGrace: cfg.ObserverGrace, Metrics: metrics})
@@ -106,15 +109,16 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 		conn.Close()
 		gs.Stop()
 	})
-	return &testEnv{picker: p, metrics: metrics, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
+	return &testEnv{picker: p, metrics: metrics, routeMetrics: routeMetrics, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
 }
 
-// counter returns the value of the processor's counter name with the one
-// label value given.
+// counter returns the value of the processor's or router's counter name
+// with the one label value given, or for a histogram its count.
 func (e *testEnv) counter(t testing.TB, name, label string) float64 {
 	t.Helper()
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(e.metrics.Collectors()...)
+	reg.MustRegister(e.routeMetrics.Collectors()...)
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -125,6 +129,9 @@ func (e *testEnv) counter(t testing.TB, name, label string) float64 {
 		}
 		for _, m := range mf.GetMetric() {
 			if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == label {
+				if h := m.GetHistogram(); h != nil {
+					return float64(h.GetSampleCount())
+				}
 				return m.GetCounter().GetValue()
 			}
 		}

@@ -327,6 +327,14 @@ func TestSpeedsLearnedFromStreamsOnly(t *testing.T) {
 	if s := model.Speed(host); s.PrefillTokensPerSecond == got.PrefillTokensPerSecond {
 		t.Fatalf("a streamed response taught no prefill speed: %+v", s)
 	}
+	// Its time to first token was predicted, and how wrong the prediction
+	// was is in the host's histogram and in what the estimator believes.
+	if n := env.counter(t, "tokenlb_ttft_prediction_error_ratio", host); n != 1 {
+		t.Fatalf("%v prediction errors observed, want the streamed response's 1", n)
+	}
+	if s := model.Speed(host); s.Predictions != 1 {
+		t.Fatalf("the estimator checked %d predictions, want 1", s.Predictions)
+	}
 }
 
 // TestResponseStatusReported: each routed response's status reaches

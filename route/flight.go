@@ -1,6 +1,7 @@
 package route
 
 import (
+	"math"
 	"strconv"
 	"sync"
 	"time"
@@ -73,9 +74,14 @@ type flight struct {
 func newFlight(rt *Router, lease *picker.Lease, req cost.Request) *flight {
 	f := &flight{rt: rt, lease: lease, req: req}
 	if rt.cfg.EstimateFirstToken {
-		hs := rt.cfg.Cost.Speed(lease.Host())
-		work := float64(lease.Ahead()+int64(req.PromptTokens)) * hs.TokenRatio
-		d := time.Duration(work / hs.PrefillTokensPerSecond * float64(time.Second))
+		// When the cost predicted the first token, then; else when the
+		// host should have prefilled what was ahead and this prompt.
+		d := time.Duration(lease.Charge().Wait) * time.Microsecond
+		if d <= 0 {
+			hs := rt.cfg.Cost.Speed(lease.Host())
+			work := float64(lease.Ahead()+int64(req.PromptTokens)) * hs.TokenRatio
+			d = time.Duration(work / hs.PrefillTokensPerSecond * float64(time.Second))
+		}
 		f.timer = time.AfterFunc(d, func() { lease.FirstToken() })
 	}
 	return f
@@ -186,8 +192,9 @@ func (f *flight) finishLocked(cause picker.Cause, seen bool) {
 // learn teaches the cost estimator what a successful response showed.
 func (f *flight) learn(cause picker.Cause) {
 	rt := f.rt
-	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, Ahead: f.lease.Ahead(),
-		Duration: time.Since(f.lease.Start())}
+	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, State: f.lease.State(),
+		Predicted: time.Duration(f.lease.Charge().Wait) * time.Microsecond, Duration: time.Since(f.lease.Start()),
+		CachedTokens: -1}
 	if f.streamed {
 		// Only a stream's first event times the prefill and splits the
 		// response into prefill and decode: a whole response would teach
@@ -195,13 +202,17 @@ func (f *flight) learn(cause picker.Cause) {
 		o.TTFT = f.ttft
 	}
 	if u, ok := llmapi.ParseUsage(f.tail); ok {
-		o.PromptTokens, o.OutputTokens = u.PromptTokens, u.CompletionTokens
+		o.PromptTokens, o.OutputTokens, o.CachedTokens = u.PromptTokens, u.CompletionTokens, u.CachedTokens
 		rt.m.usageSeen.WithLabelValues("yes").Inc()
 	} else {
 		o.OutputTokens = f.events // one token per streamed event, as vLLM sends them
 		rt.m.usageSeen.WithLabelValues("no").Inc()
 	}
+	if o.TTFT > 0 && o.Predicted > 0 {
+		rt.m.predictionError.WithLabelValues(o.Host).Observe(math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds())
+	}
 	rt.cfg.Cost.Learn(o)
 	rt.log.Debug("response ended", "host", o.Host, "cause", cause, "ttft", o.TTFT, "duration", o.Duration,
-		"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "ahead", o.Ahead, "tokens", f.req.PromptTokens)
+		"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "cached_tokens", o.CachedTokens,
+		"predicted_ttft", o.Predicted, "ahead", o.State.PrefillingTokens, "tokens", f.req.PromptTokens)
 }

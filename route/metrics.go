@@ -10,6 +10,7 @@ type Metrics struct {
 	pickSeconds     prometheus.Histogram
 	outputTokens    prometheus.Histogram
 	usageSeen       *prometheus.CounterVec
+	predictionError *prometheus.HistogramVec
 }
 
 // NewMetrics returns unregistered metrics.
@@ -30,10 +31,15 @@ func NewMetrics() *Metrics {
 		usageSeen: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenlb_responses_usage_total", Help: "Successful responses followed to their end, by whether they reported usage."},
 			[]string{"usage"}),
+		predictionError: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "tokenlb_ttft_prediction_error_ratio",
+			Help:    "How far the predicted time to first token was from the observed one, as |predicted - observed| / observed, per host.",
+			Buckets: []float64{0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4}}, []string{"host"}),
 	}
 }
 
 // Collectors returns the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.outputTokens, m.usageSeen}
+	return []prometheus.Collector{m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.outputTokens, m.usageSeen,
+		m.predictionError}
 }

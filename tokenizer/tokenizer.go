@@ -30,8 +30,10 @@ import (
 // Encodings lists the encoding names New accepts.
 var Encodings = []string{"cl100k_base", "o200k_base"}
 
-// Engines lists the counting engines New accepts.
-var Engines = []string{"fast", "tiktoken"}
+// Engines lists the counting engines New accepts: fast and tiktoken count
+// exactly; bytes estimates a token per 4 bytes, as routers that do not
+// tokenize do (to measure what exact counting is worth).
+var Engines = []string{"fast", "tiktoken", "bytes"}
 
 // Defaults for Options left zero.
 const (
@@ -117,6 +119,13 @@ func (e fastEngine) count(s string, deadline time.Time) (tokens, covered int) {
 	return e.Count(s, deadline)
 }
 
+// bytesEngine counts a token per 4 bytes, rounded up.
+type bytesEngine struct{}
+
+func (bytesEngine) count(s string, _ time.Time) (tokens, covered int) {
+	return (len(s) + 3) / 4, len(s)
+}
+
 // New returns a Tokenizer. The BPE ranks come from the files embedded by
 // tiktoken-go-loader, so New never touches the network.
 func New(opts Options) (*Tokenizer, error) {
@@ -138,6 +147,8 @@ func New(opts Options) (*Tokenizer, error) {
 			return nil, fmt.Errorf("tokenizer: %w", err)
 		}
 		t.engine = e
+	case "bytes":
+		t.engine = bytesEngine{}
 	default:
 		return nil, fmt.Errorf("tokenizer: unknown engine %q (want one of %v)", opts.Engine, Engines)
 	}

@@ -111,3 +111,16 @@ func TestConcurrentCount(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestBytesEngine: the bytes engine counts a token per 4 bytes, rounded up.
+func TestBytesEngine(t *testing.T) {
+	tk, err := New(Options{Engine: "bytes", CacheEntries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for text, want := range map[string]int{"": 0, "a": 1, "abcd": 1, "abcde": 2, "日本語": 3} {
+		if got := tk.Count(text); got != want {
+			t.Errorf("Count(%q) = %d, want %d", text, got, want)
+		}
+	}
+}

@@ -24,6 +24,12 @@ func main() {
 		check(bench.Retable(cmd.Retable, os.Stdout))
 		return
 	}
+	if cmd.Grid != "" {
+		table, err := bench.Grid(cmd.Grid)
+		check(err)
+		fmt.Print(table)
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	check(cmd.Run(ctx, os.Stdout, os.Stderr))

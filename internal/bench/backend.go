@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/tokenlb/tokenlb/internal/proc"
@@ -53,6 +54,26 @@ func (b Backend) About() string {
 		return "llmsim"
 	}
 	return fmt.Sprintf("llm-d-inference-sim, %d slots, load factor %g", b.Slots, b.LoadFactor)
+}
+
+// floorTTFTP90 returns, for llm-d-sim and a profile whose prompts share no
+// prefix, the p90 of reqs' own prefill times at its fastest (no wait,
+// nothing else running: load factor 1), in ms; 0 otherwise. Its tokenizer
+// counts words and punctuation; a chat message's template adds a few.
+func (b Backend) floorTTFTP90(profile string, reqs []Request, timeScale float64) float64 {
+	if b.Kind != "llmd-sim" || profile == "prefix" || profile == "chat" {
+		return 0
+	}
+	var ms []float64
+	for _, r := range reqs {
+		words := 0
+		for _, m := range r.Messages {
+			words += len(strings.Fields(m.Content))
+		}
+		d := llmdPrefillOverhead + time.Duration(words)*llmdPrefillPerToken
+		ms = append(ms, float64(d)*timeScale/float64(time.Millisecond))
+	}
+	return summarize(ms).P90
 }
 
 // backends are one run's backend instances, each on its own loopback port:

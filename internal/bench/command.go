@@ -39,6 +39,9 @@ type Command struct {
 	// MeasureCapacity runs the open loop at Utilization of the backends'
 	// measured capacity on each profile (always so for llmd-sim).
 	MeasureCapacity bool
+	// Grid names a folder of backend reports to render as one table
+	// (Grid); nothing runs.
+	Grid string
 }
 
 // SetFlags defines tokenlb-bench's flags in fs, each setting a field of c
@@ -57,7 +60,7 @@ func (c *Command) SetFlags(fs *flag.FlagSet) {
 	fs.Float64Var(&o.KillAt, "kill-at", 0, "stop backend-1 once this share of the requests has been sent (0: never)")
 	fs.StringVar(&c.Profiles, "profiles", "seed,heavy,chat,prefix", "workload profiles; a -slow suffix (seed-slow) runs backend-1 at half speed")
 	fs.StringVar(&c.Seeds, "seeds", "1,2,3", "workload seeds; each profile runs once per seed and arm")
-	fs.StringVar(&c.Arms, "arms", strings.Join(Arms, ","), "arms to run: envoy-round-robin, envoy-least-request, and the tokenlb variants "+variantNames())
+	fs.StringVar(&c.Arms, "arms", strings.Join(Arms, ","), "arms to run: envoy-round-robin, envoy-least-request, llm-d (llm-d's endpoint picker), and the tokenlb variants "+variantNames())
 	fs.IntVar(&c.Requests, "requests", 400, "requests per run")
 	fs.StringVar(&c.OutDir, "out", "bench/out", "output folder")
 	fs.BoolVar(&c.Overhead, "overhead", false, "run the overhead measurement instead")
@@ -65,9 +68,11 @@ func (c *Command) SetFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Retable, "retable", "", "render the tables of an earlier run's report (a .json in the output folder) again, and exit")
 	fs.StringVar(&c.Backend, "backend", "", `backends: llmsim, or llmd-sim (the llm-d inference simulator at --llmd-sim); "" is llmsim with reports named after the profile alone`)
 	fs.StringVar(&o.Backend.Bin, "llmd-sim", os.Getenv("LLMD_SIM_BIN"), "llm-d-inference-sim binary (default $LLMD_SIM_BIN)")
+	fs.StringVar(&o.EPP, "llmd-epp", os.Getenv("LLMD_EPP_BIN"), "llm-d's endpoint picker binary, for the llm-d arm (default $LLMD_EPP_BIN)")
 	fs.IntVar(&o.Backend.Slots, "slots", 4, "llmd-sim: requests an instance runs at once (--max-num-seqs)")
 	fs.Float64Var(&o.Backend.LoadFactor, "load-factor", 1, "llmd-sim: how much slower it gets with every slot busy (--time-factor-under-load)")
 	fs.BoolVar(&c.MeasureCapacity, "measure-capacity", false, "open loop at --utilization of the backends' measured capacity on each profile (always so for llmd-sim)")
+	fs.StringVar(&c.Grid, "grid", "", "render the backend reports in this folder (make bench-backends) as one table, and exit")
 }
 
 // variantNames lists the tokenlb variants, sorted, for the -arms help.
@@ -123,6 +128,15 @@ func (c *Command) Run(ctx context.Context, w, log io.Writer) error {
 	if c.Overhead {
 		return Overhead(ctx, o, c.OutDir)
 	}
+	if slices.Contains(strings.Split(c.Arms, ","), "llm-d") {
+		start := time.Now()
+		peak, err := PeakPrefillThroughput(ctx, o)
+		if err != nil {
+			return err
+		}
+		o.PeakPrefill = peak
+		fmt.Fprintf(log, "llm-d's peakPrefillThroughput, by its calibration recipe: %.0f tokens/s (%s)\n", peak, time.Since(start).Round(time.Second))
+	}
 	for _, profile := range strings.Split(c.Profiles, ",") {
 		rep, err := c.runProfile(ctx, o, profile)
 		if err != nil {
@@ -153,6 +167,7 @@ func (c *Command) runProfile(ctx context.Context, o Options, profile string) (*R
 		rep.Backend = o.Backend.Name()
 		rep.Mode = o.Backend.About() + ", " + mode
 	}
+	rep.PeakPrefill = o.PeakPrefill
 	if c.MeasureCapacity || o.Backend.Kind == "llmd-sim" {
 		capacity, err := c.measure(ctx, o, workload)
 		if err != nil {
@@ -161,6 +176,8 @@ func (c *Command) runProfile(ctx context.Context, o Options, profile string) (*R
 		o.Capacity, rep.CapacityRPS = capacity, capacity
 		rep.Mode += fmt.Sprintf(", capacity measured %.2f req/s", capacity)
 	}
+	var floors []float64
+	defer func() { rep.FloorTTFTP90 = median(floors) }()
 	for _, s := range strings.Split(c.Seeds, ",") {
 		seed, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
@@ -171,6 +188,7 @@ func (c *Command) runProfile(ctx context.Context, o Options, profile string) (*R
 		if err != nil {
 			return nil, err
 		}
+		floors = append(floors, o.Backend.floorTTFTP90(workload, reqs, o.TimeScale))
 		o.Seed = seed
 		for _, arm := range strings.Split(c.Arms, ",") {
 			start := time.Now()

@@ -22,13 +22,21 @@ type Report struct {
 	Backend string `json:"backend,omitempty"`
 	// CapacityRPS is the backends' measured capacity on this profile, when
 	// the open loop's rate came from it (requests per second).
-	CapacityRPS float64             `json:"capacity_rps,omitempty"`
-	Profile     string              `json:"profile"`
-	Mode     string              `json:"mode"`
-	Seeds    []uint64            `json:"seeds"`
-	Requests int                 `json:"requests_per_run"`
-	Arms     []Result            `json:"arms"`
-	Runs     map[string][]Result `json:"runs"` // seed → arms
+	CapacityRPS float64 `json:"capacity_rps,omitempty"`
+	// PeakPrefill is the llm-d arm's peakPrefillThroughput, measured by
+	// llm-d's calibration recipe (tokens/s).
+	PeakPrefill float64 `json:"llmd_peak_prefill_tokens_per_second,omitempty"`
+	// FloorTTFTP90 is, on llm-d-sim and a profile whose prompts share no
+	// prefix, the p90 of the requests' own prefill times at its fastest (no
+	// wait, nothing else running): no router can go below it (ms, median
+	// over seeds).
+	FloorTTFTP90 float64             `json:"floor_ttft_p90_ms,omitempty"`
+	Profile      string              `json:"profile"`
+	Mode         string              `json:"mode"`
+	Seeds        []uint64            `json:"seeds"`
+	Requests     int                 `json:"requests_per_run"`
+	Arms         []Result            `json:"arms"`
+	Runs         map[string][]Result `json:"runs"` // seed → arms
 }
 
 // Median builds the per-arm medians over the runs, for every arm that ran,

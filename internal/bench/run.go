@@ -62,8 +62,8 @@ var Variants = map[string]Variant{
 		About: "as shipped, behind deploy/envoy-override-host.yaml: Envoy's override_host policy, health checks and retries on the fallback hosts tokenlb lists"},
 	"tokenlb-no-health": {Flags: []string{"--health-check-interval=0", "--consecutive-5xx=0"},
 		About: "as shipped, without health checks or passive ejection"},
-	"tokenlb-decode-1": {Flags: []string{"--decode-weight=1"},
-		About: "as shipped, with the whole of a request's decode time charged (decode_weight 1)"},
+	"tokenlb-bytes": {Flags: []string{"--tokenizer-engine=bytes"},
+		About: "as shipped, but counting a token per 4 bytes of text instead of tokens: what exact counting is worth"},
 }
 
 // Options configure one run of one arm.
@@ -73,6 +73,10 @@ type Options struct {
 	Backends       int
 	// Backend is what serves requests: llmsim (the zero value) or llm-d-sim.
 	Backend Backend
+	// EPP is llm-d's endpoint picker binary, for the llm-d arm, and
+	// PeakPrefill its peakPrefillThroughput (PeakPrefillThroughput).
+	EPP         string
+	PeakPrefill float64
 	// TokenlbFlags are added to every tokenlb arm's flags (for tuning).
 	TokenlbFlags []string
 	// SlowHosts run at half speed (every cost doubled): the first ones.
@@ -123,6 +127,11 @@ type Result struct {
 	KilledBefore    int     `json:"killed_errors_before,omitempty"`
 	KilledAfter     int     `json:"killed_errors_after,omitempty"`
 	LastErrorMillis float64 `json:"killed_last_error_ms,omitempty"`
+	// For tokenlb arms: the median of |predicted - observed| / observed
+	// time to first token over the run's predictions, and the regime
+	// tokenlb learned for each host by the end (cost/regime.go).
+	PredictionError float64                       `json:"ttft_prediction_error_median,omitempty"`
+	Regimes         map[string]map[string]float64 `json:"regimes,omitempty"`
 	ttfts           []float64
 	e2es            []float64
 	ends            []time.Time // when each completed request ended
@@ -192,7 +201,7 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 		return res, err
 	}
 	defer b.stop()
-	urls, err := startFronts(ctx, g, o, arm, b.hosts)
+	urls, admins, err := startFronts(ctx, g, o, arm, b.hosts)
 	if err != nil {
 		return res, err
 	}
@@ -211,17 +220,22 @@ func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result,
 	if err := g.Exited(); err != nil {
 		return res, err
 	}
+	if len(admins) > 0 {
+		readPredictions(admins[0], &res)
+	}
 	l.summarize()
 	return res, ctx.Err()
 }
 
 // front is how an arm stands in front of the backends: one of the deploy/
-// Envoy configurations, with a tokenlb variant or an Envoy lb_policy.
+// Envoy configurations, with a tokenlb variant or an Envoy lb_policy, or
+// llm-d's endpoint picker behind its own Envoy configuration.
 type front struct {
 	config  string // in deploy/
 	tokenlb bool   // whether the arm runs tokenlb, as variant says
 	variant Variant
 	policy  string // for the Envoy-only arms: ROUND_ROBIN or LEAST_REQUEST
+	llmd    bool   // the llm-d arm
 }
 
 // frontFor returns the front of arm, one of Variants or an Envoy-only arm.
@@ -233,6 +247,8 @@ func frontFor(arm string) (front, error) {
 		if variant.Config != "" {
 			f.config = variant.Config
 		}
+	case arm == "llm-d":
+		f.llmd = true
 	case arm == "envoy-round-robin" || arm == "envoy-least-request":
 		f.config = "envoy-override-host.yaml"
 		f.policy = map[string]string{"envoy-round-robin": "ROUND_ROBIN", "envoy-least-request": "LEAST_REQUEST"}[arm]
@@ -244,62 +260,71 @@ func frontFor(arm string) (front, error) {
 
 // startFronts starts o.Replicas (at least one) fronts of arm in front of
 // hosts, one after another, and returns the URL of each one's chat
-// completions endpoint.
-func startFronts(ctx context.Context, g *proc.Group, o Options, arm string, hosts []string) ([]string, error) {
+// completions endpoint and, for the tokenlb arms, of each tokenlb's admin
+// server.
+func startFronts(ctx context.Context, g *proc.Group, o Options, arm string, hosts []string) (urls, admins []string, err error) {
 	f, err := frontFor(arm)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	var urls []string
 	for r := range max(1, o.Replicas) {
-		url, err := f.start(ctx, g, o, r, hosts)
+		url, admin, err := f.start(ctx, g, o, r, hosts)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		urls = append(urls, url)
+		if admin != "" {
+			admins = append(admins, admin)
+		}
 	}
-	return urls, nil
+	return urls, admins, nil
 }
 
 // start starts replica r of f: its tokenlb, if any, and once that is
-// ready, Envoy. It returns the URL of Envoy's chat completions endpoint.
-func (f front) start(ctx context.Context, g *proc.Group, o Options, r int, hosts []string) (string, error) {
+// ready, Envoy. It returns the URL of Envoy's chat completions endpoint and
+// that of tokenlb's admin server ("" without tokenlb).
+func (f front) start(ctx context.Context, g *proc.Group, o Options, r int, hosts []string) (url, admin string, err error) {
+	if f.llmd {
+		url, err := startLLMD(ctx, g, o, hosts)
+		return url, "", err
+	}
 	eo := envoycfg.Options{Backends: hosts, Policy: f.policy}
 	if f.tokenlb {
 		name := "tokenlb"
 		if r > 0 {
 			name = fmt.Sprintf("tokenlb-%d", r+1)
 		}
-		port, err := startTokenlb(ctx, g, o, name, f.variant, hosts)
+		port, adminPort, err := startTokenlb(ctx, g, o, name, f.variant, hosts)
 		if err != nil {
-			return "", err
+			return "", "", err
 		}
 		eo.TokenlbPort = port
 		eo.Response = f.variant.Response
+		admin = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
 	}
-	eo, err := g.StartEnvoy(ctx, o.Envoy, filepath.Join(o.DeployDir, f.config), eo, "--concurrency", "1", "-l", "error")
+	eo, err = g.StartEnvoy(ctx, o.Envoy, filepath.Join(o.DeployDir, f.config), eo, "--concurrency", "1", "-l", "error")
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
-	return fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", eo.ListenPort), nil
+	return fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", eo.ListenPort), admin, nil
 }
 
 // startTokenlb starts tokenlb as name in front of hosts, with the variant's
 // flags and then o.TokenlbFlags, waits until it is ready, and returns the
-// port of its ext_proc server.
-func startTokenlb(ctx context.Context, g *proc.Group, o Options, name string, v Variant, hosts []string) (int, error) {
-	grpcPort, _ := proc.FreePort()
-	adminPort, _ := proc.FreePort()
+// ports of its ext_proc and admin servers.
+func startTokenlb(ctx context.Context, g *proc.Group, o Options, name string, v Variant, hosts []string) (grpcPort, adminPort int, err error) {
+	grpcPort, _ = proc.FreePort()
+	adminPort, _ = proc.FreePort()
 	args := append([]string{"--listen", fmt.Sprintf("127.0.0.1:%d", grpcPort),
 		"--admin", fmt.Sprintf("127.0.0.1:%d", adminPort), "--hosts", strings.Join(hosts, ","), "--log-level", "warn"},
 		append(slices.Clone(v.Flags), o.TokenlbFlags...)...)
 	if err := g.Start(name, o.Tokenlb, args...); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	if err := g.WaitReady(ctx, fmt.Sprintf("http://127.0.0.1:%d/readyz", adminPort)); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return grpcPort, nil
+	return grpcPort, adminPort, nil
 }
 
 // load is one run's workload on its way: where each request goes, and the
@@ -463,6 +488,12 @@ func send(ctx context.Context, client *http.Client, url string, r Request) sampl
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
 	req.Header.Set("content-type", "application/json")
+	return sendRequest(client, req)
+}
+
+// sendRequest sends a streamed request and times its first event and its
+// end.
+func sendRequest(client *http.Client, req *http.Request) sample {
 	start := time.Now()
 	resp, err := client.Do(req)
 	if err != nil {
