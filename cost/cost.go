@@ -87,8 +87,10 @@ type Estimator struct {
 	fleet   hostSpeed // every host's observations together
 	hosts   map[string]*hostSpeed
 	outputs map[string]*average
-	prior   [features]float64 // the regime the configured priors describe
-	ownSize average           // the prompt tokens a host prefills, in thousands
+	prior   regimes // the regime the configured priors describe, for any slots
+	ownSize average // the prompt tokens a host prefills, in thousands
+	// typicalTTFT is the fleet's typical time to first token (seconds).
+	typicalTTFT average
 }
 
 // hostSpeed is what Calibrate learns about a host: its token ratio and
@@ -98,8 +100,13 @@ type Estimator struct {
 // predictions of time to first token were.
 type hostSpeed struct {
 	logRatio, logDecode average
-	regime              regime
+	regimes             regimes
 	errors              errorWindow
+	// cacheTrust is how much of the prompt share the prefix table says the
+	// host holds its cache held (cached tokens over that share, as it
+	// reports them): it evicts what the table still remembers, or holds
+	// what others sent it.
+	cacheTrust average
 }
 
 type average struct {
@@ -144,8 +151,11 @@ func New(opts Options) *Estimator {
 	// The prior regime is the fixed model's: prefills one after another at
 	// the prior speed, decoding delaying others by DecodeWeight.
 	own := 1000 / opts.PrefillTokensPerSecond
-	e.prior[featOwn], e.prior[featAhead], e.prior[featDecode] = own, own, opts.DecodeWeight
-	e.fleet.regime.theta = e.prior
+	for k := range e.prior.fits {
+		th := &e.prior.fits[k].theta
+		th[featOwn], th[featAhead], th[featDecode] = own, own, opts.DecodeWeight
+	}
+	e.fleet.regimes = newRegimes(&e.prior)
 	return e
 }
 
@@ -212,9 +222,12 @@ func (e *Estimator) Cost(r Request, output int) picker.Cost {
 		c := picker.Charge{Tokens: int64(r.PromptTokens), Decode: int64(decode * 1e6)}
 		var pre, dec float64 // seconds
 		if e.opts.Calibrate {
-			theta, typical := e.regimeOf(st.Addr)
-			own := float64(r.PromptTokens) * ratio * (1 - st.PrefixShare) / 1000
-			c.Wait = max(1, int64(predict(theta, features4(own, st, ratio))*1e6))
+			slots, theta, typical, trust := e.regimeOf(st.Addr)
+			own := float64(r.PromptTokens) * ratio * (1 - min(1, st.PrefixShare*trust)) / 1000
+			x := features4(own, st)
+			x[featQueue] = queued(slots, st.Requests)
+			c.Wait = max(1, int64(predict(theta, x)*1e6))
+			c.Uncached = int64(own * 1000)
 			pre = theta[featAhead] * own
 			dec = theta[featDecode]*decode + theta[featCrowd]*typical
 		} else {
@@ -231,14 +244,15 @@ func (e *Estimator) Cost(r Request, output int) picker.Cost {
 }
 
 // features4 returns the regime's features for a request of own thousand
-// prompt tokens (the host's, uncached) arriving at a host in state st.
-func features4(own float64, st picker.HostState, ratio float64) [features]float64 {
+// prompt tokens (the host's, uncached) arriving at a host in state st, but
+// for the queue, which depends on the slots.
+func features4(own float64, st picker.HostState) [features]float64 {
 	var x [features]float64
 	x[featBase] = 1
 	x[featOwn] = own
 	x[featCrowd] = own * float64(st.Requests)
 	x[featBusy] = float64(st.Requests)
-	x[featAhead] = float64(st.PrefillingTokens) * ratio / 1000
+	x[featAhead] = float64(st.Uncached) / 1000
 	x[featDecode] = float64(st.Decode) / 1e6
 	return x
 }
@@ -274,16 +288,30 @@ func (e *Estimator) speed(host string) (ratio, decode float64) {
 	return math.Exp(lr), math.Exp(ld)
 }
 
-// regimeOf returns a host's regime (the fleet's while it has none of its
-// own) and the typical prompt a host prefills, in thousands of tokens.
-func (e *Estimator) regimeOf(host string) (theta [features]float64, typical float64) {
+// regimeOf returns a host's regime, its slots and their fit (the fleet's
+// while it has none of its own), the typical prompt a host prefills, in
+// thousands of tokens, and how far the host's cache bears out the prefix
+// table (1: fully).
+func (e *Estimator) regimeOf(host string) (slots int, theta [features]float64, typical, trust float64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	theta = e.fleet.regime.theta
-	if h, ok := e.hosts[host]; ok && h.regime.weight > 0 {
-		theta = h.regime.theta
+	r, trust := &e.fleet.regimes, e.trust(&e.fleet)
+	if h, ok := e.hosts[host]; ok && h.regimes.seen > 0 {
+		r, trust = &h.regimes, e.trust(h)
 	}
-	return theta, e.ownSize.value(0, 0)
+	slots, theta = r.current()
+	return slots, theta, e.ownSize.value(0, 0), trust
+}
+
+// trust returns how far h's cache bears out the prefix table, from the
+// fleet's (and at first, fully).
+func (e *Estimator) trust(h *hostSpeed) float64 {
+	w := priorWeight * e.alpha
+	fleet := e.fleet.cacheTrust.value(1, w)
+	if h == &e.fleet {
+		return fleet
+	}
+	return h.cacheTrust.value(fleet, w)
 }
 
 // Outcome is what one finished request showed.
@@ -326,7 +354,7 @@ func (e *Estimator) Learn(o Outcome) {
 	}
 	h, ok := e.hosts[o.Host]
 	if !ok {
-		h = &hostSpeed{regime: regime{theta: e.fleet.regime.theta}}
+		h = &hostSpeed{regimes: newRegimes(&e.fleet.regimes)}
 		e.hosts[o.Host] = h
 	}
 	// The fleet average learns at the same pace per host as each host
@@ -361,18 +389,33 @@ func (e *Estimator) learnRegime(h *hostSpeed, o Outcome) {
 	// The prompt the host prefilled: its own count less what its cache
 	// held, when it reports both; else tokenlb's count at the host's ratio,
 	// less the share it was believed to hold.
-	own := float64(o.Request.PromptTokens) * ratio * (1 - o.State.PrefixShare)
+	own := float64(o.Request.PromptTokens) * ratio * (1 - min(1, o.State.PrefixShare*e.trust(h)))
 	if o.PromptTokens > 0 && o.CachedTokens >= 0 {
 		own = float64(max(0, o.PromptTokens-o.CachedTokens))
+		if o.State.PrefixShare > 0 {
+			held := float64(o.CachedTokens) / float64(o.PromptTokens) / o.State.PrefixShare
+			h.cacheTrust.add(clamp(held, 0, maxTrust), e.alpha)
+			e.fleet.cacheTrust.add(clamp(held, 0, maxTrust), e.alpha/float64(len(e.hosts)))
+		}
 	}
-	x := features4(own/1000, o.State, ratio)
+	x := features4(own/1000, o.State)
 	y := min(o.TTFT.Seconds(), maxTTFT)
 	e.ownSize.add(own/1000, e.alpha)
-	h.regime.add(x, y, e.keep)
-	e.fleet.regime.add(x, y, 1-(1-e.keep)/float64(len(e.hosts)))
-	e.fleet.regime.fit(e.prior, priorObs)
-	h.regime.fit(e.fleet.regime.theta, priorObs)
+	// Each observation weighs inversely to its time to first token (around
+	// the typical one): the fit is after relative accuracy, so that the
+	// short requests are predicted as well as the long ones, whose squared
+	// errors would otherwise make the whole of it.
+	e.typicalTTFT.add(y, e.alpha)
+	w := clamp(e.typicalTTFT.value(y, 0)/max(y, 1e-3), 0.1, 10)
+	n := o.State.Requests
+	e.fleet.regimes.add(x, n, y, w, 1-(1-e.keep)/float64(len(e.hosts)), &e.prior, priorObs)
+	h.regimes.add(x, n, y, w, e.keep, &e.fleet.regimes, priorObs)
 }
+
+// maxTrust bounds one observation of a host's cache trust: the prefix
+// table keeps only some of a prompt's blocks (1, 2, 4, ... and the last),
+// so the share it finds served can be well under what is shared.
+const maxTrust = 3
 
 // maxTTFT bounds one observation's time to first token (seconds), so that
 // a request stuck for a reason the regime does not model (a host hanging)
@@ -391,10 +434,15 @@ type HostSpeed struct {
 	PrefillTokensPerSecond float64 `json:"prefill_tokens_per_second"`
 	DecodeTokensPerSecond  float64 `json:"decode_tokens_per_second"`
 	// Regime is its learned regime (regime.go), by coefficient, with
-	// Calibrate; Observations how many times to first token it was fitted
-	// to (faded).
+	// Calibrate; Slots how many requests it runs at once before others
+	// wait (0: no limit seen); Observations how many times to first token
+	// it was fitted to.
 	Regime       map[string]float64 `json:"regime,omitempty"`
-	Observations float64            `json:"observations,omitempty"`
+	Slots        int                `json:"slots"`
+	Observations int                `json:"observations,omitempty"`
+	// CacheTrust is how much of the prompt share the prefix table says it
+	// holds its cache did hold, as it reported (1: all of it).
+	CacheTrust float64 `json:"cache_trust"`
 	// PredictionError is the median of |predicted - observed| / observed
 	// time to first token over its last requests; Predictions how many.
 	PredictionError float64 `json:"ttft_prediction_error"`
@@ -409,7 +457,8 @@ func (e *Estimator) Speed(host string) HostSpeed {
 	if !e.opts.Calibrate {
 		return s
 	}
-	theta, _ := e.regimeOf(host)
+	slots, theta, _, trust := e.regimeOf(host)
+	s.Slots, s.CacheTrust = slots, trust
 	if theta[featOwn] > 0 {
 		s.PrefillTokensPerSecond = 1000 / theta[featOwn]
 	}
@@ -420,7 +469,7 @@ func (e *Estimator) Speed(host string) HostSpeed {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if h, ok := e.hosts[host]; ok {
-		s.Observations = h.regime.weight
+		s.Observations = h.regimes.seen
 		s.PredictionError, s.Predictions = h.errors.median(), h.errors.n
 	}
 	return s

@@ -119,6 +119,7 @@ func teach(m *Estimator, n int, decode time.Duration, hosts ...host) {
 			tokens := 50 + rng.IntN(4000)
 			st := picker.HostState{Addr: h.name, Requests: int64(rng.IntN(8)), PrefillingTokens: int64(rng.IntN(6000)),
 				Decode: int64(rng.IntN(3e6))}
+			st.Uncached = int64(float64(st.PrefillingTokens) * h.ratio)
 			ttft := h.ttft(float64(tokens)*h.ratio, float64(st.PrefillingTokens)*h.ratio, st)
 			m.Learn(Outcome{Host: h.name, Request: Request{Model: "m", Route: "chat", PromptTokens: tokens}, State: st,
 				TTFT: ttft, Duration: ttft + 100*decode, PromptTokens: int(float64(tokens) * h.ratio), OutputTokens: 101,
@@ -276,5 +277,48 @@ func TestCalibrationShortPrompts(t *testing.T) {
 	a, b := m.Speed("a").PrefillTokensPerSecond, m.Speed("b").PrefillTokensPerSecond
 	if b < a*0.8 {
 		t.Fatalf("host sent short prompts too: %.0f prefill tokens/s, the other %.0f; want within 20%%", b, a)
+	}
+}
+
+// TestSlots: a host that runs 4 requests at once and makes the rest wait
+// (a second for each ahead of it beyond its slots) is learned to have 4
+// slots, and a request arriving at its fifth in flight is predicted to wait.
+func TestSlots(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
+	slotted := func(own, _ float64, st picker.HostState) time.Duration {
+		wait := float64(max(0, st.Requests+1-4))
+		return time.Duration((20e-3 + own*0.5e-3 + wait) * float64(time.Second))
+	}
+	teach(m, 300, 10*time.Millisecond, host{"h", 1, slotted}, host{"serial", 1, serial(50 * time.Microsecond)})
+	if s := m.Speed("h"); s.Slots != 4 {
+		t.Fatalf("learned %d slots (%v), want 4", s.Slots, s.Regime)
+	}
+	if s := m.Speed("serial"); s.Slots != 0 && s.Slots < 8 {
+		t.Errorf("a host without a slot limit learned %d slots", s.Slots)
+	}
+	c := m.Cost(Request{PromptTokens: 1000}, 10)
+	idle, full := c(picker.HostState{Addr: "h", Requests: 2}), c(picker.HostState{Addr: "h", Requests: 5})
+	if got := float64(full.Wait-idle.Wait) / 1e6; math.Abs(got-2) > 0.2 {
+		t.Fatalf("predicted %.2f s more with 5 in flight than with 2, want about 2 (two ahead beyond the slots)", got)
+	}
+}
+
+// TestCacheTrust: a host whose cache holds only half of what the prefix
+// table says it served is predicted to prefill the other half.
+func TestCacheTrust(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true }))
+	for range 200 {
+		// The table says 80% is held; the host reports 40% cached.
+		st := picker.HostState{Addr: "h", PrefixShare: 0.8}
+		ttft := time.Duration(600) * 50 * time.Microsecond // 600 of 1,000 tokens prefilled
+		m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 1000}, State: st, TTFT: ttft, Duration: ttft,
+			PromptTokens: 1000, CachedTokens: 400})
+	}
+	if got := m.Speed("h").CacheTrust; !near(got, 0.5) {
+		t.Fatalf("cache trust %v, want 0.5", got)
+	}
+	got := m.Cost(Request{PromptTokens: 1000}, 1)(picker.HostState{Addr: "h", PrefixShare: 0.8}).Wait
+	if want := 600 * 50.0; math.Abs(float64(got)/want-1) > 0.1 {
+		t.Fatalf("predicted %d µs, want about %.0f (600 tokens prefilled)", got, want)
 	}
 }

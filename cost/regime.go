@@ -11,22 +11,27 @@ import "math"
 // host's regime is learned by least squares over its own finished
 // requests:
 //
-//	TTFT ≈ base + own·U + crowd·U·n + busy·n + ahead·A + decode·D
+//	TTFT ≈ base + own·U + crowd·U·n + busy·n + queue·max(0, n+1-S) + ahead·A + decode·D
 //
 //	U  prompt tokens the request made the host prefill (its own count,
 //	   less what its cache held), in thousands
 //	n  requests in flight there when it arrived
-//	A  prompt tokens still waiting for their first token there, in
-//	   thousands (the host's count)
+//	S  how many requests the host runs at once before others wait
+//	A  prompt tokens still to prefill there (of the requests waiting for
+//	   their first token: their uncached tokens in the host's count), in
+//	   thousands
 //	D  seconds of decoding expected of the requests in flight there
 //
 // own is the host's prefill time per thousand tokens; crowd how much each
 // request in flight slows a prefill (a load factor) and busy what each adds
-// whatever the prompt (a share of a batch step, a wait for a slot); ahead
-// how much queued prefill delays a new one (about own when prefills run one
-// after another, about 0 when each has a slot); decode how much running
-// requests delay it (small for a wide continuous batch, large when slots
-// are few and full). Every coefficient is kept at 0 or above.
+// whatever the prompt (a share of a batch step); queue what each request
+// beyond its slots adds (the wait for one to end); ahead how much queued
+// prefill delays a new one (about own when prefills run one after another,
+// about 0 when each has a slot); decode how much running requests delay it
+// (small for a wide continuous batch, large when slots are few and full).
+// Every coefficient is kept at 0 or above. The slots S are learned by
+// fitting the regime for each of slotChoices and keeping the one whose
+// predictions of the requests it had not yet seen were closest.
 
 // Features of one observation, in the order of the coefficients.
 const (
@@ -34,6 +39,7 @@ const (
 	featOwn
 	featCrowd
 	featBusy
+	featQueue
 	featAhead
 	featDecode
 	features
@@ -41,11 +47,87 @@ const (
 
 // featureNames name the coefficients, for /debug/hosts.
 var featureNames = [features]string{"base_seconds", "own_seconds_per_1k_tokens", "crowd_seconds_per_1k_tokens_per_request",
-	"busy_seconds_per_request", "ahead_seconds_per_1k_tokens", "decode_seconds_per_second"}
+	"busy_seconds_per_request", "queue_seconds_per_request_beyond_slots", "ahead_seconds_per_1k_tokens", "decode_seconds_per_second"}
 
 // typical is each feature's typical size: the prior's pull on a
 // coefficient is that of observations of this size.
-var typical = [features]float64{featBase: 1, featOwn: 1, featCrowd: 4, featBusy: 4, featAhead: 2, featDecode: 2}
+var typical = [features]float64{featBase: 1, featOwn: 1, featCrowd: 4, featBusy: 4, featQueue: 2, featAhead: 2, featDecode: 2}
+
+// slotChoices are the slot counts a regime is fitted for; 0 is no limit.
+var slotChoices = [...]int{0, 1, 2, 4, 8, 16, 32, 64, 128}
+
+// minChoose is how many observations a host's fits must have seen before
+// the slots are chosen by their errors (until then: no limit).
+const minChoose = 20
+
+// queued returns the queue feature: requests in flight beyond slots, this
+// one included (0 without a limit).
+func queued(slots int, inFlight int64) float64 {
+	if slots == 0 {
+		return 0
+	}
+	return float64(max(0, inFlight+1-int64(slots)))
+}
+
+// regimes are a host's (or the fleet's) regime fitted for each of
+// slotChoices, with how far each predicted the requests before it fitted
+// them, and the one chosen.
+type regimes struct {
+	fits   [len(slotChoices)]regime
+	errs   [len(slotChoices)]float64 // faded mean of squared errors (seconds²)
+	seen   int                       // observations
+	chosen int                       // into slotChoices
+}
+
+// newRegimes returns regimes that all start at prior.
+func newRegimes(prior *regimes) regimes {
+	var r regimes
+	for k := range r.fits {
+		r.fits[k].theta = prior.fits[k].theta
+	}
+	return r
+}
+
+// add folds in one observation: x without its queue feature, inFlight the
+// requests there when it arrived, y its time to first token (seconds), w
+// its weight in the fits. Each fit is scored on it before it is fitted
+// (fading by keep), then fitted toward the same slots' fit of prior
+// (weighing priorObs observations).
+func (r *regimes) add(x [features]float64, inFlight int64, y, w, keep float64, prior *regimes, priorObs float64) {
+	r.seen++
+	best := 0
+	for k, slots := range slotChoices {
+		x[featQueue] = queued(slots, inFlight)
+		f := &r.fits[k]
+		// Absolute errors choose the slots: it is the long waits that a
+		// slot limit explains, and a relative error would weigh the noise
+		// of the shortest requests as much.
+		e := predict(f.theta, x) - y
+		r.errs[k] = r.errs[k]*keep + e*e*(1-keep)
+		f.add(x, y, w, keep)
+		f.fit(prior.fits[k].theta, priorObs)
+		if r.errs[k] < r.errs[best] {
+			best = k
+		}
+	}
+	// A slot limit must predict clearly better than none to be believed:
+	// where none binds, every choice fits about as well.
+	if r.seen >= minChoose {
+		r.chosen = 0
+		if r.errs[best] < slotGain*r.errs[0] {
+			r.chosen = best
+		}
+	}
+}
+
+// slotGain is how much smaller a slot limit's error must be than that of
+// no limit for the host to be believed to have it.
+const slotGain = 0.8
+
+// current returns the chosen slots (0: no limit) and their fit.
+func (r *regimes) current() (slots int, theta [features]float64) {
+	return slotChoices[r.chosen], r.fits[r.chosen].theta
+}
 
 // regime is what is known of one host's regime (or the fleet's): a
 // least-squares fit whose observations fade by a factor each time a new one
@@ -59,12 +141,12 @@ type regime struct {
 
 // add folds in observation x with time to first token y (seconds), after
 // fading what was there by keep.
-func (r *regime) add(x [features]float64, y, keep float64) {
+func (r *regime) add(x [features]float64, y, w, keep float64) {
 	for i := range features {
 		for j := range features {
-			r.a[i][j] = r.a[i][j]*keep + x[i]*x[j]
+			r.a[i][j] = r.a[i][j]*keep + w*x[i]*x[j]
 		}
-		r.b[i] = r.b[i]*keep + x[i]*y
+		r.b[i] = r.b[i]*keep + w*x[i]*y
 	}
 	r.weight = r.weight*keep + 1
 }

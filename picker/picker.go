@@ -139,6 +139,7 @@ type host struct {
 	addr       string
 	tokens     int64 // prompt tokens in flight
 	prefilling int64 // prompt tokens of requests still waiting for their first token
+	uncached   int64 // Charge.Uncached of those
 	load       int64 // charged load not yet released
 	decode     int64 // Charge.Decode of the requests in flight
 	requests   int64
@@ -173,6 +174,10 @@ type Charge struct {
 	// part of it is charged: HostState.Decode sums it over the requests in
 	// flight, for a cost that learns what decoding requests do there.
 	Decode int64
+	// Uncached are the prompt tokens the host is expected to prefill (in
+	// its own count, less what its cache holds): HostState.Uncached sums
+	// them over the requests waiting for their first token.
+	Uncached int64
 }
 
 // HostState is what a Cost sees of a host: its ledger when the request
@@ -182,8 +187,9 @@ type HostState struct {
 	// Requests are in flight; Decoding of them are past their first token.
 	Requests, Decoding int64
 	// PrefillingTokens are the prompt tokens of the requests still waiting
-	// for their first token.
-	PrefillingTokens int64
+	// for their first token, and Uncached the sum of their
+	// Charge.Uncached: what the host has yet to prefill of them.
+	PrefillingTokens, Uncached int64
 	// Load is the charged load not yet released, and Decode the sum of
 	// Charge.Decode of the requests in flight.
 	Load, Decode int64
@@ -362,7 +368,7 @@ func (p *Picker) score(hosts []*host, healthyOnly bool, r Request, now time.Time
 		st := p.state(h, r, now)
 		c := r.Cost(st)
 		c.Tokens, c.UntilFirstToken, c.UntilEnd = max(c.Tokens, 0), max(c.UntilFirstToken, 0), max(c.UntilEnd, 0)
-		c.Wait, c.Decode = max(c.Wait, 0), max(c.Decode, 0)
+		c.Wait, c.Decode, c.Uncached = max(c.Wait, 0), max(c.Decode, 0), max(c.Uncached, 0)
 		if p.opts.MaxInFlightTokens > 0 && h.tokens > 0 && h.tokens+c.Tokens > p.opts.MaxInFlightTokens {
 			continue
 		}
@@ -382,7 +388,7 @@ func (p *Picker) score(hosts []*host, healthyOnly bool, r Request, now time.Time
 
 // state is what a Cost sees of host h for request r.
 func (p *Picker) state(h *host, r Request, now time.Time) HostState {
-	st := HostState{Addr: h.addr, Requests: h.requests, Decoding: h.decoding, PrefillingTokens: h.prefilling,
+	st := HostState{Addr: h.addr, Requests: h.requests, Decoding: h.decoding, PrefillingTokens: h.prefilling, Uncached: h.uncached,
 		Load: h.load, Decode: h.decode}
 	if p.prefixes != nil && len(r.Prefix) > 0 && r.PromptBytes > 0 && r.PrefixBlockBytes > 0 {
 		blocks := p.prefixes.Served(r.Prefix, h.index, now)
@@ -479,6 +485,7 @@ func (p *Picker) charge(best option, r Request, now time.Time) *Lease {
 	l := &Lease{p: p, h: h, charge: best.charge, start: now, ahead: h.prefilling, model: r.Model, state: best.state}
 	h.tokens += best.charge.Tokens
 	h.prefilling += best.charge.Tokens
+	h.uncached += best.charge.Uncached
 	h.load += best.charge.UntilFirstToken + best.charge.UntilEnd
 	h.decode += best.charge.Decode
 	h.requests++
@@ -690,6 +697,7 @@ func (l *Lease) FirstToken() bool {
 func (p *Picker) firstLocked(l *Lease) {
 	l.first = true
 	l.h.prefilling -= l.charge.Tokens
+	l.h.uncached -= l.charge.Uncached
 	l.h.load -= l.charge.UntilFirstToken
 }
 

@@ -21,7 +21,6 @@ import (
 	"errors"
 	"hash/maphash"
 	"log/slog"
-	"os"
 	"time"
 
 	"github.com/tokenlb/tokenlb/cost"
@@ -127,7 +126,7 @@ func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *proce
 	req := cost.Request{Model: p.Model, Route: string(p.API), PromptTokens: p.Tokens, MaxOutputTokens: p.MaxOutputTokens}
 	output := rt.cfg.Cost.Output(req)
 	pr := picker.Request{Cost: rt.cfg.Cost.Cost(req, output), Prefix: p.Prefix, PrefixBlockBytes: p.BlockBytes,
-		PromptBytes: p.TextBytes, Spread: expSpread(rt.cfg.Cost.Spread())}
+		PromptBytes: p.TextBytes, Spread: rt.cfg.Cost.Spread()}
 	if rt.cfg.ModelRouting {
 		pr.Model = p.Model
 	}
@@ -144,14 +143,4 @@ func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *proce
 	rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", p.API, "model", p.Model,
 		"tokens", p.Tokens, "expected_output", output, "host", lease.Host())
 	return f, nil
-}
-
-func expSpread(s float64) float64 {
-	switch os.Getenv("TOKENLB_EXP_SPREAD") {
-	case "0":
-		return 0
-	case "half":
-		return s / 2
-	}
-	return s
 }

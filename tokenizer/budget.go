@@ -15,25 +15,29 @@ const (
 // Options.TimeLimit. Past ExactBytes, texts are estimated: from SampleBytes
 // of them counted exactly (for the whole request, not per text), then from
 // the ratio of tokens to bytes counted so far. Past TimeLimit, from that
-// ratio alone. The clock is read before each text that is not cached and,
+// ratio alone. The time counts from the first text counted, so that what
+// comes before (decoding the request's JSON) is not taken from counting.
+// The clock is read before each text that is not cached and,
 // inside a long text, as the engine goes (the fast engine every 16 KiB, and
 // within the merge of a piece too long to merge at once; tiktoken-go between
 // chunks), so a request overruns its time by at most one such stretch.
 type Budget struct {
 	t          *Tokenizer
-	deadline   time.Time
-	exactLeft  int // bytes still counted exactly
-	sampleLeft int // bytes still counted exactly to estimate the rest
+	deadline   time.Time // zero until the first text is counted
+	exactLeft  int       // bytes still counted exactly
+	sampleLeft int       // bytes still counted exactly to estimate the rest
 	// tokens and bytes counted exactly so far, for the ratio.
 	tokens, bytes int
 	estimated     string // "", EstimatedSize or EstimatedTime
+	// sampledPastTime is how much text was counted past the time limit,
+	// for pastTime's ratio.
+	sampledPastTime int
 }
 
-// Budget returns a budget for one request's texts, its clock started now.
-// It is for one goroutine; call Done once the request is counted.
+// Budget returns a budget for one request's texts. It is for one
+// goroutine; call Done once the request is counted.
 func (t *Tokenizer) Budget() *Budget {
-	return &Budget{t: t, deadline: time.Now().Add(t.opts.TimeLimit),
-		exactLeft: t.opts.ExactBytes, sampleLeft: t.opts.SampleBytes}
+	return &Budget{t: t, exactLeft: t.opts.ExactBytes, sampleLeft: t.opts.SampleBytes}
 }
 
 // Count returns the tokens of s, exactly while the budget lasts.
@@ -46,11 +50,15 @@ func (b *Budget) Count(s string) int {
 		b.tokens, b.bytes = b.tokens+n, b.bytes+len(s)
 		return n
 	}
-	if b.estimated != EstimatedTime && time.Now().After(b.deadline) {
+	now := time.Now()
+	if b.deadline.IsZero() {
+		b.deadline = now.Add(b.t.opts.TimeLimit)
+	}
+	if b.estimated != EstimatedTime && now.After(b.deadline) {
 		b.estimated = EstimatedTime
 	}
 	if b.estimated == EstimatedTime {
-		return b.byRatio(len(s))
+		return b.pastTime(s)
 	}
 	if len(s) > b.exactLeft {
 		return b.sample(s)
@@ -90,6 +98,42 @@ func (b *Budget) Done() {
 		b.t.estimatedTime.Add(1)
 	}
 }
+
+// pastTime estimates the tokens of s, a text met past the time limit, from
+// the ratio counted so far. While that ratio rests on less than ratioBytes
+// of text, it first counts a little of s itself (stretches spread over it,
+// at most ratioBytes in all per request, whatever the clock), so that an
+// estimate never rests on a word or two.
+func (b *Budget) pastTime(s string) int {
+	need := min(ratioBytes-b.bytes, ratioBytes-b.sampledPastTime)
+	if need <= 0 {
+		return b.byRatio(len(s))
+	}
+	if len(s) <= need {
+		n, covered := b.t.engine.count(s, time.Time{})
+		b.sampledPastTime += covered
+		b.tokens, b.bytes = b.tokens+n, b.bytes+covered
+		return n
+	}
+	const windows = 8
+	w, step := need/windows, len(s)/windows
+	for k := range windows {
+		// Each stretch somewhere in its eighth of s, not at its start: a
+		// text that repeats itself every eighth would show the same bytes.
+		at := k*step + int(uint64(k+1)*0x9e3779b97f4a7c15>>40)%max(1, step-w)
+		lo, hi := alignRune(s, at), alignRune(s, at+w)
+		if hi <= lo {
+			continue
+		}
+		n, covered := b.t.engine.count(s[lo:hi], time.Time{})
+		b.sampledPastTime += covered
+		b.tokens, b.bytes = b.tokens+n, b.bytes+covered
+	}
+	return b.byRatio(len(s))
+}
+
+// ratioBytes is how much text a ratio estimate must rest on.
+const ratioBytes = 16 << 10
 
 // byRatio estimates the tokens of n bytes from the ratio counted so far in
 // this request, or 1 token per 4 bytes before anything was counted.

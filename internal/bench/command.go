@@ -72,6 +72,7 @@ func (c *Command) SetFlags(fs *flag.FlagSet) {
 	fs.IntVar(&o.Backend.Slots, "slots", 4, "llmd-sim: requests an instance runs at once (--max-num-seqs)")
 	fs.Float64Var(&o.Backend.LoadFactor, "load-factor", 1, "llmd-sim: how much slower it gets with every slot busy (--time-factor-under-load)")
 	fs.BoolVar(&c.MeasureCapacity, "measure-capacity", false, "open loop at --utilization of the backends' measured capacity on each profile (always so for llmd-sim)")
+	fs.StringVar(&o.LogDir, "logs", "", "keep each run's process logs and configurations under this folder")
 	fs.StringVar(&c.Grid, "grid", "", "render the backend reports in this folder (make bench-backends) as one table, and exit")
 }
 

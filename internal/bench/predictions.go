@@ -32,6 +32,8 @@ func readPredictions(admin string, res *Result) {
 			Address string `json:"address"`
 			Speed   struct {
 				Regime map[string]float64 `json:"regime"`
+				Slots  int                `json:"slots"`
+				Trust  float64            `json:"cache_trust"`
 			} `json:"speed"`
 		} `json:"hosts"`
 	}
@@ -43,6 +45,7 @@ func readPredictions(admin string, res *Result) {
 			if res.Regimes == nil {
 				res.Regimes = map[string]map[string]float64{}
 			}
+			h.Speed.Regime["slots"], h.Speed.Regime["cache_trust"] = float64(h.Speed.Slots), h.Speed.Trust
 			res.Regimes[h.Address] = h.Speed.Regime
 		}
 	}

@@ -88,6 +88,9 @@ type Options struct {
 	Concurrency int
 	Seed        uint64
 	Log         io.Writer
+	// LogDir, when set, keeps each run's process logs and configurations
+	// in a folder of their own under it; otherwise they are removed.
+	LogDir string
 	// Replicas runs that many Envoy (+ tokenlb) pairs in front of the same
 	// backends; the client sends request i to pair i mod Replicas. 0 is 1.
 	Replicas int
@@ -188,11 +191,13 @@ func Rate(reqs []Request, backends float64, utilization, timeScale float64) floa
 // loopback, replays reqs, and stops everything.
 func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result, error) {
 	res := Result{Arm: arm, Requests: len(reqs), HostShare: map[string]float64{}}
-	dir, err := os.MkdirTemp("", "tokenlb-bench")
+	dir, err := os.MkdirTemp(o.LogDir, "tokenlb-bench-"+arm+"-")
 	if err != nil {
 		return res, err
 	}
-	defer os.RemoveAll(dir)
+	if o.LogDir == "" {
+		defer os.RemoveAll(dir)
+	}
 	g := &proc.Group{Dir: dir}
 	defer g.StopAll()
 
