@@ -64,7 +64,8 @@ type Options struct {
 	EstimateOutput bool
 	Calibrate      bool
 	// DecodeWeight is the share of a request's expected decode time charged
-	// to its host; 0 charges prompts only.
+	// to its host; 0 charges prompts only. With Calibrate it is only the
+	// prior of what each host's regime shows decoding requests to delay.
 	DecodeWeight float64
 	// PrefillTokensPerSecond, DecodeTokensPerSecond and OutputTokens are
 	// the priors; 0 means the default.
@@ -89,8 +90,6 @@ type Estimator struct {
 	outputs map[string]*average
 	prior   regimes // the regime the configured priors describe, for any slots
 	ownSize average // the prompt tokens a host prefills, in thousands
-	// typicalTTFT is the fleet's typical time to first token (seconds).
-	typicalTTFT average
 }
 
 // hostSpeed is what Calibrate learns about a host: its token ratio and
@@ -102,11 +101,20 @@ type hostSpeed struct {
 	logRatio, logDecode average
 	regimes             regimes
 	errors              errorWindow
+	idleErrors          errorWindow // of predictions as if the host were idle (the fleet's only)
 	// cacheTrust is how much of the prompt share the prefix table says the
 	// host holds its cache held (cached tokens over that share, as it
 	// reports them): it evicts what the table still remembers, or holds
-	// what others sent it.
-	cacheTrust average
+	// what others sent it. unseenCache is the share of a prompt its cache
+	// held when the table knew of none (common system prompts, other
+	// routers' requests, affinity off).
+	cacheTrust, unseenCache average
+	// typicalTTFT is its typical time to first token (seconds).
+	typicalTTFT average
+	// ownErr and fleetErr are how far its own fit and the fleet's predicted
+	// its requests (faded mean squared relative errors, each scored before
+	// it fitted the request).
+	ownErr, fleetErr float64
 }
 
 type average struct {
@@ -160,11 +168,8 @@ func New(opts Options) *Estimator {
 }
 
 // regimeMemory is how many times Memory observations a regime's fit
-// remembers: it fits five coefficients, where an average fits one.
+// remembers: it fits seven coefficients, where an average fits one.
 const regimeMemory = 4
-
-// priorObs is how many observations' worth a regime's prior counts.
-const priorObs = 4
 
 // Options returns the estimator's options with defaults filled in.
 func (e *Estimator) Options() Options { return e.opts }
@@ -222,14 +227,22 @@ func (e *Estimator) Cost(r Request, output int) picker.Cost {
 		c := picker.Charge{Tokens: int64(r.PromptTokens), Decode: int64(decode * 1e6)}
 		var pre, dec float64 // seconds
 		if e.opts.Calibrate {
-			slots, theta, typical, trust := e.regimeOf(st.Addr)
-			own := float64(r.PromptTokens) * ratio * (1 - min(1, st.PrefixShare*trust)) / 1000
+			v := e.regimeOf(st.Addr)
+			own := float64(r.PromptTokens) * ratio * (1 - v.cached(st.PrefixShare)) / 1000
 			x := features4(own, st)
-			x[featQueue] = queued(slots, st.Requests)
-			c.Wait = max(1, int64(predict(theta, x)*1e6))
+			x[featQueue] = queued(v.slots, st.Requests)
+			c.Wait = max(1, int64(min(predict(v.theta, x), maxWait)*1e6))
 			c.Uncached = int64(own * 1000)
-			pre = theta[featAhead] * own
-			dec = theta[featDecode]*decode + theta[featCrowd]*typical
+			// What it will delay the requests after it: its prefill, queued
+			// ahead of theirs; and for as long as it runs, its decode, what
+			// one more request in flight adds (to a typical prompt's
+			// prefill, and whatever the prompt), and, past the slots, the
+			// wait for its own.
+			pre = v.theta[featAhead] * own
+			dec = v.theta[featDecode]*decode + v.theta[featCrowd]*v.typical + v.theta[featBusy]
+			if v.slots > 0 && st.Requests+1 >= int64(v.slots) {
+				dec += v.theta[featQueue]
+			}
 		} else {
 			pre = float64(r.PromptTokens) * ratio / e.opts.PrefillTokensPerSecond
 			dec = decode * e.opts.DecodeWeight
@@ -288,20 +301,68 @@ func (e *Estimator) speed(host string) (ratio, decode float64) {
 	return math.Exp(lr), math.Exp(ld)
 }
 
-// regimeOf returns a host's regime, its slots and their fit (the fleet's
-// while it has none of its own), the typical prompt a host prefills, in
-// thousands of tokens, and how far the host's cache bears out the prefix
-// table (1: fully).
-func (e *Estimator) regimeOf(host string) (slots int, theta [features]float64, typical, trust float64) {
+// hostView is what the cost uses of what is known of a host.
+type hostView struct {
+	slots   int               // how many requests it runs at once (0: no limit)
+	theta   [features]float64 // its regime's fit for those slots
+	typical float64           // the typical prompt a host prefills, in thousands of tokens
+	trust   float64           // how far its cache bears out the prefix table (1: fully)
+	unseen  float64           // the share of a prompt its cache holds when the table knows of none
+	own     bool              // the regime is the host's own fit, not the fleet's
+}
+
+// cached returns the share of a prompt the host's cache is expected to
+// hold, given the share the prefix table says it served.
+func (v hostView) cached(share float64) float64 {
+	if share > 0 {
+		return min(1, share*v.trust)
+	}
+	return v.unseen
+}
+
+// maxWait bounds a predicted time to first token (seconds).
+const maxWait = 10 * maxTTFT
+
+// regimeOf returns what is known of a host (the fleet's, while nothing is
+// of the host itself).
+func (e *Estimator) regimeOf(host string) hostView {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	r, trust := &e.fleet.regimes, e.trust(&e.fleet)
-	if h, ok := e.hosts[host]; ok && h.regimes.seen > 0 {
-		r, trust = &h.regimes, e.trust(h)
+	h, ok := e.hosts[host]
+	if !ok {
+		h = &e.fleet
 	}
-	slots, theta = r.current()
-	return slots, theta, e.ownSize.value(0, 0), trust
+	return e.viewLocked(h)
 }
+
+// viewLocked returns what is known of h (the fleet, or one host), with e
+// locked. A host's slots are the fleet's unless its own observations
+// clearly say otherwise (regimes.add): how many requests a host runs at
+// once is the engine's setting, the same across a fleet as a rule, and the
+// fleet's observations tell it far sooner than one host's.
+func (e *Estimator) viewLocked(h *hostSpeed) hostView {
+	w := priorWeight * e.alpha
+	v := hostView{unseen: e.fleet.unseenCache.value(0, w), typical: e.ownSize.value(0, 0), trust: e.trust(h)}
+	if h != &e.fleet {
+		v.unseen = h.unseenCache.value(v.unseen, w)
+	}
+	// A host's regime is the fleet's unless its own fit has predicted its
+	// requests clearly better: the hosts of one fleet run the same engine
+	// as a rule, and a fit of their own would only add the noise of fewer
+	// observations; a host that differs (slower hardware, another engine)
+	// shows it.
+	if h == &e.fleet || h.regimes.seen < minChoose || h.ownErr >= ownGain*h.fleetErr {
+		v.slots, v.theta = e.fleet.regimes.current()
+		return v
+	}
+	v.slots, v.theta = h.regimes.current()
+	v.own = true
+	return v
+}
+
+// ownGain is how much smaller the error of a host's own fit must be than
+// that of the fleet's for the host to be believed to differ.
+const ownGain = 0.8
 
 // trust returns how far h's cache bears out the prefix table, from the
 // fleet's (and at first, fully).
@@ -375,9 +436,17 @@ func (e *Estimator) Learn(o Outcome) {
 		e.fleet.logDecode.add(x, fa)
 	}
 	if o.Predicted > 0 {
-		err := math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds()
+		y := o.TTFT.Seconds()
+		err := math.Abs(o.Predicted.Seconds()-y) / y
 		h.errors.add(err)
 		e.fleet.errors.add(err)
+		// What a prediction that ignored the host's state (as if it were
+		// idle) would have been off by: the yardstick of Spread.
+		v := e.viewLocked(h)
+		ratio := math.Exp(h.logRatio.value(e.fleet.logRatio.value(0, priorWeight*e.alpha), priorWeight*e.alpha))
+		own := float64(o.Request.PromptTokens) * ratio * (1 - v.cached(o.State.PrefixShare)) / 1000
+		idle := predict(v.theta, features4(own, picker.HostState{}))
+		e.fleet.idleErrors.add(math.Abs(idle-y) / y)
 	}
 	e.learnRegime(h, o)
 }
@@ -389,27 +458,45 @@ func (e *Estimator) learnRegime(h *hostSpeed, o Outcome) {
 	// The prompt the host prefilled: its own count less what its cache
 	// held, when it reports both; else tokenlb's count at the host's ratio,
 	// less the share it was believed to hold.
-	own := float64(o.Request.PromptTokens) * ratio * (1 - min(1, o.State.PrefixShare*e.trust(h)))
+	own := float64(o.Request.PromptTokens) * ratio * (1 - e.viewLocked(h).cached(o.State.PrefixShare))
 	if o.PromptTokens > 0 && o.CachedTokens >= 0 {
 		own = float64(max(0, o.PromptTokens-o.CachedTokens))
+		share := float64(o.CachedTokens) / float64(o.PromptTokens)
 		if o.State.PrefixShare > 0 {
-			held := float64(o.CachedTokens) / float64(o.PromptTokens) / o.State.PrefixShare
+			held := share / o.State.PrefixShare
 			h.cacheTrust.add(clamp(held, 0, maxTrust), e.alpha)
 			e.fleet.cacheTrust.add(clamp(held, 0, maxTrust), e.alpha/float64(len(e.hosts)))
+		} else {
+			h.unseenCache.add(clamp(share, 0, 1), e.alpha)
+			e.fleet.unseenCache.add(clamp(share, 0, 1), e.alpha/float64(len(e.hosts)))
 		}
 	}
 	x := features4(own/1000, o.State)
 	y := min(o.TTFT.Seconds(), maxTTFT)
 	e.ownSize.add(own/1000, e.alpha)
-	// Each observation weighs inversely to its time to first token (around
-	// the typical one): the fit is after relative accuracy, so that the
-	// short requests are predicted as well as the long ones, whose squared
-	// errors would otherwise make the whole of it.
-	e.typicalTTFT.add(y, e.alpha)
-	w := clamp(e.typicalTTFT.value(y, 0)/max(y, 1e-3), 0.1, 10)
+	// Each observation weighs inversely to its time to first token, around
+	// the typical one of the fit it goes into (so that a fit's weights are
+	// about 1 on average, against its prior's): the fit is after relative
+	// accuracy, so that the short requests are predicted as well as the
+	// long ones, whose squared errors would otherwise make the whole of it.
+	weight := func(typical *average) float64 {
+		typical.add(y, e.alpha)
+		return clamp(typical.value(y, 0)/max(y, 1e-3), 0.1, 10)
+	}
 	n := o.State.Requests
-	e.fleet.regimes.add(x, n, y, w, 1-(1-e.keep)/float64(len(e.hosts)), &e.prior, priorObs)
-	h.regimes.add(x, n, y, w, e.keep, &e.fleet.regimes, priorObs)
+	// Score the host's own fit and the fleet's on this observation before
+	// either sees it (see viewLocked).
+	rel := func(r *regimes) float64 {
+		slots, theta := r.current()
+		x := x
+		x[featQueue] = queued(slots, n)
+		d := (predict(theta, x) - y) / max(y, 1e-3)
+		return d * d
+	}
+	h.ownErr = h.ownErr*e.keep + rel(&h.regimes)*(1-e.keep)
+	h.fleetErr = h.fleetErr*e.keep + rel(&e.fleet.regimes)*(1-e.keep)
+	e.fleet.regimes.add(x, n, y, weight(&e.fleet.typicalTTFT), 1-(1-e.keep)/float64(len(e.hosts)), &e.prior, 0, 0)
+	h.regimes.add(x, n, y, weight(&h.typicalTTFT), e.keep, &e.fleet.regimes, hostPool, e.fleet.regimes.chosen)
 }
 
 // maxTrust bounds one observation of a host's cache trust: the prefix
@@ -443,6 +530,9 @@ type HostSpeed struct {
 	// CacheTrust is how much of the prompt share the prefix table says it
 	// holds its cache did hold, as it reported (1: all of it).
 	CacheTrust float64 `json:"cache_trust"`
+	// OwnRegime says Regime is the host's own fit; otherwise it is the
+	// fleet's, which predicts the host's requests about as well.
+	OwnRegime bool `json:"own_regime"`
 	// PredictionError is the median of |predicted - observed| / observed
 	// time to first token over its last requests; Predictions how many.
 	PredictionError float64 `json:"ttft_prediction_error"`
@@ -457,8 +547,9 @@ func (e *Estimator) Speed(host string) HostSpeed {
 	if !e.opts.Calibrate {
 		return s
 	}
-	slots, theta, _, trust := e.regimeOf(host)
-	s.Slots, s.CacheTrust = slots, trust
+	v := e.regimeOf(host)
+	slots, theta := v.slots, v.theta
+	s.Slots, s.CacheTrust, s.OwnRegime = slots, v.trust, v.own
 	if theta[featOwn] > 0 {
 		s.PrefillTokensPerSecond = 1000 / theta[featOwn]
 	}
@@ -475,11 +566,17 @@ func (e *Estimator) Speed(host string) HostSpeed {
 	return s
 }
 
-// Spread returns how wrong the predictions of time to first token have
-// been across the fleet lately (the median relative error), for the
-// picker's Request.Spread: hosts whose scores are closer than that are not
-// told apart. Before enough predictions were checked it is
-// unprovenSpread.
+// Spread returns how far apart, relative to the lowest, hosts' scores must
+// be to be told apart, for the picker's Request.Spread: the fleet's recent
+// median prediction error e, scaled down by how much better than a
+// prediction that ignores the hosts' state (as if idle) the predictions
+// were: e·min(1, e/e_idle)². A model whose use of the hosts' state shows
+// in its predictions ranks hosts by it even when single predictions are
+// noisy; one that predicts no better than ignoring the state leaves the
+// choice between hosts within its error to least-request. Before enough
+// predictions were checked it is 0: the prior is the fixed model, which
+// ranks hosts by their load, and a fleet that never shows a first token
+// (no streamed responses) keeps it.
 func (e *Estimator) Spread() float64 {
 	if !e.opts.Calibrate {
 		return 0
@@ -487,14 +584,15 @@ func (e *Estimator) Spread() float64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.fleet.errors.n < errorWindowSize/4 {
-		return unprovenSpread
+		return 0
 	}
-	return e.fleet.errors.median()
+	m, idle := e.fleet.errors.median(), e.fleet.idleErrors.median()
+	skill := 1.0
+	if idle > 0 {
+		skill = min(1, m/idle)
+	}
+	return m * skill * skill
 }
-
-// unprovenSpread is Spread before predictions were checked: a model that
-// has not yet shown it predicts well shares the choice with least-request.
-const unprovenSpread = 0.5
 
 // errorWindowSize is how many recent prediction errors a window keeps.
 const errorWindowSize = 64

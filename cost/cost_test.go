@@ -180,20 +180,30 @@ func TestCalibration(t *testing.T) {
 // another, and that of one that runs each request in a slot and slows all
 // of them as more run, are told apart, and each predicts its own host.
 func TestRegimes(t *testing.T) {
-	m := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
+	serialFleet := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
+	slottedFleet := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
 	slots := func(own, _ float64, st picker.HostState) time.Duration {
 		// 20 ms + 0.5 ms a token, slowed by a third for each request
 		// running beside it (the llm-d simulator at load factor 2, 4 slots).
 		return time.Duration((20e-3 + own*0.5e-3) * (1 + float64(st.Requests)/3) * float64(time.Second))
 	}
-	teach(m, 400, 10*time.Millisecond, host{"serial", 1, serial(50 * time.Microsecond)}, host{"slots", 1, slots})
-	th := func(h string) map[string]float64 { return m.Speed(h).Regime }
-	if s := th("serial"); !near(s["ahead_seconds_per_1k_tokens"], 0.05) || s["crowd_seconds_per_1k_tokens_per_request"] > 0.005 {
+	teach(serialFleet, 400, 10*time.Millisecond, host{"serial", 1, serial(50 * time.Microsecond)})
+	teach(slottedFleet, 400, 10*time.Millisecond, host{"slots", 1, slots})
+	if s := serialFleet.Speed("serial").Regime; !near(s["ahead_seconds_per_1k_tokens"], 0.05) ||
+		s["crowd_seconds_per_1k_tokens_per_request"] > 0.005 {
 		t.Errorf("serial host: %v, want queued prefill to delay a prompt as its own does, and no crowding", s)
 	}
-	if s := th("slots"); s["ahead_seconds_per_1k_tokens"] > 0.01 || !near(s["own_seconds_per_1k_tokens"], 0.5) {
-		t.Errorf("slotted host: %v, want no delay from queued prefill and 0.5 s per 1,000 tokens", s)
+	s := slottedFleet.Speed("slots").Regime
+	if s["ahead_seconds_per_1k_tokens"] > 0.01 || !near(s["own_seconds_per_1k_tokens"], 0.5) ||
+		!near(s["crowd_seconds_per_1k_tokens_per_request"], 0.5/3) {
+		t.Errorf("slotted host: %v, want no delay from queued prefill, 0.5 s per 1,000 tokens and a sixth of that per request there", s)
 	}
+	for name, v := range s {
+		if v < 0 {
+			t.Errorf("coefficient %s is %v, below 0", name, v)
+		}
+	}
+	m := slottedFleet
 	busy := picker.HostState{Addr: "slots", Requests: 3}
 	want := (20e-3 + 1.0) * 2 // 2,000 tokens beside 3 others
 	if got := float64(m.Cost(Request{PromptTokens: 2000}, 10)(busy).Wait) / 1e6; math.Abs(got/want-1) > 0.15 {
@@ -219,30 +229,45 @@ func TestCachedTokensAreNotPrefill(t *testing.T) {
 	}
 }
 
-// TestSpread: until predictions are checked the spread is that of an
-// unproven model; then it is how wrong they were.
+// TestSpread: until predictions are checked there is no spread (the prior
+// is the fixed model). Then it is how wrong they were where the hosts' state
+// does not tell in the times to first token (all as if idle), and much
+// less where it does and the predictions use it.
 func TestSpread(t *testing.T) {
-	m := New(with(round, func(o *Options) { o.Calibrate = true }))
-	if got := m.Spread(); got != unprovenSpread {
-		t.Fatalf("spread %v before any prediction, want %v", got, unprovenSpread)
-	}
-	for i := range 100 {
-		// Predicted 100 ms; observed 80 or 125 ms: 25% and 20% off.
-		ttft := 80 * time.Millisecond
-		if i%2 == 1 {
-			ttft = 125 * time.Millisecond
-		}
-		m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 100}, Predicted: 100 * time.Millisecond, TTFT: ttft,
-			Duration: ttft, CachedTokens: -1})
-	}
-	if got := m.Spread(); got < 0.2 || got > 0.2501 {
-		t.Fatalf("spread %v, want between 0.2 and 0.25", got)
-	}
-	if s := m.Speed("h"); s.Predictions != errorWindowSize || s.PredictionError < 0.2 || s.PredictionError > 0.2501 {
-		t.Fatalf("host's prediction error %v over %d, want 0.2 to 0.25 over %d", s.PredictionError, s.Predictions, errorWindowSize)
-	}
 	if New(round).Spread() != 0 {
 		t.Fatal("a model that predicts nothing has a spread")
+	}
+	if got := New(with(round, func(o *Options) { o.Calibrate = true })).Spread(); got != 0 {
+		t.Fatalf("spread %v before any prediction, want 0 (the prior ranks by load)", got)
+	}
+	learn := func(state bool) *Estimator {
+		m := New(with(round, func(o *Options) { o.Calibrate = true }))
+		rng := rand.New(rand.NewPCG(5, 6))
+		for i := range 300 {
+			n := int64(rng.IntN(10))
+			ttft := 10 * time.Millisecond
+			if state {
+				ttft *= time.Duration(1 + n) // 10 ms for each request there
+			}
+			// Predicted 20% off, one way or the other.
+			pred := ttft * 6 / 5
+			if i%2 == 1 {
+				pred = ttft * 4 / 5
+			}
+			m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 100}, State: picker.HostState{Addr: "h", Requests: n},
+				Predicted: pred, TTFT: ttft, Duration: ttft, CachedTokens: -1})
+		}
+		return m
+	}
+	if got := learn(false).Spread(); math.Abs(got-0.2) > 0.01 {
+		t.Errorf("spread %v where the state does not tell, want the error, 0.2", got)
+	}
+	if got := learn(true).Spread(); got > 0.05 {
+		t.Errorf("spread %v where predictions use the state, want well under the error", got)
+	}
+	m := learn(true)
+	if s := m.Speed("h"); s.Predictions != errorWindowSize || math.Abs(s.PredictionError-0.2) > 0.01 {
+		t.Fatalf("host's prediction error %v over %d, want 0.2 over %d", s.PredictionError, s.Predictions, errorWindowSize)
 	}
 }
 

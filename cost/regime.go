@@ -30,8 +30,10 @@ import "math"
 // about 0 when each has a slot); decode how much running requests delay it
 // (small for a wide continuous batch, large when slots are few and full).
 // Every coefficient is kept at 0 or above. The slots S are learned by
-// fitting the regime for each of slotChoices and keeping the one whose
-// predictions of the requests it had not yet seen were closest.
+// fitting the regime for each of slotChoices and scoring each fit on the
+// requests before it saw them: the fleet keeps the closest (a limit only
+// when clearly closer than none), and a host keeps the fleet's unless its
+// own observations clearly favour another.
 
 // Features of one observation, in the order of the coefficients.
 const (
@@ -56,8 +58,8 @@ var typical = [features]float64{featBase: 1, featOwn: 1, featCrowd: 4, featBusy:
 // slotChoices are the slot counts a regime is fitted for; 0 is no limit.
 var slotChoices = [...]int{0, 1, 2, 4, 8, 16, 32, 64, 128}
 
-// minChoose is how many observations a host's fits must have seen before
-// the slots are chosen by their errors (until then: no limit).
+// minChoose is how many observations fits must have seen before the
+// slots are chosen by their errors (until then: the default).
 const minChoose = 20
 
 // queued returns the queue feature: requests in flight beyond slots, this
@@ -79,12 +81,14 @@ type regimes struct {
 	chosen int                       // into slotChoices
 }
 
-// newRegimes returns regimes that all start at prior.
+// newRegimes returns regimes that start as prior: its fits and its
+// choice of slots.
 func newRegimes(prior *regimes) regimes {
 	var r regimes
 	for k := range r.fits {
 		r.fits[k].theta = prior.fits[k].theta
 	}
+	r.chosen = prior.chosen
 	return r
 }
 
@@ -92,8 +96,9 @@ func newRegimes(prior *regimes) regimes {
 // requests there when it arrived, y its time to first token (seconds), w
 // its weight in the fits. Each fit is scored on it before it is fitted
 // (fading by keep), then fitted toward the same slots' fit of prior
-// (weighing priorObs observations).
-func (r *regimes) add(x [features]float64, inFlight int64, y, w, keep float64, prior *regimes, priorObs float64) {
+// (see regime.fit for pool). The slots chosen are def (an index into
+// slotChoices) unless another choice's error is clearly smaller.
+func (r *regimes) add(x [features]float64, inFlight int64, y, w, keep float64, prior *regimes, pool float64, def int) {
 	r.seen++
 	best := 0
 	for k, slots := range slotChoices {
@@ -105,29 +110,35 @@ func (r *regimes) add(x [features]float64, inFlight int64, y, w, keep float64, p
 		e := predict(f.theta, x) - y
 		r.errs[k] = r.errs[k]*keep + e*e*(1-keep)
 		f.add(x, y, w, keep)
-		f.fit(prior.fits[k].theta, priorObs)
+		f.fit(prior.fits[k].theta, pool)
 		if r.errs[k] < r.errs[best] {
 			best = k
 		}
 	}
-	// A slot limit must predict clearly better than none to be believed:
-	// where none binds, every choice fits about as well.
-	if r.seen >= minChoose {
-		r.chosen = 0
-		if r.errs[best] < slotGain*r.errs[0] {
-			r.chosen = best
-		}
+	// Another choice must predict clearly better than the default to be
+	// believed: where no limit binds, every choice fits about as well.
+	r.chosen = def
+	if r.seen >= minChoose && r.errs[best] < slotGain*r.errs[def] {
+		r.chosen = best
 	}
 }
 
-// slotGain is how much smaller a slot limit's error must be than that of
-// no limit for the host to be believed to have it.
+// slotGain is how much smaller another choice's error must be than the
+// default's to be believed.
 const slotGain = 0.8
 
 // current returns the chosen slots (0: no limit) and their fit.
 func (r *regimes) current() (slots int, theta [features]float64) {
 	return slotChoices[r.chosen], r.fits[r.chosen].theta
 }
+
+// priorObs is how many observations' worth the fleet's prior counts at
+// first.
+const priorObs = 4
+
+// hostPool is how many observations' worth the fleet's fit always counts
+// in a host's.
+const hostPool = 4
 
 // regime is what is known of one host's regime (or the fleet's): a
 // least-squares fit whose observations fade by a factor each time a new one
@@ -148,17 +159,24 @@ func (r *regime) add(x [features]float64, y, w, keep float64) {
 		}
 		r.b[i] = r.b[i]*keep + w*x[i]*y
 	}
-	r.weight = r.weight*keep + 1
+	r.weight = r.weight*keep + w
 }
 
 // fit solves for the coefficients, pulled toward prior, and keeps them at
 // 0 or above (a coefficient the unconstrained fit puts below 0 is fixed at
-// 0 and the rest fitted again). The prior weighs priorObs observations of
-// typical size while there are none, and fades as they come (to about
-// priorObs² of them): it settles what the observations cannot, such as
-// the split between base and own when every prompt is the same size.
-func (r *regime) fit(prior [features]float64, priorObs float64) {
-	pull := priorObs * priorObs / (priorObs + r.weight)
+// 0 and the rest fitted again, one at a time). With pool 0, the prior weighs priorObs
+// observations of typical size while there are none, and fades as they
+// come (to about priorObs² of them): it settles what the observations
+// cannot, such as the split between base and own when every prompt is the
+// same size. With pool positive it always weighs that many: a host's fit
+// stays near the fleet's unless its own observations show otherwise, so
+// that the noise of a few hundred observations does not set hosts of one
+// fleet apart.
+func (r *regime) fit(prior [features]float64, pool float64) {
+	pull := pool
+	if pull <= 0 {
+		pull = priorObs * priorObs / (priorObs + r.weight)
+	}
 	var fixed [features]bool
 	for range features {
 		var a [features][features]float64
@@ -181,16 +199,20 @@ func (r *regime) fit(prior [features]float64, priorObs float64) {
 		if !ok {
 			return
 		}
-		negative := false
+		// Fix the most negative coefficient at 0 and fit the rest again:
+		// another that came out negative beside it may not be once it is
+		// gone.
+		worst := -1
 		for i, v := range theta {
-			if v < 0 {
-				fixed[i], negative = true, true
+			if v < 0 && (worst < 0 || v < theta[worst]) {
+				worst = i
 			}
 		}
-		if !negative {
+		if worst < 0 {
 			r.theta = theta
 			return
 		}
+		fixed[worst] = true
 	}
 }
 

@@ -165,14 +165,16 @@ type Charge struct {
 	// UntilEnd is load released when the response ends.
 	UntilEnd int64
 	// Wait, when positive, is the request's predicted time to first token
-	// on the host, given what is there: the host's score is then Wait plus
-	// the load the request adds (what it will delay the requests after
-	// it). 0 means no prediction: the score is the host's load after
-	// adding the request.
+	// on the host, given what is there (µs): the host's score is then Wait
+	// plus the load the request adds (what it will delay the requests
+	// after it), plus the backend's external load and the stall term. 0
+	// means no prediction: the score is the host's load after adding the
+	// request (plus the same two).
 	Wait int64
-	// Decode is the request's expected decode time on the host, whatever
-	// part of it is charged: HostState.Decode sums it over the requests in
-	// flight, for a cost that learns what decoding requests do there.
+	// Decode is the request's expected decode time on the host (µs),
+	// whatever part of it is charged: HostState.Decode sums it over the
+	// requests in flight, for a cost that learns what decoding requests do
+	// there.
 	Decode int64
 	// Uncached are the prompt tokens the host is expected to prefill (in
 	// its own count, less what its cache holds): HostState.Uncached sums
@@ -191,7 +193,7 @@ type HostState struct {
 	// Charge.Uncached: what the host has yet to prefill of them.
 	PrefillingTokens, Uncached int64
 	// Load is the charged load not yet released, and Decode the sum of
-	// Charge.Decode of the requests in flight.
+	// Charge.Decode of the requests in flight (µs).
 	Load, Decode int64
 	// PrefixShare is the share of this request's prompt that the host
 	// recently served as a prefix of another (and likely still caches);
@@ -314,13 +316,15 @@ const DefaultTolerance = 0.1
 //     does: a health signal that rules out every host is more likely wrong
 //     than the hosts).
 //   - score: a host's score is its load after adding the request's cost
-//     there, plus the load its backend reports beyond this picker's own
-//     requests; hosts at MaxInFlightTokens drop out.
+//     there (or, when the cost predicts the request's time to first token
+//     there, Charge.Wait, that prediction plus what the request adds),
+//     plus the load its backend reports beyond this picker's own requests;
+//     hosts at MaxInFlightTokens drop out.
 //   - choose: with affinity on, a host that recently served r's prefix wins
 //     when its score is above the lowest by no more than the prefill the
 //     prefix saves there, nor than Affinity.MaxExtraLoad; otherwise the
-//     lowest score wins, within Tolerance, and among near ties the fewest
-//     in-flight requests, then a host at random.
+//     lowest score wins, within Tolerance and Request.Spread, and among
+//     near ties the fewest in-flight requests, then a host at random.
 //   - charge: the chosen host's ledger takes the request's cost.
 func (p *Picker) Pick(r Request) (*Lease, error) {
 	p.mu.Lock()
@@ -442,8 +446,9 @@ func (p *Picker) byAffinity(r Request, opts []option, lowest int64, now time.Tim
 }
 
 // leastLoaded returns the option with the lowest score, counting those
-// within Tolerance of the request's own cost as tied: among them the one
-// with the fewest in-flight requests, then one at random.
+// within Tolerance of the request's own cost, or within spread of the
+// lowest score, as tied: among them the one with the fewest in-flight
+// requests, then one at random.
 func (p *Picker) leastLoaded(opts []option, lowest, own int64, spread float64) option {
 	var best option
 	limit := lowest + max(int64(float64(own)*p.opts.Tolerance), int64(float64(lowest)*spread))

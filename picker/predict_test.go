@@ -68,7 +68,7 @@ func TestHostState(t *testing.T) {
 	var seen []HostState
 	cost := func(hs HostState) Charge {
 		seen = append(seen, hs)
-		return Charge{Tokens: 100, UntilFirstToken: 70, UntilEnd: 30, Decode: 500}
+		return Charge{Tokens: 100, UntilFirstToken: 70, UntilEnd: 30, Decode: 500, Uncached: 60}
 	}
 	a, _ := p.Pick(Request{Cost: cost})
 	a.FirstToken()
@@ -78,13 +78,13 @@ func TestHostState(t *testing.T) {
 		t.Fatalf("second request saw %+v (lease %+v), want %+v", seen[1], b.State(), want)
 	}
 	p.Pick(Request{Cost: cost})
-	want = HostState{Addr: "10.0.0.1:80", Requests: 2, Decoding: 1, PrefillingTokens: 100, Load: 130, Decode: 1000}
+	want = HostState{Addr: "10.0.0.1:80", Requests: 2, Decoding: 1, PrefillingTokens: 100, Uncached: 60, Load: 130, Decode: 1000}
 	if seen[2] != want {
 		t.Fatalf("third request saw %+v, want %+v", seen[2], want)
 	}
 	a.Release(ResponseEnd)
 	p.Pick(Request{Cost: cost})
-	want = HostState{Addr: "10.0.0.1:80", Requests: 2, PrefillingTokens: 200, Load: 200, Decode: 1000}
+	want = HostState{Addr: "10.0.0.1:80", Requests: 2, PrefillingTokens: 200, Uncached: 120, Load: 200, Decode: 1000}
 	if seen[3] != want {
 		t.Fatalf("after a release, the fourth saw %+v, want %+v", seen[3], want)
 	}

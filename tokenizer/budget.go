@@ -81,7 +81,7 @@ func (b *Budget) exact(s string, left *int) (n int, whole bool) {
 		return n, true
 	}
 	b.estimated = EstimatedTime
-	return n + b.byRatio(len(s)-covered), false
+	return n + b.pastTime(s[covered:]), false
 }
 
 // Estimated returns "" when every text so far was counted exactly, else
@@ -181,6 +181,11 @@ func (b *Budget) sample(s string) int {
 		}
 	}
 	b.tokens, b.bytes = b.tokens+tokens, b.bytes+bytes
+	if b.estimated == EstimatedTime {
+		// The clock stopped the sample: the ratio must still rest on
+		// enough of the text.
+		return b.pastTime(s)
+	}
 	return b.byRatio(len(s))
 }
 

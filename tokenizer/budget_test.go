@@ -323,3 +323,23 @@ func TestBudgetClockStartsAtCounting(t *testing.T) {
 		t.Fatalf("counted %d (estimated %q) after a pause longer than the time limit, want 4 exactly", n, b.Estimated())
 	}
 }
+
+// TestEstimateRestsOnText: past the time limit, a request's estimate rests
+// on at least 16 KiB of its own text (stretches of it are counted whatever
+// the clock), and on not much more.
+func TestEstimateRestsOnText(t *testing.T) {
+	tk, err := New(Options{CacheEntries: -1, TimeLimit: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &meter{engine: tk.engine}
+	tk.engine = m
+	big := strings.Repeat(corpus(t)["prose"], 8)
+	p, err := countRequest(tk, chatBody(t, "You are a helpful assistant.", big))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Estimated != EstimatedTime || m.bytes < ratioBytes-512 || m.bytes > ratioBytes+1024 {
+		t.Fatalf("counted %d bytes of text (estimated %q), want about %d", m.bytes, p.Estimated, ratioBytes)
+	}
+}

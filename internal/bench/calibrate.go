@@ -69,5 +69,8 @@ func firstToken(ctx context.Context, url, prompt string) (time.Duration, error) 
 	if s.err != nil {
 		return 0, s.err
 	}
+	if s.ttft <= 0 {
+		return 0, fmt.Errorf("no token came back")
+	}
 	return s.ttft, nil
 }

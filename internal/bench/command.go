@@ -169,7 +169,7 @@ func (c *Command) runProfile(ctx context.Context, o Options, profile string) (*R
 		rep.Mode = o.Backend.About() + ", " + mode
 	}
 	rep.PeakPrefill = o.PeakPrefill
-	if c.MeasureCapacity || o.Backend.Kind == "llmd-sim" {
+	if o.Concurrency == 0 && (c.MeasureCapacity || o.Backend.Kind == "llmd-sim") {
 		capacity, err := c.measure(ctx, o, workload)
 		if err != nil {
 			return nil, err

@@ -131,12 +131,12 @@ static_resources:
 
 // startLLMD starts llm-d's EPP in front of hosts, then Envoy in front of
 // it, and returns the URL of Envoy's chat completions endpoint.
-func startLLMD(ctx context.Context, g *proc.Group, o Options, hosts []string) (string, error) {
+func startLLMD(ctx context.Context, g *proc.Group, o Options, replica int, hosts []string) (string, error) {
 	if o.EPP == "" {
 		return "", fmt.Errorf("bench: the llm-d arm needs llm-d's endpoint picker: set LLMD_EPP_BIN or --llmd-epp " +
 			"(built from github.com/llm-d/llm-d-router, cmd/epp; bench/RESULTS.md names the commit)")
 	}
-	eppPort, err := startEPP(ctx, g, o, hosts)
+	eppPort, err := startEPP(ctx, g, o, replica, hosts)
 	if err != nil {
 		return "", err
 	}
@@ -147,7 +147,7 @@ func startLLMD(ctx context.Context, g *proc.Group, o Options, hosts []string) (s
 			return "", err
 		}
 	}
-	cfg := filepath.Join(g.Dir, "envoy-llmd.yaml")
+	cfg := filepath.Join(g.Dir, fmt.Sprintf("envoy-llmd-%d.yaml", replica))
 	if err := writeTemplate(cfg, llmdEnvoy, ports); err != nil {
 		return "", err
 	}
@@ -168,7 +168,7 @@ func startLLMD(ctx context.Context, g *proc.Group, o Options, hosts []string) (s
 
 // startEPP writes the endpoints file and the plugin configuration, starts
 // the EPP on free ports and returns its ext_proc port once it listens.
-func startEPP(ctx context.Context, g *proc.Group, o Options, hosts []string) (int, error) {
+func startEPP(ctx context.Context, g *proc.Group, o Options, replica int, hosts []string) (int, error) {
 	var eps strings.Builder
 	eps.WriteString("endpoints:\n")
 	for i, h := range hosts {
@@ -178,11 +178,11 @@ func startEPP(ctx context.Context, g *proc.Group, o Options, hosts []string) (in
 		}
 		fmt.Fprintf(&eps, "- name: backend-%d\n  address: %q\n  port: %q\n", i+1, addr, port)
 	}
-	endpoints := filepath.Join(g.Dir, "llmd-endpoints.yaml")
+	endpoints := filepath.Join(g.Dir, fmt.Sprintf("llmd-endpoints-%d.yaml", replica))
 	if err := os.WriteFile(endpoints, []byte(eps.String()), 0o600); err != nil {
 		return 0, err
 	}
-	cfg := filepath.Join(g.Dir, "llmd-epp.yaml")
+	cfg := filepath.Join(g.Dir, fmt.Sprintf("llmd-epp-%d.yaml", replica))
 	err := writeTemplate(cfg, llmdConfig, struct {
 		Endpoints   string
 		PeakPrefill float64
@@ -242,9 +242,10 @@ func waitFor(ctx context.Context, limit time.Duration, cond func() bool) error {
 	return nil
 }
 
-// get reports whether url answers 200 with a body that contains want.
+// get reports whether url answers 200, within a second, with a body that
+// contains want.
 func get(url, want string) bool {
-	resp, err := http.Get(url)
+	resp, err := (&http.Client{Timeout: time.Second}).Get(url)
 	if err != nil {
 		return false
 	}

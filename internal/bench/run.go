@@ -191,6 +191,11 @@ func Rate(reqs []Request, backends float64, utilization, timeScale float64) floa
 // loopback, replays reqs, and stops everything.
 func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result, error) {
 	res := Result{Arm: arm, Requests: len(reqs), HostShare: map[string]float64{}}
+	if o.LogDir != "" {
+		if err := os.MkdirAll(o.LogDir, 0o755); err != nil {
+			return res, err
+		}
+	}
 	dir, err := os.MkdirTemp(o.LogDir, "tokenlb-bench-"+arm+"-")
 	if err != nil {
 		return res, err
@@ -290,7 +295,7 @@ func startFronts(ctx context.Context, g *proc.Group, o Options, arm string, host
 // that of tokenlb's admin server ("" without tokenlb).
 func (f front) start(ctx context.Context, g *proc.Group, o Options, r int, hosts []string) (url, admin string, err error) {
 	if f.llmd {
-		url, err := startLLMD(ctx, g, o, hosts)
+		url, err := startLLMD(ctx, g, o, r, hosts)
 		return url, "", err
 	}
 	eo := envoycfg.Options{Backends: hosts, Policy: f.policy}

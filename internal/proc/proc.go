@@ -151,7 +151,7 @@ func (g *Group) WaitReady(ctx context.Context, url string) error {
 		if err := g.Exited(); err != nil {
 			return err
 		}
-		if resp, err := http.Get(url); err == nil {
+		if resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(url); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
 				return nil
