@@ -134,7 +134,8 @@ func (w *Watcher) readmit(addr string) {
 	}
 	s.lastEjectionEnd = now
 	s.cancelReadmit = nil
-	if s.activeFails > 0 && !s.activeDown {
+	switch {
+	case s.activeFails > 0 && !s.activeDown:
 		// The last health check failed too: the checks decide when the
 		// host is back, rather than a timer letting requests fail on it
 		// again.
@@ -143,7 +144,9 @@ func (w *Watcher) readmit(addr string) {
 		s.activeReason = fmt.Sprintf("ejected after %d responses in a row with a 5xx status, and the last health check failed",
 			w.opts.Outlier.ConsecutiveFailures)
 		w.log.Warn("host stays ejected: its health checks fail", "host", addr)
-	} else {
+	case s.activeDown:
+		w.log.Info("host's ejection ended; its failing health checks keep it out", "host", addr)
+	default:
 		w.log.Info("host readmitted after its ejection", "host", addr)
 	}
 	w.publishHealthLocked(s)

@@ -1,7 +1,9 @@
 package backend
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -152,5 +154,27 @@ func TestBackoffHasNoOverflow(t *testing.T) {
 			t.Fatalf("ejection %d lasts %v", i+1, d)
 		}
 		c.advance(h.Until.Sub(c.Now()))
+	}
+}
+
+// TestNoReadmissionLoggedForADownHost: when a passive ejection ends while
+// the health checks hold the host down, the host is not said to be
+// readmitted.
+func TestNoReadmissionLoggedForADownHost(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) }))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "http://")
+	c := &clock{now: time.Unix(1000, 0)}
+	var logs bytes.Buffer
+	w, _ := New(newRecorder(), []string{host}, Options{Health: HealthCheck{Interval: time.Hour, UnhealthyThreshold: 1, HealthyThreshold: 1},
+		Outlier: Outlier{ConsecutiveFailures: 3, BaseEjection: 5 * time.Second}, Now: c.Now, After: c.After,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))}, nil)
+	w.check(context.Background(), host) // down by its health check
+	for range 3 {
+		w.Observe(host, 503)
+	}
+	c.advance(5 * time.Second)
+	if strings.Contains(logs.String(), "readmitted") || !strings.Contains(logs.String(), "failing health checks keep it out") {
+		t.Fatalf("logs:\n%s", logs.String())
 	}
 }

@@ -21,6 +21,10 @@ func newClient() *http.Client {
 		IdleConnTimeout: time.Minute, ResponseHeaderTimeout: time.Minute}}
 }
 
+// noRedirects is the watcher's redirect policy: a redirect is the answer,
+// and not a 2xx.
+func noRedirects(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+
 // fetch GETs path on addr within timeout. A transport error or a status
 // other than 2xx is an error that names the path; read, if not nil, is
 // given the body (at most maxBodyBytes of it). What is left of the body is

@@ -60,3 +60,30 @@ func testCounter(m *Metrics, host, result string) float64 {
 }
 
 func readCounter(c prometheus.Counter) float64 { return testutil.ToFloat64(c) }
+
+// TestRedirectsFail: a host whose health check redirects (to a page that
+// answers 200, even on another host) fails the check, and the watcher never
+// fetches where the redirect points.
+func TestRedirectsFail(t *testing.T) {
+	var elsewhere atomic.Int32
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { elsewhere.Add(1) }))
+	defer other.Close()
+	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, other.URL+"/health", http.StatusFound)
+	}))
+	defer redirecting.Close()
+	addr := strings.TrimPrefix(redirecting.URL, "http://")
+	rec := newRecorder()
+	w, err := New(rec, []string{addr}, Options{Health: HealthCheck{Path: "/health", Interval: time.Hour, Timeout: time.Second,
+		UnhealthyThreshold: 1, HealthyThreshold: 1}, Client: &http.Client{}}, NewMetrics())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.check(context.Background(), addr)
+	if h := rec.healthOf(addr); !h.Down {
+		t.Fatalf("a redirecting health check left the host %+v, want down", h)
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Fatalf("the watcher followed the redirect %d times", n)
+	}
+}

@@ -35,7 +35,8 @@ type Options struct {
 	Models  Discovery
 	Metrics Scrape
 	// Client makes every request; nil means a plain client. Each request
-	// is bounded by its source's Timeout.
+	// is bounded by its source's Timeout, and no redirect is followed
+	// (whatever the client's CheckRedirect): a 3xx fails the check.
 	Client *http.Client
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
@@ -98,7 +99,13 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 	opts.Metrics = opts.Metrics.withDefaults()
 	if opts.Client == nil {
 		opts.Client = newClient()
+	} else {
+		c := *opts.Client
+		opts.Client = &c
 	}
+	// A host that redirects must not make tokenlb fetch another URL, nor
+	// pass a check with some other page's answer.
+	opts.Client.CheckRedirect = noRedirects
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}

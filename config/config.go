@@ -239,13 +239,18 @@ const (
 )
 
 // Parse reads a YAML document over the defaults. Unknown fields are errors,
-// so that a misspelled setting is never silently ignored.
+// so that a misspelled setting is never silently ignored, and so is a
+// second document (after ---), which would be.
 func Parse(r io.Reader) (Config, error) {
 	c := Default()
 	dec := yaml.NewDecoder(r)
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
 		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	var more yaml.Node
+	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+		return Config{}, errors.New("config: a second YAML document (after ---) would be ignored: put every setting in one")
 	}
 	return c, nil
 }

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"io"
 	"maps"
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -266,5 +267,58 @@ func TestLoad(t *testing.T) {
 	}
 	if _, err := Load("tokenlb", []string{"--config", filepath.Join(t.TempDir(), "missing.yaml")}, io.Discard); err == nil {
 		t.Error("missing config file accepted")
+	}
+}
+
+// TestValidateWithoutGaps: each bad value is refused, and the error names
+// its field (not its section) and says what is wrong with it.
+func TestValidateWithoutGaps(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mutate func(*Config)
+		want   string
+	}{
+		{"infinite prefill speed", func(c *Config) { c.Cost.PrefillTokensPerSecond = math.Inf(1) }, "cost.prefill_tokens_per_second: +Inf is outside"},
+		{"NaN decode speed", func(c *Config) { c.Cost.DecodeTokensPerSecond = math.NaN() }, "cost.decode_tokens_per_second: NaN is outside"},
+		{"implausible prefill speed", func(c *Config) { c.Cost.PrefillTokensPerSecond = 1e12 }, "cost.prefill_tokens_per_second"},
+		{"lease ttl of a millisecond", func(c *Config) { c.LeaseTTL = time.Millisecond }, "lease_ttl: 1ms is below 1m0s"},
+		{"host with an IPv6 zone", func(c *Config) { c.Hosts[0].Address = "[fe80::1%eth0]:8000" }, "hosts[0].address"},
+		{"negative health check interval", func(c *Config) { c.HealthCheck.Interval = -time.Second }, "health_check.interval: -1s must not be negative"},
+		{"health check timeout", func(c *Config) { c.HealthCheck.Timeout = 0 }, "health_check.timeout: 0s must be positive"},
+		{"health check path", func(c *Config) { c.HealthCheck.Path = "health" }, `health_check.path: "health" does not start with /`},
+		{"unhealthy threshold", func(c *Config) { c.HealthCheck.UnhealthyThreshold = -2 }, "health_check.unhealthy_threshold: -2 is below 1"},
+		{"negative consecutive 5xx", func(c *Config) { c.OutlierDetection.Consecutive5xx = -1 }, "outlier_detection.consecutive_5xx: -1 is below 0"},
+		{"ejection times", func(c *Config) { c.OutlierDetection.MaxEjectionTime = time.Second }, "outlier_detection.max_ejection_time: 1s is below base_ejection_time"},
+		{"ejection percent", func(c *Config) { c.OutlierDetection.MaxEjectionPercent = 101 }, "outlier_detection.max_ejection_percent: 101 is outside"},
+		{"negative extra load", func(c *Config) { c.PrefixAffinity.MaxExtraLoad = -time.Second }, "prefix_affinity.max_extra_load: -1s must not be negative"},
+		{"prefix blocks", func(c *Config) { c.PrefixAffinity.Blocks = 0 }, "prefix_affinity.blocks: 0 is outside 1 to 1024"},
+		{"prefix block bytes", func(c *Config) { c.PrefixAffinity.BlockBytes = 8 }, "prefix_affinity.block_bytes: 8 is below 16"},
+		{"negative shutdown delay", func(c *Config) { c.ShutdownDelay = -time.Second }, "shutdown_delay: -1s must not be negative"},
+		{"metrics path", func(c *Config) { c.BackendMetrics.Interval, c.BackendMetrics.Path = time.Second, "metrics" }, `backend_metrics.path: "metrics" does not start with /`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			c.Hosts = []Host{{Address: "10.0.0.1:80"}, {Address: "10.0.0.2:80"}}
+			tc.mutate(&c)
+			if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate() = %v, want it to say %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestSecondDocumentRefused: a second YAML document, whose settings would
+// be ignored, is an error, whatever it holds.
+func TestSecondDocumentRefused(t *testing.T) {
+	for _, doc := range []string{
+		"hosts: [{address: 10.0.0.1:80}]\n---\nlog_level: debug\n",
+		"hosts: [{address: 10.0.0.1:80}]\n---\nno_such_field: [\n",
+	} {
+		if _, err := Parse(strings.NewReader(doc)); err == nil || !strings.Contains(err.Error(), "second YAML document") {
+			t.Errorf("Parse(%q) = %v, want a second-document error", doc, err)
+		}
+	}
+	if _, err := Parse(strings.NewReader("hosts: [{address: 10.0.0.1:80}]\n")); err != nil {
+		t.Errorf("one document: %v", err)
 	}
 }

@@ -3,12 +3,14 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/tokenlb/tokenlb/picker"
+	"github.com/tokenlb/tokenlb/prefix"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
@@ -27,6 +29,9 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
+
+// minLeaseTTL is the shortest lease_ttl accepted.
+const minLeaseTTL = time.Minute
 
 // problems collects what is wrong, each error naming its field.
 type problems []error
@@ -110,9 +115,18 @@ func (c *Config) validateRouting(p *problems) {
 	if c.MaxInFlightTokensPerHost < 0 {
 		p.add("max_in_flight_tokens_per_host", "must not be negative")
 	}
-	if a := c.PrefixAffinity; a.MaxExtraLoad < 0 || a.MaxExtraLoad > 0 && (a.BlockBytes < 16 || a.Blocks < 1 || a.Blocks > 1024 ||
-		a.TTL <= 0 || a.Entries < 2 || len(c.Hosts) > 64) {
-		p.add("prefix_affinity", "needs block_bytes >= 16, blocks 1 to 1024, a positive ttl, entries >= 2 and at most 64 hosts (max_extra_load 0s turns it off)")
+	a := c.PrefixAffinity
+	p.duration("prefix_affinity.max_extra_load", a.MaxExtraLoad, true)
+	if a.MaxExtraLoad > 0 { // 0 turns affinity off
+		p.atLeast("prefix_affinity.block_bytes", a.BlockBytes, 16)
+		if a.Blocks < 1 || a.Blocks > 1024 {
+			p.add("prefix_affinity.blocks", "%d is outside 1 to 1024", a.Blocks)
+		}
+		p.duration("prefix_affinity.ttl", a.TTL, false)
+		p.atLeast("prefix_affinity.entries", a.Entries, 2)
+		if len(c.Hosts) > prefix.MaxHosts {
+			p.add("prefix_affinity.max_extra_load", "affinity supports at most %d hosts, not %d: set 0s to turn it off", prefix.MaxHosts, len(c.Hosts))
+		}
 	}
 }
 
@@ -126,12 +140,8 @@ func (c *Config) validateCost(p *problems) {
 	if c.Cost.OutputTokens <= 0 {
 		p.add("cost.output_tokens", "must be positive")
 	}
-	if v := c.Cost.PrefillTokensPerSecond; !(v > 0) {
-		p.add("cost.prefill_tokens_per_second", "must be positive")
-	}
-	if v := c.Cost.DecodeTokensPerSecond; !(v > 0) {
-		p.add("cost.decode_tokens_per_second", "must be positive")
-	}
+	p.rate("cost.prefill_tokens_per_second", c.Cost.PrefillTokensPerSecond, 1e9)
+	p.rate("cost.decode_tokens_per_second", c.Cost.DecodeTokensPerSecond, 1e7)
 }
 
 func (c *Config) validateDurations(p *problems) {
@@ -142,26 +152,72 @@ func (c *Config) validateDurations(p *problems) {
 	}{{"retry_after", c.RetryAfter, false}, {"lease_ttl", c.LeaseTTL, false}, {"sweep_interval", c.SweepInterval, false},
 		{"shutdown_delay", c.ShutdownDelay, true}, {"tokenizer.time_limit", c.Tokenizer.TimeLimit, false},
 		{"response.observer_grace", c.Response.ObserverGrace, false}, {"drain_timeout", c.DrainTimeout, true}} {
-		if d.v < 0 || (d.v == 0 && !d.zero) {
-			p.add(d.name, "%s must be positive", d.v)
-		}
+		p.duration(d.name, d.v, d.zero)
+	}
+	// The sweeper releases whatever is older than lease_ttl: shorter than
+	// a long generation, it would release requests still running.
+	if c.LeaseTTL > 0 && c.LeaseTTL < minLeaseTTL {
+		p.add("lease_ttl", "%s is below %s: the sweeper would release requests still running", c.LeaseTTL, minLeaseTTL)
 	}
 }
 
 func (c *Config) validateBackends(p *problems) {
-	if c.HealthCheck.Interval < 0 || c.HealthCheck.Interval > 0 && (c.HealthCheck.Timeout <= 0 ||
-		c.HealthCheck.UnhealthyThreshold < 1 || c.HealthCheck.HealthyThreshold < 1 || !strings.HasPrefix(c.HealthCheck.Path, "/")) {
-		p.add("health_check", "needs a path starting with /, a positive timeout and thresholds of at least 1 (interval 0s turns checks off)")
+	h := c.HealthCheck
+	p.duration("health_check.interval", h.Interval, true)
+	if h.Interval > 0 { // 0 turns checks off, and the rest with them
+		p.path("health_check.path", h.Path)
+		p.duration("health_check.timeout", h.Timeout, false)
+		p.atLeast("health_check.unhealthy_threshold", h.UnhealthyThreshold, 1)
+		p.atLeast("health_check.healthy_threshold", h.HealthyThreshold, 1)
 	}
-	if o := c.OutlierDetection; o.Consecutive5xx < 0 || o.Consecutive5xx > 0 && (o.BaseEjectionTime <= 0 ||
-		o.MaxEjectionTime < o.BaseEjectionTime || o.MaxEjectionPercent < 1 || o.MaxEjectionPercent > 100) {
-		p.add("outlier_detection", "needs base_ejection_time > 0, max_ejection_time >= it and max_ejection_percent 1 to 100 (consecutive_5xx 0 turns it off)")
+	o := c.OutlierDetection
+	p.atLeast("outlier_detection.consecutive_5xx", o.Consecutive5xx, 0)
+	if o.Consecutive5xx > 0 { // 0 turns passive ejection off
+		p.duration("outlier_detection.base_ejection_time", o.BaseEjectionTime, false)
+		if o.MaxEjectionTime < o.BaseEjectionTime {
+			p.add("outlier_detection.max_ejection_time", "%s is below base_ejection_time %s", o.MaxEjectionTime, o.BaseEjectionTime)
+		}
+		if o.MaxEjectionPercent < 1 || o.MaxEjectionPercent > 100 {
+			p.add("outlier_detection.max_ejection_percent", "%d is outside 1 to 100", o.MaxEjectionPercent)
+		}
 	}
-	if c.Models.DiscoveryInterval < 0 {
-		p.add("models.discovery_interval", "must not be negative")
+	p.duration("models.discovery_interval", c.Models.DiscoveryInterval, true)
+	p.duration("backend_metrics.interval", c.BackendMetrics.Interval, true)
+	if c.BackendMetrics.Interval > 0 { // 0 turns it off
+		p.path("backend_metrics.path", c.BackendMetrics.Path)
 	}
-	if b := c.BackendMetrics; b.Interval < 0 || b.Interval > 0 && !strings.HasPrefix(b.Path, "/") {
-		p.add("backend_metrics", "needs a path starting with / (interval 0s turns it off)")
+}
+
+// duration checks a duration field: positive, or with zero allowed, not
+// negative.
+func (p *problems) duration(field string, d time.Duration, zero bool) {
+	switch {
+	case d < 0 && zero:
+		p.add(field, "%s must not be negative", d)
+	case d <= 0 && !zero:
+		p.add(field, "%s must be positive", d)
+	}
+}
+
+// atLeast checks an integer field's lower bound.
+func (p *problems) atLeast(field string, v, least int) {
+	if v < least {
+		p.add(field, "%d is below %d", v, least)
+	}
+}
+
+// path checks a URL path field.
+func (p *problems) path(field, path string) {
+	if !strings.HasPrefix(path, "/") {
+		p.add(field, "%q does not start with /", path)
+	}
+}
+
+// rate checks a per-second rate field: finite and within a plausible
+// range.
+func (p *problems) rate(field string, v, most float64) {
+	if !(v > 0) || math.IsInf(v, 0) || v > most {
+		p.add(field, "%g is outside 0 to %g (exclusive of 0)", v, most)
 	}
 }
 

@@ -300,6 +300,9 @@ func ParseAddr(s string) (string, error) {
 	if ap.Port() == 0 {
 		return "", fmt.Errorf("picker: host %q has port 0", s)
 	}
+	if ap.Addr().Zone() != "" {
+		return "", fmt.Errorf("picker: host %q has an IPv6 zone, which Envoy's ORIGINAL_DST cluster cannot use", s)
+	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String(), nil
 }
 
