@@ -34,10 +34,18 @@ const (
 	llmdPrefillOverhead = 20 * time.Millisecond
 	llmdPrefillPerToken = time.Millisecond
 	llmdPerOutputToken  = 10 * time.Millisecond
-	// llmdCacheBlocks is its prefix cache, in blocks of 16 tokens: 65,536
-	// tokens, as llmsim's.
+	// llmdCacheBlocks is its KV cache, in blocks of 16 tokens: 65,536
+	// tokens, as llmsim's, or llmdSlotBlocks for each slot if that is more.
+	// The simulator fails a request that does not fit beside those running
+	// (a real engine would queue it), so every slot must be able to hold
+	// the profiles' longest prompts (about 9,000 tokens).
 	llmdCacheBlocks = 4096
+	llmdSlotBlocks  = 1024
 )
+
+// cacheBlocks is the KV cache of an llm-d-sim instance that runs slots
+// requests at once, in blocks.
+func cacheBlocks(slots int) int { return max(llmdCacheBlocks, slots*llmdSlotBlocks) }
 
 // Name says which backend and setting this is, for file names:
 // llmsim-default, llmd-sim-4slots-lf2.
@@ -127,7 +135,7 @@ func startLLMDSims(ctx context.Context, g *proc.Group, o Options) (*backends, er
 			"--prefill-overhead", scale(llmdPrefillOverhead), "--prefill-time-per-token", scale(llmdPrefillPerToken),
 			"--inter-token-latency", scale(llmdPerOutputToken),
 			// Prefix caching on, with no KV events published.
-			"--enable-kvcache", "--kv-cache-size", fmt.Sprint(llmdCacheBlocks), "--zmq-endpoint", "",
+			"--enable-kvcache", "--kv-cache-size", fmt.Sprint(cacheBlocks(o.Backend.Slots)), "--zmq-endpoint", "",
 			// Its tokenizer counts words and punctuation; without this it
 			// would download a model's tokenizer.
 			"--force-dummy-tokenizer",

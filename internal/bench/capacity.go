@@ -23,6 +23,11 @@ func MeasureCapacity(ctx context.Context, o Options, reqs []Request) (float64, e
 	if err != nil {
 		return 0, err
 	}
+	if res.Errors > 0 {
+		// Fast failures would pass for capacity.
+		return 0, fmt.Errorf("bench: %d of %d requests failed while measuring capacity: the backends refuse this load (--logs keeps their logs)",
+			res.Errors, len(reqs))
+	}
 	ends := slices.Clone(res.ends)
 	slices.SortFunc(ends, time.Time.Compare)
 	lo, hi := len(ends)/5, len(ends)*4/5

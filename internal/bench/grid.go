@@ -32,8 +32,8 @@ func Grid(dir string) (string, error) {
 	}
 	slices.SortFunc(reports, func(a, b *Report) int { return strings.Compare(a.name(), b.name()) })
 	var b strings.Builder
-	b.WriteString("| backend | profile | arm | TTFT p90 ms | × least-request | × llm-d | E2E mean ms | × least-request | × llm-d | TTFT prediction error | TTFT p90 floor ms |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| backend | profile | arm | errors | TTFT p90 ms | × least-request | × llm-d | E2E mean ms | × least-request | × llm-d | TTFT prediction error | TTFT p90 floor ms |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	p90 := func(x Result) float64 { return x.TTFT.P90 }
 	e2e := func(x Result) float64 { return x.E2E.Mean }
 	for _, r := range reports {
@@ -43,8 +43,8 @@ func Grid(dir string) (string, error) {
 			if r.FloorTTFTP90 > 0 {
 				floor = fmt.Sprintf("%.0f", r.FloorTTFTP90)
 			}
-			fmt.Fprintf(&b, "| %s | %s | %s | %.0f | %s | %s | %.0f | %s | %s | %s | %s |\n", r.Backend, r.Profile, a.Arm,
-				a.TTFT.P90, ratio(r, a.Arm, "envoy-least-request", p90), ratio(r, a.Arm, "llm-d", p90),
+			fmt.Fprintf(&b, "| %s | %s | %s | %d | %.0f | %s | %s | %.0f | %s | %s | %s | %s |\n", r.Backend, r.Profile, a.Arm,
+				a.Errors, a.TTFT.P90, ratio(r, a.Arm, "envoy-least-request", p90), ratio(r, a.Arm, "llm-d", p90),
 				a.E2E.Mean, ratio(r, a.Arm, "envoy-least-request", e2e), ratio(r, a.Arm, "llm-d", e2e), predictionError(r, a.Arm), floor)
 		}
 	}
