@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build run demo tools test vet bench bench-quick bench-backends bench-backends-table bench-tokenizer fuzz-tokenizer clean
+.PHONY: all build run demo tools test vet soak bench bench-quick bench-backends bench-backends-table bench-tokenizer fuzz-tokenizer clean
 
 all: build
 
@@ -33,6 +33,13 @@ vet:
 # CI=true: the e2e suite fails, never skips, without Envoy.
 test: tools vet
 	envoy="$$(scripts/envoy.sh)" && ENVOY_BIN="$$envoy" CI=true $(GO) test -race -count=1 ./...
+
+# The soak: TestSoak's mixed load (aborts, bad inputs, slow clients, a
+# backend killed and back, tokenlb restarted) through real Envoy for
+# SOAK (3 minutes by default); make test runs it for 8 seconds.
+SOAK ?= 3m
+soak: tools
+	envoy="$$(scripts/envoy.sh)" && ENVOY_BIN="$$envoy" CI=true $(GO) test -race -count=1 -run '^TestSoak$$' -v -timeout 30m ./e2e -soak $(SOAK)
 
 # Quick check of a change (about 20 seconds): the seed profile, open loop at 80%
 # utilization, llmsim at a quarter of real time, all three arms.

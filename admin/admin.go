@@ -5,6 +5,7 @@ package admin
 import (
 	"encoding/json"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -69,4 +70,22 @@ func Handler(hosts HostLister, speeds SpeedReporter, metrics prometheus.Gatherer
 		}{views})
 	})
 	return mux
+}
+
+// Timeouts bound what one admin client can hold: a connection's headers,
+// its whole request, the response and an idle keep-alive.
+type Timeouts struct {
+	Header, Read, Write, Idle time.Duration
+}
+
+// DefaultTimeouts suit scrapes and probes: a Prometheus scrape of a few
+// hundred hosts' series is written in well under Write.
+func DefaultTimeouts() Timeouts {
+	return Timeouts{Header: 10 * time.Second, Read: 30 * time.Second, Write: 30 * time.Second, Idle: 60 * time.Second}
+}
+
+// NewServer returns the admin HTTP server for h with timeouts t, so that
+// slow or idle clients cannot keep connections open.
+func NewServer(h http.Handler, t Timeouts) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: t.Header, ReadTimeout: t.Read, WriteTimeout: t.Write, IdleTimeout: t.Idle}
 }

@@ -3,11 +3,13 @@ package admin
 import (
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -67,5 +69,50 @@ func TestHandler(t *testing.T) {
 	}
 	if code, _ := get("/healthz"); code != 200 {
 		t.Fatalf("/healthz %d while shutting down", code)
+	}
+}
+
+// TestServerTimeouts: the admin server closes a connection whose client
+// stalls in its headers, and an idle keep-alive one; the defaults set
+// every timeout.
+func TestServerTimeouts(t *testing.T) {
+	d := DefaultTimeouts()
+	for name, v := range map[string]time.Duration{"header": d.Header, "read": d.Read, "write": d.Write, "idle": d.Idle} {
+		if v <= 0 {
+			t.Errorf("default %s timeout %v", name, v)
+		}
+	}
+	short, long := 200*time.Millisecond, time.Hour
+	for _, tc := range []struct {
+		name     string
+		timeouts Timeouts
+		send     string
+	}{
+		{"stalled headers", Timeouts{Header: short, Read: long, Write: long, Idle: long}, "GET / HTTP/1.1\r\nHost: a\r\n"},
+		{"idle keep-alive", Timeouts{Header: long, Read: long, Write: long, Idle: short}, "GET / HTTP/1.1\r\nHost: a\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }), tc.timeouts)
+			go srv.Serve(l)
+			defer srv.Close()
+			conn, err := net.Dial("tcp", l.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := io.WriteString(conn, tc.send); err != nil {
+				t.Fatal(err)
+			}
+			// The server ends the connection: a read returns io.EOF long
+			// before this deadline, which only guards against a hang.
+			conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.Copy(io.Discard, conn); err != nil {
+				t.Fatalf("connection not closed by the server: %v", err)
+			}
+		})
 	}
 }

@@ -28,6 +28,8 @@ import (
 type Config struct {
 	// Listen is the ext_proc gRPC address Envoy connects to.
 	Listen string `yaml:"listen"`
+	// TLS secures the ext_proc listener.
+	TLS TLS `yaml:"tls"`
 	// Admin is the HTTP address of /metrics, /healthz, /readyz and
 	// /debug/hosts.
 	Admin string `yaml:"admin"`
@@ -56,11 +58,12 @@ type Config struct {
 	LeaseTTL time.Duration `yaml:"lease_ttl"`
 	// SweepInterval is how often the sweeper runs.
 	SweepInterval time.Duration `yaml:"sweep_interval"`
-	// ShutdownDelay is how long tokenlb reports not-ready before it stops
-	// accepting streams, so that health checks notice first.
+	// ShutdownDelay is how long tokenlb reports not-ready before it
+	// drains, so that health checks move new streams to other replicas
+	// first.
 	ShutdownDelay time.Duration `yaml:"shutdown_delay"`
-	// DrainTimeout bounds how long in-flight streams may take to finish
-	// after shutdown begins.
+	// DrainTimeout bounds the drain: how long tokenlb keeps serving, after
+	// ShutdownDelay, for the requests being routed to finish.
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
 	// Cost is the cost model: what a request charges each host, and what
 	// tokenlb learns from responses.
@@ -82,6 +85,26 @@ type Config struct {
 	// LogFormat is text or json.
 	LogFormat string `yaml:"log_format"`
 }
+
+// TLS secures the ext_proc listener: whoever reaches it can steer traffic
+// and report responses, so only Envoy should.
+type TLS struct {
+	// CertFile and KeyFile are the server's certificate chain and key
+	// (PEM). Setting them turns TLS on; both are read again when they
+	// change.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// ClientCAFile, when set, is the CA bundle (PEM) that a client's
+	// certificate must chain to: mutual TLS, so that only Envoy connects.
+	ClientCAFile string `yaml:"client_ca_file"`
+	// AllowPlaintext serves the listener without TLS on an address that is
+	// not loopback (inside a mesh whose sidecars encrypt, say). Without it
+	// tokenlb refuses to start so; with it, it warns at start.
+	AllowPlaintext bool `yaml:"allow_plaintext"`
+}
+
+// Enabled reports whether the listener serves TLS.
+func (t TLS) Enabled() bool { return t.CertFile != "" }
 
 // Cost configures the cost model (package cost documents it).
 type Cost struct {

@@ -109,7 +109,9 @@ func TestValidateNamesTheField(t *testing.T) {
 // sets.
 var flagFields = map[string]string{
 	"listen": "listen", "admin": "admin", "hosts": "hosts", "encoding": "encoding",
-	"tokenizer-engine": "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",
+	"tls-cert-file": "tls.cert_file", "tls-key-file": "tls.key_file", "tls-client-ca-file": "tls.client_ca_file",
+	"tls-allow-plaintext": "tls.allow_plaintext",
+	"tokenizer-engine":    "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",
 	"tokenizer-cache-min-bytes": "tokenizer.cache_min_bytes", "tokenizer-exact-bytes": "tokenizer.exact_bytes",
 	"tokenizer-time-limit": "tokenizer.time_limit", "destination-header": "destination_header",
 	"fallback-hosts": "fallback_hosts", "max-body-bytes": "max_body_bytes",
@@ -295,6 +297,14 @@ func TestValidateWithoutGaps(t *testing.T) {
 		{"prefix block bytes", func(c *Config) { c.PrefixAffinity.BlockBytes = 8 }, "prefix_affinity.block_bytes: 8 is below 16"},
 		{"negative shutdown delay", func(c *Config) { c.ShutdownDelay = -time.Second }, "shutdown_delay: -1s must not be negative"},
 		{"metrics path", func(c *Config) { c.BackendMetrics.Interval, c.BackendMetrics.Path = time.Second, "metrics" }, `backend_metrics.path: "metrics" does not start with /`},
+		{"plaintext on every interface", func(c *Config) { c.Listen = "0.0.0.0:9002" }, "listen: 0.0.0.0:9002 is reachable from other machines"},
+		{"plaintext on a pod address", func(c *Config) { c.Listen = "10.1.2.3:9002" }, "tls.allow_plaintext: true"},
+		{"certificate without key", func(c *Config) { c.TLS.CertFile = "config_test.go" }, "tls: cert_file and key_file go together"},
+		{"client CA without TLS", func(c *Config) { c.TLS.ClientCAFile = "config_test.go" }, "tls.client_ca_file: needs tls.cert_file"},
+		{"missing certificate", func(c *Config) { c.TLS.CertFile, c.TLS.KeyFile = "missing.pem", "config_test.go" }, "tls.cert_file: stat missing.pem"},
+		{"plaintext allowed and TLS", func(c *Config) {
+			c.TLS.CertFile, c.TLS.KeyFile, c.TLS.AllowPlaintext = "config_test.go", "config_test.go", true
+		}, "tls.allow_plaintext: contradicts"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()
@@ -304,6 +314,26 @@ func TestValidateWithoutGaps(t *testing.T) {
 				t.Fatalf("Validate() = %v, want it to say %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestListenersThatNeedNoTLS: loopback listeners, TLS, and plaintext the
+// config allows are all accepted.
+func TestListenersThatNeedNoTLS(t *testing.T) {
+	for name, mutate := range map[string]func(*Config){
+		"IPv4 loopback":     func(c *Config) { c.Listen = "127.0.0.1:9002" },
+		"IPv6 loopback":     func(c *Config) { c.Listen = "[::1]:9002" },
+		"allowed plaintext": func(c *Config) { c.Listen, c.TLS.AllowPlaintext = "0.0.0.0:9002", true },
+		"mutual TLS": func(c *Config) {
+			c.Listen, c.TLS.CertFile, c.TLS.KeyFile, c.TLS.ClientCAFile = "0.0.0.0:9002", "config_test.go", "config_test.go", "config_test.go"
+		},
+	} {
+		c := Default()
+		c.Hosts = []Host{{Address: "10.0.0.1:80"}}
+		mutate(&c)
+		if err := c.Validate(); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
 	}
 }
 

@@ -58,6 +58,10 @@ func newFlagSet(name string, c *Config, output io.Writer) *flag.FlagSet {
 // bind registers every flag, each on the one field it sets.
 func bind(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "ext_proc gRPC listen address")
+	fs.StringVar(&c.TLS.CertFile, "tls-cert-file", c.TLS.CertFile, "ext_proc listener's TLS certificate chain (PEM); turns TLS on")
+	fs.StringVar(&c.TLS.KeyFile, "tls-key-file", c.TLS.KeyFile, "ext_proc listener's TLS private key (PEM)")
+	fs.StringVar(&c.TLS.ClientCAFile, "tls-client-ca-file", c.TLS.ClientCAFile, "CA bundle (PEM) clients' certificates must chain to: mutual TLS")
+	fs.BoolVar(&c.TLS.AllowPlaintext, "tls-allow-plaintext", c.TLS.AllowPlaintext, "serve the ext_proc listener without TLS on a non-loopback address")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
 	fs.Var((*hostList)(&c.Hosts), "hosts", "comma-separated backend `ip:port` list (replaces the file's hosts)")
 	fs.StringVar(&c.Encoding, "encoding", c.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
@@ -70,7 +74,7 @@ func bind(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", c.LeaseTTL, "age at which the sweeper reclaims an unreleased charge")
 	fs.DurationVar(&c.SweepInterval, "sweep-interval", c.SweepInterval, "how often the sweeper runs")
 	fs.DurationVar(&c.ShutdownDelay, "shutdown-delay", c.ShutdownDelay, "time reported not-ready before draining on SIGTERM")
-	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "longest wait for in-flight streams on SIGTERM")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "longest drain on SIGTERM: serving until no request is being routed")
 	bindCost(fs, &c.Cost)
 	fs.BoolVar(&c.Response.Observer, "observer", c.Response.Observer, "an observability-mode ext_proc filter reports responses")
 	fs.StringVar(&c.Response.LeaseHeader, "lease-header", c.Response.LeaseHeader, "header that lets the observer find the request")

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -48,6 +49,7 @@ func (c *Config) validateListenersAndHosts(p *problems) {
 			p.add(f.name, "%q is not an ip:port address", f.addr)
 		}
 	}
+	c.validateTLS(p)
 	if len(c.Hosts) == 0 {
 		p.add("hosts", "at least one host is required")
 	}
@@ -69,6 +71,33 @@ func (c *Config) validateListenersAndHosts(p *problems) {
 				p.add(fmt.Sprintf("hosts[%d].models", i), "has an empty model name")
 			}
 		}
+	}
+}
+
+// validateTLS checks the ext_proc listener's TLS files, and that a
+// listener others can reach is not plaintext unless the config says so.
+func (c *Config) validateTLS(p *problems) {
+	t := c.TLS
+	switch {
+	case (t.CertFile == "") != (t.KeyFile == ""):
+		p.add("tls", "cert_file and key_file go together")
+	case t.ClientCAFile != "" && !t.Enabled():
+		p.add("tls.client_ca_file", "needs tls.cert_file and tls.key_file")
+	case t.Enabled() && t.AllowPlaintext:
+		p.add("tls.allow_plaintext", "contradicts tls.cert_file")
+	}
+	for _, f := range []struct{ name, path string }{{"tls.cert_file", t.CertFile}, {"tls.key_file", t.KeyFile}, {"tls.client_ca_file", t.ClientCAFile}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			p.add(f.name, "%v", err)
+		}
+	}
+	if ap, err := netip.ParseAddrPort(c.Listen); err == nil && !ap.Addr().IsLoopback() && !t.Enabled() && !t.AllowPlaintext {
+		p.add("listen", "%s is reachable from other machines, and whoever reaches it can steer traffic: set tls.cert_file, tls.key_file "+
+			"and tls.client_ca_file (mutual TLS, so that only Envoy connects), or tls.allow_plaintext: true where the network "+
+			"itself is trusted (a mesh whose sidecars encrypt)", c.Listen)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/compose-spec/compose-go/v2/loader"
 	"github.com/compose-spec/compose-go/v2/types"
@@ -328,5 +329,58 @@ func TestIstioEnvoyFilter(t *testing.T) {
 		if err := protojson.Unmarshal(js, msg); err != nil {
 			t.Errorf("patch %d (%s): %v", i, cp.ApplyTo, err)
 		}
+	}
+}
+
+// TestTimeouts: both Envoy configs bound every wait a client or a backend
+// can stall: the request's headers, the whole request, the response and a
+// silent backend, and tokenlb's answers on the routing stream.
+func TestTimeouts(t *testing.T) {
+	for _, file := range []string{"envoy.yaml", "envoy-override-host.yaml"} {
+		t.Run(file, func(t *testing.T) {
+			b, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cfg map[string]any
+			if err := yaml.Unmarshal(b, &cfg); err != nil {
+				t.Fatal(err)
+			}
+			at := func(v any, path ...any) any {
+				for _, p := range path {
+					switch k := p.(type) {
+					case string:
+						v = v.(map[string]any)[k]
+					case int:
+						v = v.([]any)[k]
+					}
+				}
+				return v
+			}
+			hcm := at(cfg, "static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config")
+			route := at(hcm, "route_config", "virtual_hosts", 0, "routes", 0, "route")
+			var extProc any
+			for _, f := range at(hcm, "http_filters").([]any) {
+				if at(f, "name") == "envoy.filters.http.ext_proc" {
+					extProc = at(f, "typed_config")
+				}
+			}
+			for _, c := range []struct {
+				what string
+				v    any
+			}{
+				{"request_headers_timeout", at(hcm, "request_headers_timeout")},
+				{"request_timeout", at(hcm, "request_timeout")},
+				{"route timeout", at(route, "timeout")},
+				{"route idle_timeout", at(route, "idle_timeout")},
+				{"ext_proc message_timeout", at(extProc, "message_timeout")},
+			} {
+				s, _ := c.v.(string)
+				d, err := time.ParseDuration(s)
+				if err != nil || d <= 0 {
+					t.Errorf("%s: %v, want a positive duration", c.what, c.v)
+				}
+			}
+		})
 	}
 }

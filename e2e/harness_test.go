@@ -334,6 +334,20 @@ func startBackend(t testing.TB, models ...string) *backend {
 	return b
 }
 
+// stop closes the backend and every connection to it, as a host dies.
+func (b *backend) stop() { b.srv.Close() }
+
+// restart serves again on the same address after stop.
+func (b *backend) restart(t testing.TB) {
+	t.Helper()
+	l, err := net.Listen("tcp", b.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.srv = &http.Server{Handler: http.HandlerFunc(b.serve)}
+	go b.srv.Serve(l)
+}
+
 func (b *backend) gate(id string) chan struct{} {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -432,6 +446,14 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	fl.Flush()
 	if !wait() {
 		return
+	}
+	// x-e2e-pace: the time the rest of the stream takes to come.
+	if pace, err := time.ParseDuration(r.Header.Get("x-e2e-pace")); err == nil {
+		select {
+		case <-time.After(pace):
+		case <-r.Context().Done():
+			return
+		}
 	}
 	fmt.Fprintf(w, "data: {\"last\":true}\n\ndata: [DONE]\n\n")
 	fl.Flush()

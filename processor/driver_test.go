@@ -47,6 +47,7 @@ type Config struct {
 // testEnv is a tokenlb Server and Router on a loopback port with a client
 // connected.
 type testEnv struct {
+	server       *processor.Server
 	picker       *picker.Picker
 	metrics      *processor.Metrics
 	routeMetrics *route.Metrics
@@ -109,7 +110,7 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 		conn.Close()
 		gs.Stop()
 	})
-	return &testEnv{picker: p, metrics: metrics, routeMetrics: routeMetrics, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
+	return &testEnv{server: srv, picker: p, metrics: metrics, routeMetrics: routeMetrics, client: extprocv3.NewExternalProcessorClient(conn), ended: ended}
 }
 
 // counter returns the value of the processor's or router's counter name

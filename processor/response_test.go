@@ -2,13 +2,16 @@ package processor_test
 
 import (
 	"context"
+	"io"
 	"testing"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
@@ -146,8 +149,9 @@ func observerHeaders(lease string) *extprocv3.ProcessingRequest {
 }
 
 // TestObserverFollowsResponse: the routing stream hands the response over to
-// the observer stream that claimed the request by its lease header; the
-// routing stream's end (right after the response headers) releases nothing.
+// the observer stream that claimed the request by its lease header and ends
+// itself right after its response headers reply (so that the response no
+// longer depends on it), which releases nothing.
 func TestObserverFollowsResponse(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true})
 	f := env.open(t, buffered)
@@ -163,8 +167,11 @@ func TestObserverFollowsResponse(t *testing.T) {
 	if err := f.respond200Streaming(); err != nil {
 		t.Fatal(err)
 	}
-	f.close()
+	if _, err := f.stream.Recv(); err != io.EOF {
+		t.Fatalf("routing stream after the response headers: %v, want its end (io.EOF)", err)
+	}
 	env.waitEnded(t, 1)
+	f.close()
 	if got := env.ledger(); got != full {
 		t.Fatalf("the routing stream's end changed the ledger: %+v, was %+v", got, full)
 	}
@@ -227,6 +234,9 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	o.send(observerHeaders("guessed"))
 	eventually(t, "the unknown claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "unknown") == 1 })
 	f.respond200Streaming()
+	if _, err := f.stream.Recv(); err != io.EOF {
+		t.Fatalf("routing stream after the response headers: %v, want its end (io.EOF)", err)
+	}
 	f.close()
 	if got := env.ledger(); got.InFlightRequests != 1 {
 		t.Fatalf("released at the response headers while an observer may still claim it: %+v", got)
@@ -394,4 +404,87 @@ func TestResponseStatusReported(t *testing.T) {
 	if reports != 0 {
 		t.Fatalf("a rejection reported %d statuses", reports)
 	}
+}
+
+// TestDrain: Drain waits for the routing streams open, serves new ones
+// meanwhile, does not wait for observer streams, and gives up when its
+// context ends.
+func TestDrain(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true})
+	if err := env.server.Drain(context.Background()); err != nil {
+		t.Fatalf("drain with nothing open: %v", err)
+	}
+	f := env.open(t, buffered)
+	out := routed(t, f, post(chat(100)))
+	o := env.openObserver(t)
+	o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+
+	drained := make(chan error, 1)
+	go func() { drained <- env.server.Drain(context.Background()) }()
+	// A new request is routed while the drain waits for the first.
+	g := env.open(t, buffered)
+	routed(t, g, post(chat(10)))
+	if err := g.respond("200"); err != nil {
+		t.Fatal(err)
+	}
+	g.close()
+	env.waitEnded(t, 1)
+	// The first stream is still open: the drain must not end. (Waiting a
+	// while is the only way to see that something does not happen.)
+	select {
+	case err := <-drained:
+		t.Fatalf("drained (%v) with a routing stream open", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := f.respond200Streaming(); err != nil {
+		t.Fatal(err)
+	}
+	// The routing stream ends itself; the observer stream, still open,
+	// does not hold the drain up.
+	if err := <-drained; err != nil {
+		t.Fatalf("drain: %v", err)
+	}
+
+	h := env.open(t, buffered)
+	routed(t, h, post(chat(10)))
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := env.server.Drain(ctx); err == nil {
+		t.Fatal("drain with a routing stream open past its deadline: no error")
+	}
+
+	// Refused: a new stream fails at once; the open one goes on.
+	env.server.Refuse()
+	r := env.open(t, buffered)
+	if _, err := r.do(post(chat(10))); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a new stream after Refuse: %v, want Unavailable", err)
+	}
+	if err := h.respond("200"); err != nil {
+		t.Fatalf("the open stream after Refuse: %v", err)
+	}
+	h.close()
+	if err := env.server.Drain(context.Background()); err != nil {
+		t.Fatalf("drain: %v", err)
+	}
+}
+
+// TestObserverClaimedStreamedStaysOpen: when Envoy also sends this stream
+// the response body (STREAMED), the routing stream is not done at the
+// response headers even though an observer claimed the request: Envoy
+// waits for its answers to the body.
+func TestObserverClaimedStreamedStaysOpen(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true})
+	f := env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	out := routed(t, f, post(chat(100)))
+	o := env.openObserver(t)
+	o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+	if err := f.respond200Streaming(); err != nil {
+		t.Fatal(err)
+	}
+	step(t, f, respBody("data: {}\n\n", false))
+	step(t, f, respBody(usageChunk, true))
+	f.close()
 }

@@ -20,6 +20,7 @@ package processor
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"slices"
@@ -86,8 +87,11 @@ type Server struct {
 	log    *slog.Logger
 	m      *Metrics
 
-	mu      sync.Mutex
-	pending map[string]*claimable // routed requests an observer may claim, by lease id
+	mu       sync.Mutex
+	pending  map[string]*claimable // routed requests an observer may claim, by lease id
+	routing  int                   // routing streams open
+	idle     chan struct{}         // closed when routing falls to 0
+	refusing bool                  // new routing streams are refused (see Refuse)
 }
 
 // New returns a Server that asks router where each request goes.
@@ -121,14 +125,22 @@ func New(router Router, cfg Config) *Server {
 }
 
 // Process serves one HTTP request's stream. It answers every message Envoy
-// sends, never returns before Envoy ends the stream (a server that returns
-// early makes Envoy skip the response phase) except after an immediate
-// response, and on the way out ends the request's Flight unless an observer
-// stream follows it.
+// sends and returns when Envoy ends the stream, after an immediate
+// response, or once nothing more is needed from the stream: after the
+// response headers of a request whose response an observer stream follows
+// and Envoy does not send this stream (response body NONE).
+// Returning ends the stream with an OK status, after which Envoy sends the
+// rest of the request's life past this filter; so a response already
+// flowing never depends on this process staying up. On the way out it ends
+// the request's Flight unless an observer stream follows it.
 func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
 	if md, _ := metadata.FromIncomingContext(stream.Context()); slices.Contains(md.Get(ObserverMetadata), "observer") {
 		return s.observe(stream)
 	}
+	if !s.routingStarted() {
+		return status.Error(codes.Unavailable, "tokenlb is shutting down")
+	}
+	defer s.routingEnded()
 	s.m.streams.Inc()
 	defer s.m.streams.Dec()
 	rs := &routingStream{s: s, grpc: stream, reqMode: filterv3.ProcessingMode_BUFFERED}
@@ -155,6 +167,59 @@ func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 		if done {
 			return nil
 		}
+	}
+}
+
+// routingStarted counts a routing stream in, unless new ones are refused.
+func (s *Server) routingStarted() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.refusing {
+		return false
+	}
+	if s.routing == 0 {
+		s.idle = make(chan struct{})
+	}
+	s.routing++
+	return true
+}
+
+func (s *Server) routingEnded() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.routing--
+	if s.routing == 0 {
+		close(s.idle)
+	}
+}
+
+// Refuse makes the Server refuse every new routing stream (gRPC status
+// Unavailable: Envoy answers 503, or routes by its own policy where
+// failure_mode_allow is set), for the end of a drain.
+func (s *Server) Refuse() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.refusing = true
+}
+
+// Drain waits until no routing stream is open, or ctx is done, and says
+// which. New streams are served as before while it waits (unless Refuse
+// was called): a process that is going away keeps routing until the last
+// moment. Observer streams are not waited for; a response never depends on
+// them.
+func (s *Server) Drain(ctx context.Context) error {
+	s.mu.Lock()
+	if s.routing == 0 {
+		s.mu.Unlock()
+		return nil
+	}
+	idle := s.idle
+	s.mu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("routing streams still open: %w", ctx.Err())
 	}
 }
 
@@ -203,7 +268,10 @@ func (rs *routingStream) handle(req *extprocv3.ProcessingRequest) (done bool, er
 		return rs.requestTrailers()
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
 		rs.responseHeaders(r.ResponseHeaders)
-		return false, rs.grpc.Send(responseHeadersReply())
+		// With an observer following a response that Envoy does not send
+		// this stream, the stream is done: end it, so that the response no
+		// longer depends on it.
+		return rs.observed && rs.respMode == filterv3.ProcessingMode_NONE, rs.grpc.Send(responseHeadersReply())
 	case *extprocv3.ProcessingRequest_ResponseBody:
 		if rs.flight != nil && !rs.observed {
 			rs.flight.ResponseBody(r.ResponseBody.GetBody(), r.ResponseBody.GetEndOfStream())

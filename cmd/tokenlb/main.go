@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"sync/atomic"
@@ -27,6 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -37,6 +39,7 @@ import (
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
 	"github.com/tokenlb/tokenlb/route"
+	"github.com/tokenlb/tokenlb/tlsreload"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
@@ -92,6 +95,7 @@ type app struct {
 	picker       *picker.Picker
 	watcher      *backend.Watcher
 	grpcServer   *grpc.Server
+	processor    *processor.Server
 	healthServer *health.Server
 	adminServer  *http.Server
 	state        atomic.Int32 // starting, ready, stopping
@@ -132,7 +136,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	rc.Metrics = route.NewMetrics()
 	pc := cfg.Processor()
 	pc.Logger, pc.Metrics = log, processor.NewMetrics()
-	srv := processor.New(route.New(rc), pc)
+	a.processor = processor.New(route.New(rc), pc)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(a.picker.Collector(route.Causes...), tok.Collector(), collectors.NewGoCollector(),
@@ -141,23 +145,51 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	reg.MustRegister(rc.Metrics.Collectors()...)
 	reg.MustRegister(watchMetrics.Collectors()...)
 
-	a.grpcServer = grpc.NewServer(processor.GRPCServerOptions(cfg.MaxBodyBytes)...)
-	extprocv3.RegisterExternalProcessorServer(a.grpcServer, srv)
+	grpcOpts, err := listenerSecurity(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	a.grpcServer = grpc.NewServer(append(processor.GRPCServerOptions(cfg.MaxBodyBytes), grpcOpts...)...)
+	extprocv3.RegisterExternalProcessorServer(a.grpcServer, a.processor)
 	a.healthServer = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpcServer, a.healthServer)
 	a.healthServer.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
 	isReady := func() bool { return a.state.Load() == ready }
-	a.adminServer = &http.Server{Handler: admin.Handler(a.picker, est, reg, isReady), ReadHeaderTimeout: 10 * time.Second}
+	a.adminServer = admin.NewServer(admin.Handler(a.picker, est, reg, isReady), admin.DefaultTimeouts())
 	return a, nil
+}
+
+// listenerSecurity returns the gRPC server options of the ext_proc
+// listener's TLS, if any, and warns when whoever reaches a listener that is
+// not loopback can use it.
+func listenerSecurity(cfg config.Config, log *slog.Logger) ([]grpc.ServerOption, error) {
+	ap, err := netip.ParseAddrPort(cfg.Listen)
+	exposed := err == nil && !ap.Addr().IsLoopback()
+	t := cfg.TLS
+	if !t.Enabled() {
+		if exposed {
+			log.Warn("the ext_proc listener is PLAINTEXT on an address other machines can reach (tls.allow_plaintext): "+
+				"whoever reaches it can steer traffic and eject hosts", "listen", cfg.Listen)
+		}
+		return nil, nil
+	}
+	tlsCfg, err := tlsreload.ServerConfig(tlsreload.Files{Cert: t.CertFile, Key: t.KeyFile, ClientCA: t.ClientCAFile}, log)
+	if err != nil {
+		return nil, err
+	}
+	if exposed && t.ClientCAFile == "" {
+		log.Warn("the ext_proc listener serves TLS without client certificates (no tls.client_ca_file): "+
+			"any client that reaches it can steer traffic", "listen", cfg.Listen)
+	}
+	return []grpc.ServerOption{grpc.Creds(credentials.NewTLS(tlsCfg))}, nil
 }
 
 // readyWait bounds how long tokenlb waits for its first look at the
 // backends before it reports ready.
 const readyWait = 5 * time.Second
 
-// run serves on the given listeners until ctx is done, then shuts down:
-// not ready, wait ShutdownDelay, stop accepting streams, drain the
-// in-flight ones for up to DrainTimeout.
+// run serves on the given listeners until ctx is done, then shuts down
+// (see shutdown).
 func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	stopSweeper := make(chan struct{})
 	defer close(stopSweeper)
@@ -206,8 +238,16 @@ func (a *app) becomeReady(ctx context.Context) {
 }
 
 // shutdown reports not ready, waits ShutdownDelay (unless a server already
-// failed), then stops both servers the same way: gracefully, and forcibly
-// once their time is up. It returns the first server error.
+// failed) so that Envoy's health checks move new streams to other
+// replicas, then drains: for the first half of DrainTimeout it serves every
+// stream, new ones too, until no request is being routed; if some still
+// are, it refuses new ones (Envoy answers 503, or routes by its own policy
+// with failure_mode_allow) and gives those in flight the second half. Then
+// it closes the listener and every connection. With the observer filter
+// (both deploy configs) a response outlives its routing stream, which ends
+// at its response headers, so what the close cuts is observer streams,
+// which Envoy never waits for, and requests whose headers have not come
+// back by then. It returns the first server error.
 func (a *app) shutdown(serveErr error, errc <-chan error) error {
 	a.log.Info("shutting down", "shutdown_delay", a.cfg.ShutdownDelay, "drain_timeout", a.cfg.DrainTimeout)
 	a.state.Store(stopping)
@@ -218,13 +258,27 @@ func (a *app) shutdown(serveErr error, errc <-chan error) error {
 		case serveErr = <-errc:
 		}
 	}
-	stopGracefully(a.cfg.DrainTimeout, a.grpcServer.GracefulStop, func() {
-		a.log.Warn("drain timeout: closing the remaining streams", "open_leases", a.picker.Stats().OpenLeases)
-		a.grpcServer.Stop()
-	})
+	if err := drain(a.processor, a.cfg.DrainTimeout); err != nil {
+		a.log.Warn("drain timeout: closing the remaining streams", "err", err, "open_leases", a.picker.Stats().OpenLeases)
+	}
+	a.grpcServer.Stop()
 	stopGracefully(adminShutdownTimeout,
 		func() { a.adminServer.Shutdown(context.Background()) }, func() { a.adminServer.Close() })
 	return serveErr
+}
+
+// drain serves until no routing stream is open, for half of timeout; then
+// refuses new streams and waits the other half for those open.
+func drain(p *processor.Server, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout/2)
+	defer cancel()
+	if p.Drain(ctx) == nil {
+		return nil
+	}
+	p.Refuse()
+	ctx, cancel = context.WithTimeout(context.Background(), timeout-timeout/2)
+	defer cancel()
+	return p.Drain(ctx)
 }
 
 // adminShutdownTimeout bounds how long the admin server waits for its

@@ -16,8 +16,10 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	grpcstatus "google.golang.org/grpc/status"
 )
 
 func freeAddr(t *testing.T) string {
@@ -164,6 +166,96 @@ func TestGracefulShutdownDrains(t *testing.T) {
 		t.Fatal(err)
 	}
 	stream.CloseSend()
+	if err := <-exited; err != nil {
+		t.Fatalf("exit after drain: %v", err)
+	}
+}
+
+// TestDrainServesNewStreams: while tokenlb drains (after shutdown_delay)
+// it still routes new requests; it exits once no routing stream is open.
+func TestDrainServesNewStreams(t *testing.T) {
+	cmd, grpcAddr, adminAddr, exited := startTokenlb(t, "drain_timeout: 60s\nshutdown_delay: 0s\n")
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	first := holdStream(t, conn)
+	cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 503 })
+	// Draining, with no delay: a new request is still routed.
+	second := holdStream(t, conn)
+	for i, stream := range []extprocv3.ExternalProcessor_ProcessClient{first, second} {
+		// Waiting a while is the only way to see that it does not exit.
+		select {
+		case err := <-exited:
+			t.Fatalf("exited (%v) with %d routing streams open", err, 2-i)
+		case <-time.After(100 * time.Millisecond):
+		}
+		err := stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+			ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		stream.CloseSend()
+	}
+	if err := <-exited; err != nil {
+		t.Fatalf("exit after drain: %v", err)
+	}
+}
+
+// TestDrainRefusesAtTheEnd: with a request still being routed halfway
+// through drain_timeout, new streams are refused (Unavailable) and the open
+// one still completes; the process then exits without waiting out the rest.
+func TestDrainRefusesAtTheEnd(t *testing.T) {
+	cmd, grpcAddr, _, exited := startTokenlb(t, "drain_timeout: 20s\nshutdown_delay: 0s\n")
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	held := holdStream(t, conn)
+	cmd.Process.Signal(syscall.SIGTERM)
+	// New streams are served for the first 10 s, then refused.
+	start := time.Now()
+	deadline := start.Add(15 * time.Second)
+	for {
+		stream, err := extprocv3.NewExternalProcessorClient(conn).Process(context.Background())
+		if err == nil {
+			err = stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{
+				RequestHeaders: &extprocv3.HttpHeaders{EndOfStream: true, Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+					{Key: ":method", RawValue: []byte("GET")}, {Key: ":path", RawValue: []byte("/v1/models")}}}}}})
+		}
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		if grpcstatus.Code(err) == codes.Unavailable {
+			if waited := time.Since(start); waited < 9*time.Second {
+				t.Fatalf("new streams refused after %v of a 20 s drain, before its second half", waited)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatalf("a stream while draining: %v", err)
+		}
+		stream.CloseSend() // served: the stream ends
+		if time.Now().After(deadline) {
+			t.Fatal("new streams still served 15 s into a 20 s drain")
+		}
+		time.Sleep(100 * time.Millisecond) // polling for the drain's second half
+	}
+	err = held.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
+	if err == nil {
+		_, err = held.Recv()
+	}
+	if err != nil {
+		t.Fatalf("the request in flight after new ones were refused: %v", err)
+	}
+	held.CloseSend()
 	if err := <-exited; err != nil {
 		t.Fatalf("exit after drain: %v", err)
 	}

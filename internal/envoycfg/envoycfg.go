@@ -8,6 +8,8 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -16,6 +18,9 @@ import (
 type Options struct {
 	ListenPort, AdminPort int
 	TokenlbPort           int
+	// MoreTokenlbPorts are further tokenlb replicas listed in the tokenlb
+	// cluster after TokenlbPort.
+	MoreTokenlbPorts []int
 	// Backends replace the llm_backends cluster's endpoints, where it lists
 	// any (the override-host variant).
 	Backends []string
@@ -32,6 +37,13 @@ type Options struct {
 	// Unsanitised drops the filter that strips a client's destination
 	// header, leaving tokenlb's overwrite as the only defence.
 	Unsanitised bool
+	// TLS, when set, turns on the tokenlb cluster's mutual TLS block that
+	// the configuration carries commented out, with these files.
+	TLS *TLS
+	// Timeout, when set, replaces the timeouts that cut stalled clients
+	// and backends (request_headers_timeout, request_timeout and the
+	// route's idle_timeout), so that a test can watch them fire.
+	Timeout time.Duration
 	// Policy, when set (ROUND_ROBIN, LEAST_REQUEST), turns the
 	// configuration into an Envoy-only baseline: no tokenlb (its filter and
 	// cluster removed) and llm_backends balanced by that lb_policy. Use it on
@@ -39,10 +51,26 @@ type Options struct {
 	Policy string
 }
 
+// TLS is what Envoy presents to tokenlb and trusts of it.
+type TLS struct {
+	ClientCert, ClientKey string // Envoy's certificate and key
+	CA                    string // the CA that signed tokenlb's certificate
+	ServerName            string // tokenlb's certificate's DNS name
+}
+
 // Render reads the configuration at path and applies o: every listener and
 // the admin bind to 127.0.0.1.
 func Render(path string, o Options) (out []byte, err error) {
-	cfg, err := load(path)
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if o.TLS != nil {
+		if raw, err = uncommentTLS(raw); err != nil {
+			return nil, fmt.Errorf("envoycfg: %s: %w", path, err)
+		}
+	}
+	cfg, err := parse(path, raw)
 	if err != nil {
 		return nil, err
 	}
@@ -60,6 +88,11 @@ func Render(path string, o Options) (out []byte, err error) {
 	hcm := get(listener, "filter_chains", 0, "filters", 0, "typed_config").(map[string]any)
 	if err := renderFilters(hcm, o); err != nil {
 		return nil, err
+	}
+	if o.Timeout > 0 {
+		d := fmt.Sprintf("%gs", o.Timeout.Seconds()) // protobuf JSON: seconds
+		hcm["request_headers_timeout"], hcm["request_timeout"] = d, d
+		get(hcm, "route_config", "virtual_hosts", 0, "routes", 0, "route").(map[string]any)["idle_timeout"] = d
 	}
 	return yaml.Marshal(cfg)
 }
@@ -83,7 +116,7 @@ func renderClusters(resources map[string]any, o Options) error {
 }
 
 // renderCluster applies o to cluster c: the tokenlb cluster points at
-// o.TokenlbPort, and llm_backends lists o.Backends if it lists endpoints.
+// o.TokenlbPort (and o.MoreTokenlbPorts), and llm_backends lists o.Backends if it lists endpoints.
 // With o.Policy, llm_backends is balanced by that lb_policy and the tokenlb
 // cluster is dropped: keep is false.
 func renderCluster(c map[string]any, o Options) (keep bool, err error) {
@@ -99,6 +132,20 @@ func renderCluster(c map[string]any, o Options) (keep bool, err error) {
 	switch c["name"] {
 	case "tokenlb":
 		setAddr(get(c, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address"), o.TokenlbPort)
+		if o.TLS != nil {
+			setTLS(c, *o.TLS)
+		}
+		if len(o.MoreTokenlbPorts) > 0 {
+			var replicas []string
+			for _, p := range append([]int{o.TokenlbPort}, o.MoreTokenlbPorts...) {
+				replicas = append(replicas, net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+			}
+			eps, err := endpoints(replicas)
+			if err != nil {
+				return false, err
+			}
+			get(c, "load_assignment", "endpoints", 0).(map[string]any)["lb_endpoints"] = eps
+		}
 	case "llm_backends":
 		if la, ok := c["load_assignment"].(map[string]any); ok {
 			eps, err := endpoints(o.Backends)
@@ -237,9 +284,52 @@ func load(path string) (map[string]any, error) {
 	if err != nil {
 		return nil, err
 	}
+	return parse(path, raw)
+}
+
+func parse(path string, raw []byte) (map[string]any, error) {
 	var cfg map[string]any
 	if err := yaml.Unmarshal(raw, &cfg); err != nil {
 		return nil, fmt.Errorf("envoycfg: %s: %w", path, err)
 	}
 	return cfg, nil
+}
+
+// uncommentTLS turns the commented "# transport_socket:" block of the
+// configuration on: that line and the comment lines indented deeper under it.
+func uncommentTLS(raw []byte) ([]byte, error) {
+	lines := strings.Split(string(raw), "\n")
+	start := -1
+	for i, l := range lines {
+		if strings.TrimSpace(l) == "# transport_socket:" {
+			start = i
+			break
+		}
+	}
+	if start < 0 {
+		return nil, fmt.Errorf("no commented transport_socket block")
+	}
+	indent := strings.Index(lines[start], "#")
+	lines[start] = lines[start][:indent] + "transport_socket:"
+	for i := start + 1; i < len(lines); i++ {
+		l := lines[i]
+		if len(l) < indent+4 || l[:indent] != strings.Repeat(" ", indent) || l[indent:indent+4] != "#   " {
+			break
+		}
+		lines[i] = l[:indent] + l[indent+2:]
+	}
+	return []byte(strings.Join(lines, "\n")), nil
+}
+
+// setTLS points the tokenlb cluster c's transport socket at t's files.
+func setTLS(c map[string]any, t TLS) {
+	tc := get(c, "transport_socket", "typed_config").(map[string]any)
+	tc["sni"] = t.ServerName
+	common := get(tc, "common_tls_context").(map[string]any)
+	cert := get(common, "tls_certificates", 0).(map[string]any)
+	cert["certificate_chain"] = map[string]any{"filename": t.ClientCert}
+	cert["private_key"] = map[string]any{"filename": t.ClientKey}
+	vc := get(common, "validation_context").(map[string]any)
+	vc["trusted_ca"] = map[string]any{"filename": t.CA}
+	get(vc, "match_typed_subject_alt_names", 0, "matcher").(map[string]any)["exact"] = t.ServerName
 }
