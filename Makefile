@@ -87,11 +87,11 @@ bench: build tools
 # of the measured capacity (llmsim: of its estimated one, as make bench).
 # Needs the llm-d simulator and endpoint picker, built from their public
 # repositories at the commits RESULTS.md names: LLMD_SIM_BIN and
-# LLMD_EPP_BIN. About 3 hours. make bench-backends-table renders the table.
+# LLMD_EPP_BIN. About an hour and a half. make bench-backends-table renders the table.
 BACKEND_ARMS = envoy-least-request,llm-d,tokenlb,tokenlb-bytes
 BACKEND_RUN = ./bin/tokenlb-bench --arms $(BACKEND_ARMS) --profiles seed,heavy,prefix --seeds 1,2,3 --requests 400 --out bench/out/backends
 bench-backends: build tools
-	@[ -n "$$LLMD_SIM_BIN" ] && [ -n "$$LLMD_EPP_BIN" ] || { echo "set LLMD_SIM_BIN and LLMD_EPP_BIN (bench/RESULTS.md says how to build them)"; exit 1; }
+	@[ -n "$$LLMD_SIM_BIN" ] && [ -n "$$LLMD_EPP_BIN" ] || { echo "set LLMD_SIM_BIN and LLMD_EPP_BIN (bench/RESULTS.md names the commits they are built from)"; exit 1; }
 	envoy="$$(scripts/envoy.sh)" && \
 	$(BACKEND_RUN) --envoy "$$envoy" --backend llmsim --time-scale 0.5 && \
 	$(BACKEND_RUN) --envoy "$$envoy" --backend llmd-sim --slots 4 --load-factor 1 --time-scale 0.25 && \
