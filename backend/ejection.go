@@ -128,6 +128,9 @@ func (w *Watcher) readmit(addr string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	s := w.hosts[addr]
+	if s == nil {
+		return // removed meanwhile
+	}
 	now := w.opts.Now()
 	if now.Before(s.ejectedUntil) {
 		return // ejected again since

@@ -55,6 +55,9 @@ func (w *Watcher) check(ctx context.Context, addr string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	s := w.hosts[addr]
+	if s == nil {
+		return // removed meanwhile
+	}
 	if reason == "" {
 		s.activeFails = 0
 		s.activeOKs++

@@ -29,3 +29,12 @@ func NewMetrics() *Metrics {
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.checks, m.ejections, m.healthy, m.reads}
 }
+
+// forget drops a removed host's series.
+func (m *Metrics) forget(host string) {
+	match := prometheus.Labels{"host": host}
+	m.checks.DeletePartialMatch(match)
+	m.ejections.DeletePartialMatch(match)
+	m.healthy.DeletePartialMatch(match)
+	m.reads.DeletePartialMatch(match)
+}

@@ -78,6 +78,10 @@ func (w *Watcher) discover(ctx context.Context, addr string) bool {
 	}
 	w.mu.Lock()
 	s := w.hosts[addr]
+	if s == nil {
+		w.mu.Unlock()
+		return true // removed meanwhile
+	}
 	first := !s.modelsFailed
 	s.modelsFailed = err != nil
 	w.mu.Unlock()

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -46,8 +47,8 @@ type Options struct {
 	After func(d time.Duration, f func()) func() bool
 }
 
-// Watcher watches a fixed set of hosts. Run starts the active sources;
-// Observe feeds the passive one.
+// Watcher watches a set of hosts, which SetHosts changes. Run starts the
+// active sources; Observe feeds the passive one.
 type Watcher struct {
 	target Target
 	opts   Options
@@ -56,10 +57,12 @@ type Watcher struct {
 
 	ready      chan struct{}   // closed after the first round
 	skipModels map[string]bool // hosts whose models are not asked for
-	addrs      []string        // the hosts, in the order given to New
+	pollers    sync.WaitGroup
 
-	mu    sync.Mutex
-	hosts map[string]*hostState
+	mu      sync.Mutex
+	hosts   map[string]*hostState
+	addrs   []string        // the hosts, in order
+	running context.Context // Run's, while it runs (nil before, and once it stops)
 }
 
 // hostState is what a Watcher knows of one host, guarded by Watcher.mu.
@@ -87,6 +90,8 @@ type hostState struct {
 	// recovered asks for the host's models again when it comes back up:
 	// an engine that was loading answers /v1/models only once it is ready.
 	recovered chan struct{}
+	// stop ends the host's pollers (SetHosts removed it).
+	stop context.CancelFunc
 }
 
 // New returns a Watcher of hosts (as picker.ParseAddr accepts them) that
@@ -126,54 +131,134 @@ func New(target Target, hosts []string, opts Options, m *Metrics) (*Watcher, err
 			w.skipModels[addr] = true
 		}
 	}
+	addrs, err := parseHosts(hosts)
+	if err != nil {
+		return nil, err
+	}
+	for _, addr := range addrs {
+		w.addLocked(addr)
+	}
+	return w, nil
+}
+
+func parseHosts(hosts []string) ([]string, error) {
+	var addrs []string
 	for _, h := range hosts {
 		addr, err := picker.ParseAddr(h)
 		if err != nil {
 			return nil, fmt.Errorf("backend: %w", err)
 		}
-		w.hosts[addr] = &hostState{addr: addr, recovered: make(chan struct{}, 1)}
-		m.healthy.WithLabelValues(addr).Set(1)
-		w.addrs = append(w.addrs, addr)
+		addrs = append(addrs, addr)
 	}
-	return w, nil
+	return addrs, nil
+}
+
+func (w *Watcher) addLocked(addr string) {
+	w.hosts[addr] = &hostState{addr: addr, recovered: make(chan struct{}, 1)}
+	w.m.healthy.WithLabelValues(addr).Set(1)
+	w.addrs = append(w.addrs, addr)
+}
+
+// SetHosts makes hosts the watched set: a new host is checked, read and
+// scraped at once (while Run runs), starting healthy; a removed one is no
+// longer contacted, and what was known of it goes, metrics included.
+// Tell the Target first, so that it knows a new host before the first
+// report about it.
+func (w *Watcher) SetHosts(hosts []string) error {
+	addrs, err := parseHosts(hosts)
+	if err != nil {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	keep := make(map[string]bool, len(addrs))
+	for _, a := range addrs {
+		keep[a] = true
+	}
+	for _, a := range w.addrs {
+		if keep[a] {
+			continue
+		}
+		s := w.hosts[a]
+		if s.stop != nil {
+			s.stop()
+		}
+		if s.cancelReadmit != nil {
+			s.cancelReadmit()
+		}
+		delete(w.hosts, a)
+		w.m.forget(a)
+	}
+	w.addrs = slices.DeleteFunc(w.addrs, func(a string) bool { return !keep[a] })
+	for _, a := range addrs {
+		if w.hosts[a] != nil {
+			continue
+		}
+		w.addLocked(a)
+		if w.running != nil {
+			w.startLocked(a, nil)
+		}
+	}
+	return nil
 }
 
 // Run runs the active sources until ctx is done: each source reads every
 // host at once, then again on its own interval; Ready is closed when every
 // first read is done.
 func (w *Watcher) Run(ctx context.Context) {
-	var wg, first sync.WaitGroup
-	start := func(wake <-chan struct{}, f func() time.Duration) {
-		first.Add(1)
-		wg.Go(func() { poll(ctx, wake, f, first.Done) })
-	}
+	var first sync.WaitGroup
+	w.mu.Lock()
+	w.running = ctx
 	for _, addr := range w.addrs {
-		if h := w.opts.Health; h.Interval > 0 {
-			start(nil, func() time.Duration { w.check(ctx, addr); return h.Interval })
-		}
-		if d := w.opts.Models; d.Interval > 0 && !w.skipModels[addr] {
-			// Sooner after a failed read, and at once when the host comes
-			// back up: an engine still loading its model answers
-			// /v1/models only once it is ready.
-			start(w.hosts[addr].recovered, func() time.Duration {
-				if !w.discover(ctx, addr) {
-					return min(d.Interval, modelsRetryInterval)
-				}
-				return d.Interval
-			})
-		}
-		if m := w.opts.Metrics; m.Interval > 0 {
-			start(nil, func() time.Duration { w.scrape(ctx, addr); return m.Interval })
-		}
+		w.startLocked(addr, &first)
 	}
+	w.mu.Unlock()
 	go func() { first.Wait(); close(w.ready) }()
-	wg.Wait()
+	<-ctx.Done()
+	w.mu.Lock()
+	w.running = nil // SetHosts starts no poller from now on
+	w.mu.Unlock()
+	w.pollers.Wait()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, s := range w.hosts {
 		if s.cancelReadmit != nil {
 			s.cancelReadmit()
 		}
+	}
+}
+
+// startLocked starts addr's pollers, under a context of its own that
+// SetHosts cancels when it removes the host. first, if not nil, counts
+// each poller's first round.
+func (w *Watcher) startLocked(addr string, first *sync.WaitGroup) {
+	ctx, stop := context.WithCancel(w.running)
+	s := w.hosts[addr]
+	s.stop = stop
+	start := func(wake <-chan struct{}, f func() time.Duration) {
+		done := func() {}
+		if first != nil {
+			first.Add(1)
+			done = first.Done
+		}
+		w.pollers.Go(func() { poll(ctx, wake, f, done) })
+	}
+	if h := w.opts.Health; h.Interval > 0 {
+		start(nil, func() time.Duration { w.check(ctx, addr); return h.Interval })
+	}
+	if d := w.opts.Models; d.Interval > 0 && !w.skipModels[addr] {
+		// Sooner after a failed read, and at once when the host comes
+		// back up: an engine still loading its model answers /v1/models
+		// only once it is ready.
+		start(s.recovered, func() time.Duration {
+			if !w.discover(ctx, addr) {
+				return min(d.Interval, modelsRetryInterval)
+			}
+			return d.Interval
+		})
+	}
+	if m := w.opts.Metrics; m.Interval > 0 {
+		start(nil, func() time.Duration { w.scrape(ctx, addr); return m.Interval })
 	}
 }
 

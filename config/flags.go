@@ -45,6 +45,18 @@ func Load(name string, args []string, stderr io.Writer) (Config, error) {
 	return c, c.Validate()
 }
 
+// FilePath returns the configuration file that args name (--config), or
+// "" when they name none or do not parse.
+func FilePath(args []string) string {
+	var c Config
+	fs := newFlagSet("", &c, io.Discard)
+	path := fs.String("config", "", "")
+	if fs.Parse(args) != nil {
+		return ""
+	}
+	return *path
+}
+
 // newFlagSet returns a flag set whose flags write straight into c's fields.
 // Each flag's default is the field's value when it is bound, so binding
 // changes nothing and parsing changes only the fields of the flags given.

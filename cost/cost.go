@@ -539,6 +539,14 @@ type HostSpeed struct {
 	Predictions     int     `json:"ttft_predictions"`
 }
 
+// Forget drops what was learned of host alone (it left the fleet); what it
+// taught the fleet's regime and output lengths stays.
+func (e *Estimator) Forget(host string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.hosts, host)
+}
+
 // Speed returns what the estimator believes of host.
 func (e *Estimator) Speed(host string) HostSpeed {
 	ratio, decode := e.speed(host)

@@ -271,6 +271,25 @@ func TestSpread(t *testing.T) {
 	}
 }
 
+// TestForget: a host that left the fleet and comes back is charged as the
+// fleet's average, not as it was learned before.
+func TestForget(t *testing.T) {
+	m := New(with(round, func(o *Options) { o.Calibrate = true; o.TwoPhase = true }))
+	teach(m, 300, 10*time.Millisecond, host{"fast", 1, serial(50 * time.Microsecond)})
+	teach(m, 300, 20*time.Millisecond, host{"slow", 1.5, serial(100 * time.Microsecond)})
+	fleet := m.Speed("never seen").PrefillTokensPerSecond
+	if near(m.Speed("fast").PrefillTokensPerSecond, fleet) {
+		t.Fatal("the fast host was not learned apart from the fleet")
+	}
+	m.Forget("fast")
+	if got := m.Speed("fast").PrefillTokensPerSecond; got != fleet {
+		t.Fatalf("after Forget: %v tokens/s, want the fleet's %v", got, fleet)
+	}
+	if near(m.Speed("slow").PrefillTokensPerSecond, fleet) {
+		t.Fatal("Forget dropped another host")
+	}
+}
+
 func TestCalibrationIgnoresWildSamples(t *testing.T) {
 	m := New(with(round, func(o *Options) { o.Calibrate = true }))
 	m.Learn(Outcome{Host: "h", Request: Request{PromptTokens: 1}, TTFT: time.Hour, PromptTokens: 1e6, CachedTokens: -1})

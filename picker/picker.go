@@ -116,6 +116,7 @@ type Picker struct {
 
 	mu     sync.Mutex
 	hosts  []*host
+	gone   []*host // removed by SetHosts with requests still in flight, until they end
 	leases map[*Lease]struct{}
 	rng    *rand.Rand
 	// Counters, read by Stats and the Prometheus collector.
@@ -135,8 +136,9 @@ type Picker struct {
 }
 
 type host struct {
-	index      int
+	index      int // in the prefix table; unique among p.hosts
 	addr       string
+	removed    bool  // by SetHosts: no new picks; kept in p.gone while requests are in flight
 	tokens     int64 // prompt tokens in flight
 	prefilling int64 // prompt tokens of requests still waiting for their first token
 	uncached   int64 // Charge.Uncached of those
@@ -268,6 +270,26 @@ func New(hosts []string, opts Options) (*Picker, error) {
 		releases: make(map[Cause]uint64),
 		affinity: make(map[AffinityResult]uint64),
 	}
+	addrs, err := p.parseHosts(hosts)
+	if err != nil {
+		return nil, err
+	}
+	for _, addr := range addrs {
+		p.hosts = append(p.hosts, &host{index: len(p.hosts), addr: addr})
+	}
+	if opts.Affinity.MaxExtraLoad > 0 {
+		p.prefixes = prefix.NewTable(prefix.Options{TTL: opts.Affinity.TTL, Entries: opts.Affinity.Entries})
+	}
+	return p, nil
+}
+
+// parseHosts checks a host list: literal ip:port addresses, normalised, no
+// duplicates, not empty, and at most prefix.MaxHosts with prefix affinity.
+func (p *Picker) parseHosts(hosts []string) ([]string, error) {
+	if len(hosts) == 0 {
+		return nil, errors.New("picker: no hosts")
+	}
+	var addrs []string
 	seen := make(map[string]bool)
 	for _, a := range hosts {
 		addr, err := ParseAddr(a)
@@ -278,15 +300,82 @@ func New(hosts []string, opts Options) (*Picker, error) {
 			return nil, fmt.Errorf("picker: duplicate host %s", addr)
 		}
 		seen[addr] = true
-		p.hosts = append(p.hosts, &host{index: len(p.hosts), addr: addr})
+		addrs = append(addrs, addr)
 	}
-	if opts.Affinity.MaxExtraLoad > 0 {
-		if len(p.hosts) > prefix.MaxHosts {
-			return nil, fmt.Errorf("picker: prefix affinity supports at most %d hosts, not %d", prefix.MaxHosts, len(p.hosts))
+	if p.opts.Affinity.MaxExtraLoad > 0 && len(addrs) > prefix.MaxHosts {
+		return nil, fmt.Errorf("picker: prefix affinity supports at most %d hosts, not %d", prefix.MaxHosts, len(addrs))
+	}
+	return addrs, nil
+}
+
+// SetHosts makes hosts the fleet, in that order, and reports the addresses
+// it added and removed. A new host starts with an empty ledger, healthy and
+// with its models unknown, and is routable at once. A removed host gets no
+// new pick from now on; the requests in flight there still release their
+// charges (exactly once, as ever), and it stays in Hosts, marked removed,
+// until the last one has; what the prefix table remembers of it goes now.
+// An invalid list changes nothing.
+func (p *Picker) SetHosts(hosts []string) (added, removed []string, err error) {
+	addrs, err := p.parseHosts(hosts)
+	if err != nil {
+		return nil, nil, err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	old := make(map[string]*host, len(p.hosts))
+	for _, h := range p.hosts {
+		old[h.addr] = h
+	}
+	keep := make(map[string]bool, len(addrs))
+	for _, a := range addrs {
+		keep[a] = true
+	}
+	used := make(map[int]bool)
+	for _, h := range p.hosts {
+		if keep[h.addr] {
+			used[h.index] = true
+			continue
 		}
-		p.prefixes = prefix.NewTable(prefix.Options{TTL: opts.Affinity.TTL, Entries: opts.Affinity.Entries})
+		h.removed = true
+		removed = append(removed, h.addr)
+		if p.prefixes != nil {
+			p.prefixes.Forget(h.index)
+		}
+		if h.requests > 0 {
+			p.gone = append(p.gone, h)
+		}
 	}
-	return p, nil
+	next := make([]*host, 0, len(addrs))
+	for _, a := range addrs {
+		if h := old[a]; h != nil {
+			next = append(next, h)
+			continue
+		}
+		h := p.revive(a)
+		if h == nil {
+			h = &host{addr: a}
+		}
+		for h.index = 0; used[h.index]; h.index++ {
+		}
+		used[h.index] = true // the prefix table forgot it when its last holder left
+		added = append(added, a)
+		next = append(next, h)
+	}
+	p.hosts = next
+	return added, removed, nil
+}
+
+// revive takes addr out of p.gone, where it waits for its requests in
+// flight, so that it rejoins with its ledger; nil if it is not there.
+func (p *Picker) revive(addr string) *host {
+	for i, h := range p.gone {
+		if h.addr == addr {
+			p.gone = slices.Delete(p.gone, i, i+1)
+			h.removed = false
+			return h
+		}
+	}
+	return nil
 }
 
 // ParseAddr checks that s is a literal IP address with a port and returns its
@@ -732,6 +821,9 @@ func (p *Picker) releaseLocked(l *Lease, cause Cause) bool {
 	l.h.load -= l.charge.UntilEnd
 	l.h.decode -= l.charge.Decode
 	l.h.requests--
+	if l.h.removed && l.h.requests == 0 {
+		p.gone = slices.DeleteFunc(p.gone, func(h *host) bool { return h == l.h })
+	}
 	delete(p.leases, l)
 	p.releases[cause]++
 	return true
@@ -789,18 +881,22 @@ type HostLoad struct {
 	// what the requests in it beyond this picker's add to the host's score.
 	Remote       Remote `json:"remote"`
 	ExternalLoad int64  `json:"external_load"`
+	// Removed says the host left the fleet (SetHosts) and is listed only
+	// until its requests in flight end.
+	Removed bool `json:"removed,omitempty"`
 }
 
 // Hosts returns a consistent snapshot of every host's load, in configuration
-// order.
+// order, then the removed hosts with requests still in flight.
 func (p *Picker) Hosts() []HostLoad {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := make([]HostLoad, len(p.hosts))
-	for i, h := range p.hosts {
+	all := append(slices.Clone(p.hosts), p.gone...)
+	out := make([]HostLoad, len(all))
+	for i, h := range all {
 		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, PrefillingTokens: h.prefilling, Load: h.load,
 			InFlightRequests: h.requests, DecodingRequests: h.decoding, Picks: h.picks,
-			Health: h.health, Remote: h.remote, ExternalLoad: h.external}
+			Health: h.health, Remote: h.remote, ExternalLoad: h.external, Removed: h.removed}
 		if h.models != nil {
 			out[i].Models = slices.Sorted(maps.Keys(h.models))
 		}

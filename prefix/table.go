@@ -157,5 +157,19 @@ func (t *Table) Record(prefix []uint64, host int, now time.Time) {
 	}
 }
 
+// Forget drops host from every entry, so that the index can be given to
+// another host: it no longer counts as having served anything.
+func (t *Table) Forget(host int) {
+	for _, gen := range []map[uint64]*entry{t.cur, t.old} {
+		for _, e := range gen {
+			for j := range entryHosts {
+				if int(e.host[j]) == host+1 {
+					e.host[j], e.at[j] = 0, 0
+				}
+			}
+		}
+	}
+}
+
 // Len returns how many entries the table holds.
 func (t *Table) Len() int { return len(t.cur) + len(t.old) }

@@ -92,3 +92,20 @@ func TestServed(t *testing.T) {
 		t.Errorf("after the TTL, host 1 served %d blocks", got)
 	}
 }
+
+// TestForget: a forgotten host no longer counts as having served a prefix;
+// the others still do.
+func TestForget(t *testing.T) {
+	now := time.Unix(100, 0)
+	tb := NewTable(Options{TTL: time.Minute})
+	doc := []uint64{1, 2, 3}
+	tb.Record(doc, 0, now)
+	tb.Record(doc, 5, now)
+	tb.Forget(0)
+	if blocks := tb.Served(doc, 0, now); blocks != 0 {
+		t.Fatalf("forgotten host served %d blocks", blocks)
+	}
+	if blocks := tb.Served(doc, 5, now); blocks != 3 {
+		t.Fatalf("other host served %d blocks, want 3", blocks)
+	}
+}

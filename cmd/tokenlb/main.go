@@ -14,12 +14,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
+	"reflect"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -36,6 +38,7 @@ import (
 	"github.com/tokenlb/tokenlb/backend"
 	"github.com/tokenlb/tokenlb/config"
 	"github.com/tokenlb/tokenlb/cost"
+	"github.com/tokenlb/tokenlb/discovery"
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
 	"github.com/tokenlb/tokenlb/route"
@@ -55,7 +58,7 @@ func main() {
 	log := newLogger(cfg)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := listenAndRun(ctx, cfg, log); err != nil {
+	if err := listenAndRun(ctx, cfg, os.Args[1:], log); err != nil {
 		log.Error("tokenlb stopped", "err", err)
 		os.Exit(1)
 	}
@@ -71,11 +74,12 @@ func newLogger(cfg config.Config) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
 }
 
-func listenAndRun(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+func listenAndRun(ctx context.Context, cfg config.Config, args []string, log *slog.Logger) error {
 	a, err := build(cfg, log)
 	if err != nil {
 		return err
 	}
+	a.args = args
 	grpcLis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -98,7 +102,10 @@ type app struct {
 	processor    *processor.Server
 	healthServer *health.Server
 	adminServer  *http.Server
+	estimator    *cost.Estimator
 	state        atomic.Int32 // starting, ready, stopping
+	args         []string     // the command line, read again with the file on a reload
+	reloadErrors prometheus.Counter
 }
 
 const (
@@ -131,6 +138,9 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 		return nil, err
 	}
 	est := cost.New(cfg.Cost.Options())
+	a.estimator = est
+	a.reloadErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenlb_config_reload_errors_total",
+		Help: "Reads of the configuration file (on change or SIGHUP) that failed and left the running hosts in place."})
 	rc := cfg.Route()
 	rc.Picker, rc.Tokenizer, rc.Cost, rc.ResponseStatus, rc.Logger = a.picker, tok, est, a.watcher.Observe, log
 	rc.Metrics = route.NewMetrics()
@@ -144,6 +154,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	reg.MustRegister(pc.Metrics.Collectors()...)
 	reg.MustRegister(rc.Metrics.Collectors()...)
 	reg.MustRegister(watchMetrics.Collectors()...)
+	reg.MustRegister(a.reloadErrors)
 
 	grpcOpts, err := listenerSecurity(cfg, log)
 	if err != nil {
@@ -199,6 +210,13 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	go func() { a.watcher.Run(watchCtx); close(watched) }()
 	defer func() { stopWatching(); <-watched }()
 	go a.becomeReady(watchCtx)
+	if path := config.FilePath(a.args); path != "" {
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		f := &discovery.File{Path: path, Load: a.loadHosts, Reload: hup, Logger: a.log, Errors: a.reloadErrors}
+		go f.Run(watchCtx, endpoints(a.cfg.Hosts), a.setHosts)
+	}
 
 	errc := make(chan error, 2)
 	go func() { errc <- a.grpcServer.Serve(grpcLis) }()
@@ -218,6 +236,57 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	}
 	a.log.Info("tokenlb stopped")
 	return nil
+}
+
+// loadHosts reads the command line and its configuration file again and
+// returns the hosts; settings other than the hosts take effect only at the
+// next start, which it says when they changed.
+func (a *app) loadHosts() ([]discovery.Endpoint, error) {
+	cfg, err := config.Load("tokenlb", a.args, io.Discard)
+	if err != nil {
+		return nil, err
+	}
+	next, running := cfg, a.cfg
+	next.Hosts, running.Hosts = nil, nil
+	if !reflect.DeepEqual(next, running) {
+		a.log.Warn("the configuration changed beyond its hosts: those changes take effect at the next start")
+	}
+	return endpoints(cfg.Hosts), nil
+}
+
+func endpoints(hosts []config.Host) []discovery.Endpoint {
+	out := make([]discovery.Endpoint, len(hosts))
+	for i, h := range hosts {
+		out[i] = discovery.Endpoint{Address: h.Address, Models: h.Models}
+	}
+	return out
+}
+
+// setHosts makes eps the fleet: the picker routes over them at once, the
+// watcher follows them, and what was learned of removed hosts goes.
+func (a *app) setHosts(eps []discovery.Endpoint) {
+	addrs := make([]string, len(eps))
+	for i, e := range eps {
+		addrs[i] = e.Address
+	}
+	added, removed, err := a.picker.SetHosts(addrs)
+	if err != nil {
+		a.reloadErrors.Inc()
+		a.log.Error("hosts not changed", "err", err)
+		return
+	}
+	for _, e := range eps {
+		if len(e.Models) > 0 {
+			a.picker.SetModels(e.Address, e.Models) // known to the picker: just set
+		}
+	}
+	if err := a.watcher.SetHosts(addrs); err != nil {
+		a.log.Error("backend watcher does not follow the hosts", "err", err) // the picker took them: cannot happen
+	}
+	for _, r := range removed {
+		a.estimator.Forget(r)
+	}
+	a.log.Info("hosts changed", "added", added, "removed", removed, "hosts", addrs)
 }
 
 // becomeReady reports ready once the watcher has checked every host and

@@ -282,3 +282,59 @@ func TestBadConfigExits2(t *testing.T) {
 		t.Fatalf("err %v, output %s", err, out)
 	}
 }
+
+// TestReloadHosts: the hosts follow the configuration file when it changes
+// and on SIGHUP, without a restart; a bad file keeps the running hosts and
+// is counted.
+func TestReloadHosts(t *testing.T) {
+	dir := t.TempDir()
+	grpcAddr, adminAddr := freeAddr(t), freeAddr(t)
+	path := filepath.Join(dir, "tokenlb.yaml")
+	write := func(hosts string) {
+		t.Helper()
+		yaml := "listen: " + grpcAddr + "\nadmin: " + adminAddr + "\nhosts: [" + hosts + "]\n"
+		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("{address: 127.0.0.1:8001}, {address: 127.0.0.1:8002}")
+	cmd := exec.Command(binary, "--config", path)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-done })
+	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
+	hosts := func() string { return get(t, adminAddr, "/debug/hosts") }
+
+	write("{address: 127.0.0.1:8002}, {address: 127.0.0.1:8003}")
+	waitFor(t, func() bool {
+		h := hosts()
+		return strings.Contains(h, "127.0.0.1:8003") && !strings.Contains(h, "127.0.0.1:8001")
+	})
+
+	write("{address: 127.0.0.1:8002}, {address: 127.0.0.1:8002}") // a duplicate: refused
+	waitFor(t, func() bool {
+		return strings.Contains(get(t, adminAddr, "/metrics"), "tokenlb_config_reload_errors_total 1")
+	})
+	if h := hosts(); !strings.Contains(h, "127.0.0.1:8003") {
+		t.Fatalf("a bad file changed the hosts: %s", h)
+	}
+
+	// A change the file's size and time do not show: SIGHUP reads it.
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write("{address: 127.0.0.1:8004}, {address: 127.0.0.1:8003}")
+	if err := os.Chtimes(path, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, func() bool {
+		h := hosts()
+		return strings.Contains(h, "127.0.0.1:8004") && !strings.Contains(h, "127.0.0.1:8002")
+	})
+}
