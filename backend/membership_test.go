@@ -42,7 +42,7 @@ func TestSetHosts(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	<-w.Ready()
 
-	if err := w.SetHosts([]string{second}); err != nil {
+	if err := w.SetHosts([]string{second}, nil); err != nil {
 		t.Fatal(err)
 	}
 	rec.await(t, "the added host's models", func(s string) bool { return s == "models "+second })
@@ -59,7 +59,19 @@ func TestSetHosts(t *testing.T) {
 	if n := testutil.CollectAndCount(m.healthy); n != 1 {
 		t.Fatalf("%d tokenlb_host_healthy series, want the remaining host's only", n)
 	}
-	if err := w.SetHosts([]string{"backend:80"}); err == nil {
+	// Hosts added with their models configured are not asked for them.
+	third, thirdReads := countingHost(t)
+	fourth, fourthReads := countingHost(t)
+	if err := w.SetHosts([]string{second, third, fourth}, []string{third}); err != nil {
+		t.Fatal(err)
+	}
+	for fourthReads.Load() < 3 {
+		rec.await(t, "reads of the added host", func(s string) bool { return s == "models "+fourth })
+	}
+	if n := thirdReads.Load(); n != 0 {
+		t.Fatalf("a host with configured models was asked %d times", n)
+	}
+	if err := w.SetHosts([]string{"backend:80"}, nil); err == nil {
 		t.Fatal("a host name was accepted")
 	}
 }

@@ -55,14 +55,14 @@ type Watcher struct {
 	log    *slog.Logger
 	m      *Metrics
 
-	ready      chan struct{}   // closed after the first round
-	skipModels map[string]bool // hosts whose models are not asked for
-	pollers    sync.WaitGroup
+	ready   chan struct{} // closed after the first round
+	pollers sync.WaitGroup
 
-	mu      sync.Mutex
-	hosts   map[string]*hostState
-	addrs   []string        // the hosts, in order
-	running context.Context // Run's, while it runs (nil before, and once it stops)
+	mu         sync.Mutex
+	skipModels map[string]bool // hosts whose models are not asked for
+	hosts      map[string]*hostState
+	addrs      []string        // the hosts, in order
+	running    context.Context // Run's, while it runs (nil before, and once it stops)
 }
 
 // hostState is what a Watcher knows of one host, guarded by Watcher.mu.
@@ -162,15 +162,25 @@ func (w *Watcher) addLocked(addr string) {
 // SetHosts makes hosts the watched set: a new host is checked, read and
 // scraped at once (while Run runs), starting healthy; a removed one is no
 // longer contacted, and what was known of it goes, metrics included.
-// Tell the Target first, so that it knows a new host before the first
-// report about it.
-func (w *Watcher) SetHosts(hosts []string) error {
+// skipModels are the hosts whose models are configured, not asked for
+// (as Options.Models.Skip, which it replaces); it applies to hosts added
+// from now on. Tell the Target first, so that it knows a new host before
+// the first report about it.
+func (w *Watcher) SetHosts(hosts, skipModels []string) error {
 	addrs, err := parseHosts(hosts)
+	if err != nil {
+		return err
+	}
+	skip, err := parseHosts(skipModels)
 	if err != nil {
 		return err
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	w.skipModels = make(map[string]bool, len(skip))
+	for _, a := range skip {
+		w.skipModels[a] = true
+	}
 	keep := make(map[string]bool, len(addrs))
 	for _, a := range addrs {
 		keep[a] = true

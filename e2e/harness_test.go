@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -240,8 +241,26 @@ type envoy struct {
 }
 
 // startEnvoy starts Envoy on the deploy config with only ports (and, for
-// the override-host variant, the endpoint list) rewritten for the test.
+// the override-host variant, the endpoint list) rewritten for the test. A
+// free port can be taken by another process before Envoy binds it: then it
+// tries again on other ports, up to three times.
 func startEnvoy(t testing.TB, o envoyOpts) *envoy {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		e, err := tryEnvoy(t, o)
+		if err == nil {
+			return e
+		}
+		if attempt == 3 || !strings.Contains(e.proc.log.String(), "Address already in use") {
+			t.Fatalf("envoy exited: %v\n%s", err, e.proc.log.String())
+		}
+		t.Logf("envoy: a port was taken before it bound it; trying other ports")
+	}
+}
+
+// tryEnvoy starts Envoy on free ports and waits until it is ready, or
+// says that it exited.
+func tryEnvoy(t testing.TB, o envoyOpts) (*envoy, error) {
 	t.Helper()
 	e := &envoy{port: freePort(t), adminPort: freePort(t)}
 	o.ListenPort, o.AdminPort = e.port, e.adminPort
@@ -254,10 +273,12 @@ func startEnvoy(t testing.TB, o envoyOpts) *envoy {
 		t.Fatal(err)
 	}
 	e.proc = startProcess(t, envoyBin, "-c", path, "--disable-hot-restart", "--concurrency", "2", "-l", "warning")
+	var exited error
 	waitFor(t, 20*time.Second, "envoy ready", func() bool {
 		select {
 		case <-e.proc.done:
-			t.Fatalf("envoy exited:\n%s", e.proc.log.String())
+			exited = errors.New("envoy exited")
+			return true
 		default:
 		}
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/ready", e.adminPort))
@@ -267,7 +288,7 @@ func startEnvoy(t testing.TB, o envoyOpts) *envoy {
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	return e
+	return e, exited
 }
 
 func (e *envoy) url(path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", e.port, path) }

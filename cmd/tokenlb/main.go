@@ -275,12 +275,14 @@ func (a *app) setHosts(eps []discovery.Endpoint) {
 		a.log.Error("hosts not changed", "err", err)
 		return
 	}
+	var configured []string
 	for _, e := range eps {
 		if len(e.Models) > 0 {
 			a.picker.SetModels(e.Address, e.Models) // known to the picker: just set
+			configured = append(configured, e.Address)
 		}
 	}
-	if err := a.watcher.SetHosts(addrs); err != nil {
+	if err := a.watcher.SetHosts(addrs, configured); err != nil {
 		a.log.Error("backend watcher does not follow the hosts", "err", err) // the picker took them: cannot happen
 	}
 	for _, r := range removed {
