@@ -49,9 +49,9 @@ type Config struct {
 	// MaxBodyBytes is the largest request body accepted (413 above).
 	MaxBodyBytes int64 `yaml:"max_body_bytes"`
 	// MaxInFlightTokensPerHost caps each host's in-flight tokens; 0 means
-	// no cap. When every host is at the cap, requests get 503.
+	// no cap. When every host is at the cap, requests get 429.
 	MaxInFlightTokensPerHost int64 `yaml:"max_in_flight_tokens_per_host"`
-	// RetryAfter is the retry-after sent with 503.
+	// RetryAfter is the retry-after sent with the 429 of no capacity.
 	RetryAfter time.Duration `yaml:"retry_after"`
 	// LeaseTTL is how old an unreleased charge must be before the sweeper
 	// reclaims it; longer than any request can last.

@@ -6,7 +6,8 @@ import "encoding/json"
 // surface as it is: {"error": {"message", "type", "param", "code"}}.
 type Error struct {
 	Message string
-	// Type is OpenAI's error "type": invalid_request_error, server_error.
+	// Type is the error "type": invalid_request_error, server_error,
+	// rate_limit_error.
 	Type string
 	// Code is a machine-readable code, such as model_not_found.
 	Code string

@@ -407,8 +407,8 @@ func TestNoCapacity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out.immediate == nil || out.immediate.GetStatus().GetCode() != 503 {
-		t.Fatalf("want 503, got %+v", out)
+	if out.immediate == nil || out.immediate.GetStatus().GetCode() != 429 {
+		t.Fatalf("want 429, got %+v", out)
 	}
 	if got := errorBody(t, out.immediate); got != "no_capacity" {
 		t.Fatalf("code %q", got)

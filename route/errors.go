@@ -33,7 +33,10 @@ func errMediaType(ct string) *processor.Rejection {
 }
 
 func errNoCapacity(retryAfter time.Duration) *processor.Rejection {
-	r := reject(503, "no_capacity", llmapi.Error{Type: "server_error", Code: "no_capacity",
+	// 429, as the Endpoint Picker Protocol has a picker answer when it
+	// sheds load: the client may retry after retry-after, and Envoy's
+	// retry and outlier policies, which count 5xx, leave it alone.
+	r := reject(429, "no_capacity", llmapi.Error{Type: "rate_limit_error", Code: "no_capacity",
 		Message: "every backend is at its in-flight token limit; retry later"})
 	r.RetryAfter = retryAfter
 	return r

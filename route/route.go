@@ -46,7 +46,7 @@ type Config struct {
 	// Cost prices requests per host and learns from responses; nil means
 	// cost.New with zero options (prompt tokens held until the end).
 	Cost *cost.Estimator
-	// RetryAfter is sent with 503 when no host has capacity.
+	// RetryAfter is sent with the 429 when no host has capacity.
 	RetryAfter time.Duration
 	// Fallbacks is how many other hosts follow the chosen one in the
 	// destination list, for a proxy to retry on.

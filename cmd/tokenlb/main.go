@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -104,6 +105,7 @@ type app struct {
 	adminServer  *http.Server
 	estimator    *cost.Estimator
 	state        atomic.Int32 // starting, ready, stopping
+	readiness    sync.Mutex   // orders the readiness changes of becomeReady and shutdown
 	args         []string     // the command line, read again with the file on a reload
 	reloadErrors prometheus.Counter
 }
@@ -164,7 +166,11 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	extprocv3.RegisterExternalProcessorServer(a.grpcServer, a.processor)
 	a.healthServer = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpcServer, a.healthServer)
-	a.healthServer.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
+	// The Endpoint Picker Protocol's names: liveness (the process
+	// answers), readiness (it routes), and the ext_proc service itself,
+	// which Envoy's health check asks for.
+	a.healthServer.SetServingStatus("liveness", healthpb.HealthCheckResponse_SERVING)
+	a.setReadiness(healthpb.HealthCheckResponse_NOT_SERVING)
 	isReady := func() bool { return a.state.Load() == ready }
 	a.adminServer = admin.NewServer(admin.Handler(a.picker, est, reg, isReady), admin.DefaultTimeouts())
 	return a, nil
@@ -291,6 +297,14 @@ func (a *app) setHosts(eps []discovery.Endpoint) {
 	a.log.Info("hosts changed", "added", added, "removed", removed, "hosts", addrs)
 }
 
+// setReadiness sets the gRPC health of readiness, of the ext_proc service
+// and of the server as a whole ("").
+func (a *app) setReadiness(st healthpb.HealthCheckResponse_ServingStatus) {
+	for _, name := range []string{"readiness", extprocv3.ExternalProcessor_ServiceDesc.ServiceName, ""} {
+		a.healthServer.SetServingStatus(name, st)
+	}
+}
+
 // becomeReady reports ready once the watcher has checked every host and
 // read its models (each bounded by its timeout), or after readyWait
 // whatever it knows.
@@ -303,9 +317,13 @@ func (a *app) becomeReady(ctx context.Context) {
 		return
 	}
 	// Serving first, so that /readyz never says ready before the gRPC
-	// health does; after a shutdown began, shutdown overrides it.
-	a.healthServer.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	a.state.CompareAndSwap(starting, ready)
+	// health does; not at all once a shutdown began.
+	a.readiness.Lock()
+	defer a.readiness.Unlock()
+	if a.state.Load() == starting {
+		a.setReadiness(healthpb.HealthCheckResponse_SERVING)
+		a.state.Store(ready)
+	}
 }
 
 // shutdown reports not ready, waits ShutdownDelay (unless a server already
@@ -321,8 +339,12 @@ func (a *app) becomeReady(ctx context.Context) {
 // back by then. It returns the first server error.
 func (a *app) shutdown(serveErr error, errc <-chan error) error {
 	a.log.Info("shutting down", "shutdown_delay", a.cfg.ShutdownDelay, "drain_timeout", a.cfg.DrainTimeout)
+	// Envoy's health check stops sending streams; liveness stays SERVING
+	// while the process drains.
+	a.readiness.Lock()
 	a.state.Store(stopping)
-	a.healthServer.Shutdown() // every service NOT_SERVING: Envoy's health check stops sending streams
+	a.setReadiness(healthpb.HealthCheckResponse_NOT_SERVING)
+	a.readiness.Unlock()
 	if serveErr == nil {
 		select {
 		case <-time.After(a.cfg.ShutdownDelay):

@@ -135,9 +135,20 @@ func TestGracefulShutdownDrains(t *testing.T) {
 	}
 	defer conn.Close()
 	health := healthpb.NewHealthClient(conn)
-	hr, err := health.Check(context.Background(), &healthpb.HealthCheckRequest{Service: "envoy.service.ext_proc.v3.ExternalProcessor"})
-	if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-		t.Fatalf("health = %v, %v", hr, err)
+	// The health names: Envoy's (the ext_proc service), and the Endpoint
+	// Picker Protocol's liveness and readiness.
+	healthOf := func(name string) healthpb.HealthCheckResponse_ServingStatus {
+		t.Helper()
+		hr, err := health.Check(context.Background(), &healthpb.HealthCheckRequest{Service: name})
+		if err != nil {
+			t.Fatalf("health of %q: %v", name, err)
+		}
+		return hr.GetStatus()
+	}
+	for _, name := range []string{"envoy.service.ext_proc.v3.ExternalProcessor", "liveness", "readiness", ""} {
+		if got := healthOf(name); got != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("health of %q once ready: %v", name, got)
+		}
 	}
 	stream := holdStream(t, conn)
 	if !strings.Contains(get(t, adminAddr, "/debug/hosts"), `"in_flight_requests": 1`) {
@@ -147,9 +158,13 @@ func TestGracefulShutdownDrains(t *testing.T) {
 	cmd.Process.Signal(syscall.SIGTERM)
 	// Within shutdown_delay: not ready, health NOT_SERVING, streams still accepted.
 	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 503 })
-	hr, err = health.Check(context.Background(), &healthpb.HealthCheckRequest{Service: "envoy.service.ext_proc.v3.ExternalProcessor"})
-	if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
-		t.Fatalf("health while draining = %v, %v", hr, err)
+	for _, name := range []string{"envoy.service.ext_proc.v3.ExternalProcessor", "readiness", ""} {
+		if got := healthOf(name); got != healthpb.HealthCheckResponse_NOT_SERVING {
+			t.Fatalf("health of %q while draining: %v", name, got)
+		}
+	}
+	if got := healthOf("liveness"); got != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("liveness while draining: %v", got)
 	}
 	select {
 	case err := <-exited:
