@@ -35,6 +35,8 @@ type Config struct {
 	Admin string `yaml:"admin"`
 	// Hosts are the backends, each a literal ip:port.
 	Hosts []Host `yaml:"hosts"`
+	// Discovery says where the hosts come from as they change.
+	Discovery Discovery `yaml:"discovery"`
 	// Encoding is the tiktoken encoding used to count tokens.
 	Encoding string `yaml:"encoding"`
 	// Tokenizer says how tokens are counted.
@@ -84,6 +86,24 @@ type Config struct {
 	LogLevel string `yaml:"log_level"`
 	// LogFormat is text or json.
 	LogFormat string `yaml:"log_format"`
+}
+
+// Discovery says where the hosts come from.
+type Discovery struct {
+	// Source is "static" (Hosts, followed as the file changes and on
+	// SIGHUP) or "dns" (DNS.Name's addresses, Hosts left empty).
+	Source string `yaml:"source"`
+	DNS    DNS    `yaml:"dns"`
+}
+
+// DNS is the dns source's setting.
+type DNS struct {
+	// Name is "name:port": its A and AAAA records are the hosts.
+	Name string `yaml:"name"`
+	// Interval is how often it is resolved again.
+	Interval time.Duration `yaml:"interval"`
+	// Server is the DNS server (ip:port) asked; "" asks the system's.
+	Server string `yaml:"server"`
 }
 
 // TLS secures the ext_proc listener: whoever reaches it can steer traffic
@@ -230,6 +250,7 @@ func Default() Config {
 		FallbackHosts:     2,
 		MaxBodyBytes:      processor.DefaultMaxBodyBytes,
 		RetryAfter:        route.DefaultRetryAfter,
+		Discovery:         Discovery{Source: "static", DNS: DNS{Interval: 5 * time.Second}},
 		LeaseTTL:          time.Hour,
 		SweepInterval:     time.Minute,
 		DrainTimeout:      30 * time.Second,

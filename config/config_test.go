@@ -111,7 +111,9 @@ var flagFields = map[string]string{
 	"listen": "listen", "admin": "admin", "hosts": "hosts", "encoding": "encoding",
 	"tls-cert-file": "tls.cert_file", "tls-key-file": "tls.key_file", "tls-client-ca-file": "tls.client_ca_file",
 	"tls-allow-plaintext": "tls.allow_plaintext",
-	"tokenizer-engine":    "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",
+	"discovery":           "discovery.source", "dns-name": "discovery.dns.name", "dns-interval": "discovery.dns.interval",
+	"dns-server":       "discovery.dns.server",
+	"tokenizer-engine": "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",
 	"tokenizer-cache-min-bytes": "tokenizer.cache_min_bytes", "tokenizer-exact-bytes": "tokenizer.exact_bytes",
 	"tokenizer-time-limit": "tokenizer.time_limit", "destination-header": "destination_header",
 	"fallback-hosts": "fallback_hosts", "max-body-bytes": "max_body_bytes",
@@ -297,6 +299,15 @@ func TestValidateWithoutGaps(t *testing.T) {
 		{"prefix block bytes", func(c *Config) { c.PrefixAffinity.BlockBytes = 8 }, "prefix_affinity.block_bytes: 8 is below 16"},
 		{"negative shutdown delay", func(c *Config) { c.ShutdownDelay = -time.Second }, "shutdown_delay: -1s must not be negative"},
 		{"metrics path", func(c *Config) { c.BackendMetrics.Interval, c.BackendMetrics.Path = time.Second, "metrics" }, `backend_metrics.path: "metrics" does not start with /`},
+		{"unknown discovery source", func(c *Config) { c.Discovery.Source = "consul" }, `discovery.source: "consul" is neither static nor dns`},
+		{"dns with hosts", func(c *Config) { c.Discovery.Source, c.Discovery.DNS.Name = "dns", "vllm:8000" }, "hosts: set by discovery.dns"},
+		{"dns name without a port", func(c *Config) { c.Discovery.Source, c.Hosts, c.Discovery.DNS.Name = "dns", nil, "vllm" }, `discovery.dns.name: "vllm" is not name:port`},
+		{"dns interval", func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.DNS.Name, c.Discovery.DNS.Interval = "dns", nil, "vllm:8000", time.Millisecond
+		}, "discovery.dns.interval: 1ms is below 100ms"},
+		{"dns server", func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.DNS.Name, c.Discovery.DNS.Server = "dns", nil, "vllm:8000", "dns.example:53"
+		}, `discovery.dns.server: "dns.example:53" is not an ip:port`},
 		{"plaintext on every interface", func(c *Config) { c.Listen = "0.0.0.0:9002" }, "listen: 0.0.0.0:9002 is reachable from other machines"},
 		{"plaintext on a pod address", func(c *Config) { c.Listen = "10.1.2.3:9002" }, "tls.allow_plaintext: true"},
 		{"certificate without key", func(c *Config) { c.TLS.CertFile = "config_test.go" }, "tls: cert_file and key_file go together"},
@@ -324,6 +335,7 @@ func TestListenersThatNeedNoTLS(t *testing.T) {
 		"IPv4 loopback":     func(c *Config) { c.Listen = "127.0.0.1:9002" },
 		"IPv6 loopback":     func(c *Config) { c.Listen = "[::1]:9002" },
 		"allowed plaintext": func(c *Config) { c.Listen, c.TLS.AllowPlaintext = "0.0.0.0:9002", true },
+		"dns discovery":     func(c *Config) { c.Discovery.Source, c.Hosts, c.Discovery.DNS.Name = "dns", nil, "vllm.llm.svc:8000" },
 		"mutual TLS": func(c *Config) {
 			c.Listen, c.TLS.CertFile, c.TLS.KeyFile, c.TLS.ClientCAFile = "0.0.0.0:9002", "config_test.go", "config_test.go", "config_test.go"
 		},

@@ -70,6 +70,10 @@ func newFlagSet(name string, c *Config, output io.Writer) *flag.FlagSet {
 // bind registers every flag, each on the one field it sets.
 func bind(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "ext_proc gRPC listen address")
+	fs.StringVar(&c.Discovery.Source, "discovery", c.Discovery.Source, "where the hosts come from: static (the hosts, followed as the file changes) or dns")
+	fs.StringVar(&c.Discovery.DNS.Name, "dns-name", c.Discovery.DNS.Name, "dns discovery: `name:port` whose A and AAAA records are the hosts")
+	fs.DurationVar(&c.Discovery.DNS.Interval, "dns-interval", c.Discovery.DNS.Interval, "dns discovery: how often the name is resolved")
+	fs.StringVar(&c.Discovery.DNS.Server, "dns-server", c.Discovery.DNS.Server, "dns discovery: DNS server `ip:port` to ask, \"\" for the system's")
 	fs.StringVar(&c.TLS.CertFile, "tls-cert-file", c.TLS.CertFile, "ext_proc listener's TLS certificate chain (PEM); turns TLS on")
 	fs.StringVar(&c.TLS.KeyFile, "tls-key-file", c.TLS.KeyFile, "ext_proc listener's TLS private key (PEM)")
 	fs.StringVar(&c.TLS.ClientCAFile, "tls-client-ca-file", c.TLS.ClientCAFile, "CA bundle (PEM) clients' certificates must chain to: mutual TLS")

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -50,8 +51,15 @@ func (c *Config) validateListenersAndHosts(p *problems) {
 		}
 	}
 	c.validateTLS(p)
-	if len(c.Hosts) == 0 {
-		p.add("hosts", "at least one host is required")
+	switch c.Discovery.Source {
+	case "static":
+		if len(c.Hosts) == 0 {
+			p.add("hosts", "at least one host is required")
+		}
+	case "dns":
+		c.validateDNS(p)
+	default:
+		p.add("discovery.source", "%q is neither static nor dns", c.Discovery.Source)
 	}
 	seen := map[string]int{}
 	for i, h := range c.Hosts {
@@ -71,6 +79,23 @@ func (c *Config) validateListenersAndHosts(p *problems) {
 				p.add(fmt.Sprintf("hosts[%d].models", i), "has an empty model name")
 			}
 		}
+	}
+}
+
+// validateDNS checks the dns source, which fills the hosts itself.
+func (c *Config) validateDNS(p *problems) {
+	d := c.Discovery.DNS
+	if len(c.Hosts) > 0 {
+		p.add("hosts", "set by discovery.dns; leave the list empty")
+	}
+	if host, port, err := net.SplitHostPort(d.Name); err != nil || host == "" || port == "" || port == "0" {
+		p.add("discovery.dns.name", "%q is not name:port", d.Name)
+	}
+	if d.Interval < 100*time.Millisecond {
+		p.add("discovery.dns.interval", "%v is below 100ms", d.Interval)
+	}
+	if _, err := netip.ParseAddrPort(d.Server); d.Server != "" && err != nil {
+		p.add("discovery.dns.server", "%q is not an ip:port address", d.Server)
 	}
 }
 

@@ -76,6 +76,9 @@ func newLogger(cfg config.Config) *slog.Logger {
 }
 
 func listenAndRun(ctx context.Context, cfg config.Config, args []string, log *slog.Logger) error {
+	if err := resolveHosts(ctx, &cfg, log); err != nil {
+		return err
+	}
 	a, err := build(cfg, log)
 	if err != nil {
 		return err
@@ -95,19 +98,19 @@ func listenAndRun(ctx context.Context, cfg config.Config, args []string, log *sl
 
 // app is tokenlb built from its configuration, ready to run.
 type app struct {
-	cfg          config.Config
-	log          *slog.Logger
-	picker       *picker.Picker
-	watcher      *backend.Watcher
-	grpcServer   *grpc.Server
-	processor    *processor.Server
-	healthServer *health.Server
-	adminServer  *http.Server
-	estimator    *cost.Estimator
-	state        atomic.Int32 // starting, ready, stopping
-	readiness    sync.Mutex   // orders the readiness changes of becomeReady and shutdown
-	args         []string     // the command line, read again with the file on a reload
-	reloadErrors prometheus.Counter
+	cfg             config.Config
+	log             *slog.Logger
+	picker          *picker.Picker
+	watcher         *backend.Watcher
+	grpcServer      *grpc.Server
+	processor       *processor.Server
+	healthServer    *health.Server
+	adminServer     *http.Server
+	estimator       *cost.Estimator
+	state           atomic.Int32 // starting, ready, stopping
+	readiness       sync.Mutex   // orders the readiness changes of becomeReady and shutdown
+	args            []string     // the command line, read again with the file on a reload
+	discoveryErrors *prometheus.CounterVec
 }
 
 const (
@@ -141,8 +144,9 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	}
 	est := cost.New(cfg.Cost.Options())
 	a.estimator = est
-	a.reloadErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenlb_config_reload_errors_total",
-		Help: "Reads of the configuration file (on change or SIGHUP) that failed and left the running hosts in place."})
+	a.discoveryErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenlb_discovery_errors_total",
+		Help: "Host discovery that failed and left the running hosts in place, by source: a configuration file that does not load (static), a name that does not resolve to an address (dns)."},
+		[]string{"source"})
 	rc := cfg.Route()
 	rc.Picker, rc.Tokenizer, rc.Cost, rc.ResponseStatus, rc.Logger = a.picker, tok, est, a.watcher.Observe, log
 	rc.Metrics = route.NewMetrics()
@@ -156,7 +160,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	reg.MustRegister(pc.Metrics.Collectors()...)
 	reg.MustRegister(rc.Metrics.Collectors()...)
 	reg.MustRegister(watchMetrics.Collectors()...)
-	reg.MustRegister(a.reloadErrors)
+	reg.MustRegister(a.discoveryErrors)
 
 	grpcOpts, err := listenerSecurity(cfg, log)
 	if err != nil {
@@ -216,12 +220,11 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	go func() { a.watcher.Run(watchCtx); close(watched) }()
 	defer func() { stopWatching(); <-watched }()
 	go a.becomeReady(watchCtx)
-	if path := config.FilePath(a.args); path != "" {
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		f := &discovery.File{Path: path, Load: a.loadHosts, Reload: hup, Logger: a.log, Errors: a.reloadErrors}
-		go f.Run(watchCtx, endpoints(a.cfg.Hosts), a.setHosts)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	if src := a.source(hup); src != nil {
+		go src.Run(watchCtx, endpoints(a.cfg.Hosts), a.setHosts)
 	}
 
 	errc := make(chan error, 2)
@@ -242,6 +245,46 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	}
 	a.log.Info("tokenlb stopped")
 	return nil
+}
+
+// source returns where the hosts come from as they change: the
+// configuration file (read again on reload), the DNS, or nothing (no file).
+func (a *app) source(reload <-chan os.Signal) discovery.Source {
+	d := a.cfg.Discovery
+	if d.Source == "dns" {
+		return &discovery.DNS{Name: d.DNS.Name, Interval: d.DNS.Interval, Server: d.DNS.Server, Logger: a.log,
+			Errors: a.discoveryErrors.WithLabelValues("dns")}
+	}
+	if path := config.FilePath(a.args); path != "" {
+		return &discovery.File{Path: path, Load: a.loadHosts, Reload: reload, Logger: a.log,
+			Errors: a.discoveryErrors.WithLabelValues("static")}
+	}
+	return nil
+}
+
+// resolveHosts fills cfg's hosts from the DNS when that is their source,
+// waiting for a first answer with an address (or ctx).
+func resolveHosts(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	d := cfg.Discovery
+	if d.Source != "dns" {
+		return nil
+	}
+	src := &discovery.DNS{Name: d.DNS.Name, Server: d.DNS.Server}
+	for {
+		eps, err := src.Resolve(ctx)
+		if err == nil {
+			for _, e := range eps {
+				cfg.Hosts = append(cfg.Hosts, config.Host{Address: e.Address})
+			}
+			return nil
+		}
+		log.Warn("waiting for the hosts' DNS name to resolve", "name", d.DNS.Name, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("discovery.dns: %w", err)
+		case <-time.After(d.DNS.Interval):
+		}
+	}
 }
 
 // loadHosts reads the command line and its configuration file again and
@@ -277,7 +320,7 @@ func (a *app) setHosts(eps []discovery.Endpoint) {
 	}
 	added, removed, err := a.picker.SetHosts(addrs)
 	if err != nil {
-		a.reloadErrors.Inc()
+		a.discoveryErrors.WithLabelValues(a.cfg.Discovery.Source).Inc()
 		a.log.Error("hosts not changed", "err", err)
 		return
 	}

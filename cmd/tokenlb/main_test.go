@@ -20,6 +20,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	grpcstatus "google.golang.org/grpc/status"
+
+	"github.com/tokenlb/tokenlb/internal/testdns"
 )
 
 func freeAddr(t *testing.T) string {
@@ -332,7 +334,7 @@ func TestReloadHosts(t *testing.T) {
 
 	write("{address: 127.0.0.1:8002}, {address: 127.0.0.1:8002}") // a duplicate: refused
 	waitFor(t, func() bool {
-		return strings.Contains(get(t, adminAddr, "/metrics"), "tokenlb_config_reload_errors_total 1")
+		return strings.Contains(get(t, adminAddr, "/metrics"), `tokenlb_discovery_errors_total{source="static"} 1`)
 	})
 	if h := hosts(); !strings.Contains(h, "127.0.0.1:8003") {
 		t.Fatalf("a bad file changed the hosts: %s", h)
@@ -352,4 +354,50 @@ func TestReloadHosts(t *testing.T) {
 		h := hosts()
 		return strings.Contains(h, "127.0.0.1:8004") && !strings.Contains(h, "127.0.0.1:8002")
 	})
+}
+
+// TestDNSHosts: with discovery.source dns, tokenlb starts on the name's
+// addresses and follows its answers; an answer with no address keeps the
+// running hosts and is counted.
+func TestDNSHosts(t *testing.T) {
+	z := &testdns.Zone{}
+	z.Set("127.0.0.11", "127.0.0.12")
+	server, stop, err := z.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	dir := t.TempDir()
+	grpcAddr, adminAddr := freeAddr(t), freeAddr(t)
+	path := filepath.Join(dir, "tokenlb.yaml")
+	yaml := "listen: " + grpcAddr + "\nadmin: " + adminAddr + "\ndiscovery: {source: dns, dns: {name: vllm.test:8000, interval: 100ms, server: " +
+		server + "}}\n"
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary, "--config", path)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-done })
+	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
+	hosts := func() string { return get(t, adminAddr, "/debug/hosts") }
+	if h := hosts(); !strings.Contains(h, "127.0.0.11:8000") || !strings.Contains(h, "127.0.0.12:8000") {
+		t.Fatalf("hosts at start: %s", h)
+	}
+	z.Set("127.0.0.12", "127.0.0.13")
+	waitFor(t, func() bool {
+		h := hosts()
+		return strings.Contains(h, "127.0.0.13:8000") && !strings.Contains(h, "127.0.0.11:8000")
+	})
+	z.Set([]string{}...)
+	waitFor(t, func() bool {
+		return strings.Contains(get(t, adminAddr, "/metrics"), `tokenlb_discovery_errors_total{source="dns"}`)
+	})
+	if h := hosts(); !strings.Contains(h, "127.0.0.13:8000") {
+		t.Fatalf("an empty answer changed the hosts: %s", h)
+	}
 }
