@@ -48,6 +48,11 @@ type Config struct {
 	// chosen one in the envoy.lb destination metadata, for Envoy's
 	// override_host policy to retry on when the chosen host is down.
 	FallbackHosts int `yaml:"fallback_hosts"`
+	// DestinationList puts the same list in the destination header as in
+	// the metadata (the chosen host, then the fallbacks), as gateways that
+	// implement the Endpoint Picker Protocol read it; false keeps the
+	// chosen host alone in the header, as Envoy's ORIGINAL_DST needs.
+	DestinationList bool `yaml:"destination_list"`
 	// MaxBodyBytes is the largest request body accepted (413 above).
 	MaxBodyBytes int64 `yaml:"max_body_bytes"`
 	// MaxInFlightTokensPerHost caps each host's in-flight tokens; 0 means

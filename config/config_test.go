@@ -111,6 +111,7 @@ var flagFields = map[string]string{
 	"listen": "listen", "admin": "admin", "hosts": "hosts", "encoding": "encoding",
 	"tls-cert-file": "tls.cert_file", "tls-key-file": "tls.key_file", "tls-client-ca-file": "tls.client_ca_file",
 	"tls-allow-plaintext": "tls.allow_plaintext",
+	"destination-list":    "destination_list",
 	"discovery":           "discovery.source", "dns-name": "discovery.dns.name", "dns-interval": "discovery.dns.interval",
 	"dns-server":       "discovery.dns.server",
 	"tokenizer-engine": "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",

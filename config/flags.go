@@ -83,6 +83,7 @@ func bind(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.Encoding, "encoding", c.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
 	bindTokenizer(fs, &c.Tokenizer)
 	fs.StringVar(&c.DestinationHeader, "destination-header", c.DestinationHeader, "header carrying the chosen host")
+	fs.BoolVar(&c.DestinationList, "destination-list", c.DestinationList, "destination header carries the metadata's whole list (Endpoint Picker Protocol gateways), not the chosen host alone (ORIGINAL_DST)")
 	fs.IntVar(&c.FallbackHosts, "fallback-hosts", c.FallbackHosts, "other hosts listed after the chosen one in the envoy.lb metadata, for retries")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", c.MaxBodyBytes, "largest request body accepted")
 	fs.Int64Var(&c.MaxInFlightTokensPerHost, "max-in-flight-tokens-per-host", c.MaxInFlightTokensPerHost, "per-host in-flight token cap, 0 for none (429 when every host is at it)")

@@ -69,7 +69,7 @@ func (c *Config) PickerOptions() picker.Options {
 // Processor returns the ext_proc server's configuration, without its
 // logger and metrics.
 func (c *Config) Processor() processor.Config {
-	return processor.Config{DestinationHeader: c.DestinationHeader, MaxBodyBytes: c.MaxBodyBytes,
+	return processor.Config{DestinationHeader: c.DestinationHeader, DestinationList: c.DestinationList, MaxBodyBytes: c.MaxBodyBytes,
 		Observer: c.Response.Observer, LeaseHeader: c.Response.LeaseHeader, ObserverGrace: c.Response.ObserverGrace}
 }
 

@@ -1,6 +1,7 @@
 package picker
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"testing"
@@ -158,5 +159,37 @@ func TestSetHostsConcurrent(t *testing.T) {
 	}
 	if live, _ := addrs(p); !slices.Equal(live, sets[299%len(sets)]) {
 		t.Fatalf("hosts after the last change %v, want %v", live, sets[299%len(sets)])
+	}
+}
+
+// TestSubset: a subset hint restricts the pick to its hosts, whatever
+// their load and in any address form; one that names no eligible host is
+// refused and counted.
+func TestSubset(t *testing.T) {
+	p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80", "[fd00::1]:80"}, Options{Seed: 1})
+	busy, _ := p.Pick(Request{Cost: Tokens(5000), Subset: []string{"10.0.0.2:80"}})
+	if busy.Host() != "10.0.0.2:80" {
+		t.Fatalf("picked %s outside the subset", busy.Host())
+	}
+	for range 5 {
+		l, err := p.Pick(Request{Cost: Tokens(10), Subset: []string{" 10.0.0.2:80", "[fd00:0::1]:80"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.Host() == "10.0.0.1:80" {
+			t.Fatal("picked outside the subset")
+		}
+		l.Release(ResponseEnd)
+	}
+	for _, subset := range [][]string{{}, {"10.9.9.9:80"}, {"not an address"}} {
+		if _, err := p.Pick(Request{Cost: Tokens(10), Subset: subset}); !errors.Is(err, ErrNotInSubset) {
+			t.Fatalf("subset %v: %v, want ErrNotInSubset", subset, err)
+		}
+	}
+	if got := p.Stats().NotInSubset; got != 3 {
+		t.Fatalf("refusals counted %d, want 3", got)
+	}
+	if l, _ := p.Pick(Request{Cost: Tokens(10)}); l.Host() == "10.0.0.2:80" {
+		t.Fatal("without a hint, the busy host was picked")
 	}
 }

@@ -23,6 +23,8 @@ var (
 		"Tokens reclaimed by the sweeper from leases nobody released; anything but 0 is a bug.", nil, nil)
 	descNoCapacity = prometheus.NewDesc("tokenlb_picks_rejected_total",
 		"Picks refused because every host was at its in-flight token limit.", nil, nil)
+	descNotInSubset = prometheus.NewDesc("tokenlb_picks_not_in_subset_total",
+		"Requests refused because no host of their subset hint (the Endpoint Picker Protocol's) could take them.", nil, nil)
 	descUnknownModel = prometheus.NewDesc("tokenlb_picks_unknown_model_total",
 		"Picks refused because no host serves the requested model.", nil, nil)
 	descPanic = prometheus.NewDesc("tokenlb_picks_without_healthy_host_total",
@@ -48,7 +50,7 @@ type collector struct {
 }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descTokens, descPrefilling, descLoad, descRequests, descPicks, descReleases, descSwept, descNoCapacity, descUnknownModel, descPanic, descAffinity, descExternal} {
+	for _, d := range []*prometheus.Desc{descTokens, descPrefilling, descLoad, descRequests, descPicks, descReleases, descSwept, descNoCapacity, descUnknownModel, descNotInSubset, descPanic, descAffinity, descExternal} {
 		ch <- d
 	}
 }
@@ -74,6 +76,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descSwept, prometheus.CounterValue, float64(s.SweptTokens))
 	ch <- prometheus.MustNewConstMetric(descNoCapacity, prometheus.CounterValue, float64(s.RejectedPicks))
 	ch <- prometheus.MustNewConstMetric(descUnknownModel, prometheus.CounterValue, float64(s.UnknownModels))
+	ch <- prometheus.MustNewConstMetric(descNotInSubset, prometheus.CounterValue, float64(s.NotInSubset))
 	ch <- prometheus.MustNewConstMetric(descPanic, prometheus.CounterValue, float64(s.PanicPicks))
 	for _, r := range []AffinityResult{AffinityHit, AffinityOverloaded, AffinityNone} {
 		ch <- prometheus.MustNewConstMetric(descAffinity, prometheus.CounterValue, float64(s.Affinity[r]), string(r))

@@ -25,6 +25,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,6 +35,10 @@ import (
 // ErrNoCapacity is returned by Pick when every host is busy beyond the
 // configured in-flight token limit.
 var ErrNoCapacity = errors.New("picker: every host is at its in-flight token limit")
+
+// ErrNotInSubset is returned by Pick when a Request.Subset names no host
+// that may take the request.
+var ErrNotInSubset = errors.New("picker: no host of the subset hint may take the request")
 
 // ErrUnknownModel is returned by Pick when no host serves the requested
 // model.
@@ -124,6 +129,7 @@ type Picker struct {
 	sweptTokens   int64
 	rejectedPicks uint64
 	unknownModels uint64
+	subsetMisses  uint64
 	panicPicks    uint64
 	priced        uint64 // picks that taught perRequest and perDecode
 	affinity      map[AffinityResult]uint64
@@ -216,6 +222,11 @@ type Request struct {
 	Prefix           []uint64
 	PrefixBlockBytes int
 	PromptBytes      int
+	// Subset, when not nil, restricts the pick to these addresses (the
+	// Endpoint Picker Protocol's subset hint: a data plane that knows
+	// better which endpoints may serve); none of them eligible, or an
+	// empty Subset, is ErrNotInSubset.
+	Subset []string
 	// Spread is how far apart, relative to the lowest, scores must be to
 	// tell hosts apart: how wrong the cost's predictions have been. Hosts
 	// within it count as tied (as within Options.Tolerance), so that a cost
@@ -426,6 +437,12 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 		p.unknownModels++
 		return nil, ErrUnknownModel
 	}
+	if r.Subset != nil {
+		if hosts, anyHealthy = inSubset(hosts, r.Subset); len(hosts) == 0 {
+			p.subsetMisses++
+			return nil, ErrNotInSubset
+		}
+	}
 	if !anyHealthy {
 		p.panicPicks++
 	}
@@ -628,6 +645,24 @@ func (p *Picker) candidates(model string) (hosts []*host, anyHealthy bool) {
 		return unknown, true
 	}
 	return append(known, unknown...), false
+}
+
+// inSubset returns the hosts whose address subset names (in any form
+// ParseAddr accepts), and whether one of them is healthy.
+func inSubset(hosts []*host, subset []string) (in []*host, anyHealthy bool) {
+	names := make(map[string]bool, len(subset))
+	for _, s := range subset {
+		if a, err := ParseAddr(strings.TrimSpace(s)); err == nil {
+			names[a] = true
+		}
+	}
+	for _, h := range hosts {
+		if names[h.addr] {
+			in = append(in, h)
+			anyHealthy = anyHealthy || h.health.Healthy()
+		}
+	}
+	return in, anyHealthy
 }
 
 // perRequestMemory is about how many picks the average charge remembers.
@@ -912,6 +947,9 @@ type Stats struct {
 	OpenLeases    int
 	// UnknownModels counts picks refused because no host serves the model.
 	UnknownModels uint64
+	// NotInSubset counts picks refused because no host of their subset
+	// hint could take them.
+	NotInSubset uint64
 	// PanicPicks counts picks made among unhealthy hosts, none being
 	// healthy.
 	PanicPicks uint64
@@ -924,7 +962,7 @@ func (p *Picker) Stats() Stats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s := Stats{Releases: maps.Clone(p.releases), SweptTokens: p.sweptTokens,
-		RejectedPicks: p.rejectedPicks, OpenLeases: len(p.leases), UnknownModels: p.unknownModels,
+		RejectedPicks: p.rejectedPicks, OpenLeases: len(p.leases), UnknownModels: p.unknownModels, NotInSubset: p.subsetMisses,
 		PanicPicks: p.panicPicks, Affinity: maps.Clone(p.affinity)}
 	return s
 }

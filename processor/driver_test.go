@@ -42,6 +42,7 @@ type Config struct {
 	EstimateFirstToken bool
 	ModelRouting       bool
 	ResponseStatus     func(host string, status int)
+	DestinationList    bool
 }
 
 // testEnv is a tokenlb Server and Router on a loopback port with a client
@@ -91,7 +92,7 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 		EstimateFirstToken: cfg.EstimateFirstToken, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
 		Metrics: routeMetrics})
 	metrics := processor.NewMetrics()
-	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, MaxBodyBytes: cfg.MaxBodyBytes,
+	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, DestinationList: cfg.DestinationList, MaxBodyBytes: cfg.MaxBodyBytes,
 		Observer: cfg.Observer, ObserverGrace: cfg.ObserverGrace, Metrics: metrics})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -172,6 +173,9 @@ type httpRequest struct {
 	// chunk splits the body into messages of this size in full-duplex mode;
 	// 0 sends it in one message.
 	chunk int
+	// metadata goes with the headers, as Envoy forwards it
+	// (metadata_options forwarding_namespaces).
+	metadata *corev3.Metadata
 }
 
 // outcome is what Envoy would do after the request phase.
@@ -224,6 +228,7 @@ func (f *fakeEnvoy) sendHeaders(req httpRequest) error {
 	if !f.noProtocolConfig {
 		msg.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: f.mode, ResponseBodyMode: f.respMode}
 	}
+	msg.MetadataContext = req.metadata
 	return f.send(msg)
 }
 

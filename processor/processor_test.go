@@ -9,9 +9,11 @@ import (
 	"sync"
 	"testing"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/tokenlb/tokenlb/picker"
 	"github.com/tokenlb/tokenlb/processor"
@@ -50,7 +52,8 @@ func routed(t *testing.T, f *fakeEnvoy, req httpRequest) *outcome {
 		t.Fatalf("rejected with %d: %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
 	}
 	h := out.headers[processor.DefaultDestinationHeader]
-	if first, _, _ := strings.Cut(out.metadata[processor.DefaultDestinationHeader], ","); h == "" || h != first {
+	md := out.metadata[processor.DefaultDestinationHeader]
+	if first, _, _ := strings.Cut(md, ","); h == "" || (h != first && h != md) {
 		t.Fatalf("destination header %q, metadata %q", h, out.metadata[processor.DefaultDestinationHeader])
 	}
 	return out
@@ -580,6 +583,18 @@ func TestFallbackList(t *testing.T) {
 	f.close()
 }
 
+// TestDestinationList: with DestinationList, the header carries the same
+// ordered list as the metadata (the Endpoint Picker Protocol: they never
+// differ).
+func TestDestinationList(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Fallbacks: 2, DestinationList: true})
+	out := routed(t, env.open(t, buffered), post(chat(5)))
+	header, md := out.headers[processor.DefaultDestinationHeader], out.metadata[processor.DefaultDestinationHeader]
+	if header != md || len(strings.Split(header, ",")) != 3 {
+		t.Fatalf("header %q, metadata %q: want the same list of 3", header, md)
+	}
+}
+
 // TestStreamedResponseHeldUntilBodyEnds: with the response body shown to
 // tokenlb (STREAMED), an SSE response whose headers come before the first
 // token keeps its charge until the body ends.
@@ -652,6 +667,45 @@ func TestUnknownModel(t *testing.T) {
 		env.waitEnded(t, 1)
 		if tok, req := env.inFlight(); tok != 0 || req != 0 {
 			t.Fatalf("in flight after a 404: %d tokens, %d requests", tok, req)
+		}
+	}
+}
+
+// subsetMetadata is the Endpoint Picker Protocol's subset hint as Envoy
+// forwards it: a list, or one comma-separated string.
+func subsetMetadata(t *testing.T, v any) *corev3.Metadata {
+	t.Helper()
+	fields, err := structpb.NewStruct(map[string]any{processor.SubsetKey: v})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{processor.SubsetNamespace: fields}}
+}
+
+// TestSubsetHint: a request is routed only inside the subset the data
+// plane allows (however loaded the rest), in either form; a subset that
+// leaves no endpoint gets a 503.
+func TestSubsetHint(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	for _, hint := range []any{[]any{threeHosts[1]}, " " + threeHosts[1] + " "} {
+		for range 3 {
+			req := post(chat(500))
+			req.metadata = subsetMetadata(t, hint)
+			out := routed(t, env.open(t, buffered), req)
+			if got := out.headers[processor.DefaultDestinationHeader]; got != threeHosts[1] {
+				t.Fatalf("hint %v: routed to %s", hint, got)
+			}
+		}
+	}
+	for _, hint := range []any{[]any{}, "10.9.9.9:80"} {
+		req := post(chat(10))
+		req.metadata = subsetMetadata(t, hint)
+		out, err := env.open(t, buffered).do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out.immediate == nil || out.immediate.GetStatus().GetCode() != 503 || errorBody(t, out.immediate) != "not_in_subset" {
+			t.Fatalf("hint %v: %+v", hint, out)
 		}
 	}
 }

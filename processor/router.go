@@ -31,6 +31,11 @@ type Request struct {
 	// the whole of it when Route is called (the Server drops it after).
 	HasBody bool
 	Body    []byte
+	// Subset is the Endpoint Picker Protocol's subset hint, the endpoints
+	// the data plane allows for this request (envoy.lb.subset_hint
+	// metadata, key x-gateway-destination-endpoint-subset); nil when none
+	// was given, empty when an empty one was.
+	Subset []string
 }
 
 // Flight is a routed request, from the routing decision to the end of its

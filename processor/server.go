@@ -29,6 +29,7 @@ import (
 	"sync"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
@@ -57,6 +58,11 @@ type Config struct {
 	// DestinationHeader is the header Envoy's ORIGINAL_DST cluster or
 	// override_host policy reads; it is also the key in MetadataNamespace.
 	DestinationHeader string
+	// DestinationList sets the header to the metadata's whole list (the
+	// chosen host, then the Flight's other destinations), as the Endpoint
+	// Picker Protocol has it; false sets the chosen host alone, which is
+	// what ORIGINAL_DST reads.
+	DestinationList bool
 	// MetadataNamespace is the dynamic metadata namespace of the destination.
 	MetadataNamespace string
 	// MaxBodyBytes is the largest request body accepted; larger gets 413.
@@ -156,6 +162,9 @@ func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 		if pc := req.GetProtocolConfig(); pc != nil {
 			rs.reqMode, rs.respMode = pc.GetRequestBodyMode(), pc.GetResponseBodyMode()
 		}
+		if sub, ok := subsetHint(req.GetMetadataContext()); ok && !rs.decided {
+			rs.req.Subset = sub
+		}
 		done, err := rs.handle(req)
 		if err != nil {
 			if isStreamEnd(stream.Context(), err) {
@@ -221,6 +230,36 @@ func (s *Server) Drain(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("routing streams still open: %w", ctx.Err())
 	}
+}
+
+// SubsetNamespace and SubsetKey locate the Endpoint Picker Protocol's
+// subset hint in the metadata Envoy forwards (metadata_options
+// forwarding_namespaces untyped: [envoy.lb.subset_hint]).
+const (
+	SubsetNamespace = "envoy.lb.subset_hint"
+	SubsetKey       = "x-gateway-destination-endpoint-subset"
+)
+
+// subsetHint reads the subset hint from md: a list of strings, or one
+// comma-separated string. ok is false when md carries none.
+func subsetHint(md *corev3.Metadata) (subset []string, ok bool) {
+	v, ok := md.GetFilterMetadata()[SubsetNamespace].GetFields()[SubsetKey]
+	if !ok {
+		return nil, false
+	}
+	subset = []string{}
+	if l := v.GetListValue(); l != nil {
+		for _, e := range l.GetValues() {
+			subset = append(subset, e.GetStringValue())
+		}
+		return subset, true
+	}
+	for _, a := range strings.Split(v.GetStringValue(), ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			subset = append(subset, a)
+		}
+	}
+	return subset, true
 }
 
 // isStreamEnd reports whether err is Envoy ending the stream, which it does
@@ -396,7 +435,11 @@ func (rs *routingStream) route(via routeVia) (bool, error) {
 	}
 	rs.flight = &claimable{Flight: f}
 	dests := f.Destinations()
+	list := strings.Join(dests, ",")
 	set := []headerPair{{s.cfg.DestinationHeader, dests[0]}}
+	if s.cfg.DestinationList {
+		set[0].value = list
+	}
 	if s.cfg.Observer {
 		s.offer(rs.flight)
 		set = append(set, headerPair{s.cfg.LeaseHeader, rs.flight.id})
@@ -404,7 +447,7 @@ func (rs *routingStream) route(via routeVia) (bool, error) {
 	// The metadata carries the Endpoint Picker Protocol's ordered list: the
 	// chosen host, then fallbacks that override_host tries on a retry. The
 	// header stays a single address, as ORIGINAL_DST requires.
-	md := destinationMetadata(s.cfg.MetadataNamespace, s.cfg.DestinationHeader, strings.Join(dests, ","))
+	md := destinationMetadata(s.cfg.MetadataNamespace, s.cfg.DestinationHeader, list)
 	err := rs.grpc.Send(routingReply(via, set, md))
 	if err != nil || via != viaDuplex {
 		return false, err

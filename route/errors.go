@@ -42,6 +42,13 @@ func errNoCapacity(retryAfter time.Duration) *processor.Rejection {
 	return r
 }
 
+// errNotInSubset is the Endpoint Picker Protocol's answer when the data
+// plane's subset hint leaves no endpoint: 503.
+func errNotInSubset(subset []string) *processor.Rejection {
+	return reject(503, "not_in_subset", llmapi.Error{Type: "server_error", Code: "not_in_subset",
+		Message: fmt.Sprintf("no endpoint of the %d the gateway allows for this request can take it", len(subset))})
+}
+
 func errUnknownModel(model string) *processor.Rejection {
 	if len(model) > 256 {
 		model = model[:256] + "..."

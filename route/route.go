@@ -126,7 +126,7 @@ func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *proce
 	req := cost.Request{Model: p.Model, Route: string(p.API), PromptTokens: p.Tokens, MaxOutputTokens: p.MaxOutputTokens}
 	output := rt.cfg.Cost.Output(req)
 	pr := picker.Request{Cost: rt.cfg.Cost.Cost(req, output), Prefix: p.Prefix, PrefixBlockBytes: p.BlockBytes,
-		PromptBytes: p.TextBytes, Spread: rt.cfg.Cost.Spread()}
+		PromptBytes: p.TextBytes, Spread: rt.cfg.Cost.Spread(), Subset: r.Subset}
 	if rt.cfg.ModelRouting {
 		pr.Model = p.Model
 	}
@@ -135,6 +135,8 @@ func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *proce
 	switch {
 	case errors.Is(err, picker.ErrUnknownModel):
 		return nil, errUnknownModel(p.Model)
+	case errors.Is(err, picker.ErrNotInSubset):
+		return nil, errNotInSubset(r.Subset)
 	case err != nil:
 		return nil, errNoCapacity(rt.cfg.RetryAfter)
 	}
