@@ -193,3 +193,45 @@ func TestSubset(t *testing.T) {
 		t.Fatal("without a hint, the busy host was picked")
 	}
 }
+
+// TestLeaseMove: a lease moved to the host that served the request takes
+// its remaining charge there, and releases there exactly once.
+func TestLeaseMove(t *testing.T) {
+	p := mustNew(t, []string{"10.0.0.1:80", "10.0.0.2:80"}, Options{Seed: 1})
+	two := func(HostState) Charge { return Charge{Tokens: 100, UntilFirstToken: 700, UntilEnd: 300, Decode: 300} }
+	l, _ := p.Pick(Request{Cost: two})
+	from := l.Host()
+	to := "10.0.0.1:80"
+	if from == to {
+		to = "10.0.0.2:80"
+	}
+	if l.Move("10.9.9.9:80") || l.Move(from) {
+		t.Fatal("moved to an unknown host, or to its own")
+	}
+	if !l.Move(to) || l.Host() != to {
+		t.Fatalf("not moved: on %s", l.Host())
+	}
+	byAddr := func() map[string]HostLoad {
+		m := map[string]HostLoad{}
+		for _, h := range p.Hosts() {
+			m[h.Address] = h
+		}
+		return m
+	}
+	h := byAddr()
+	if h[from].Load != 0 || h[from].InFlightTokens != 0 || h[from].InFlightRequests != 0 || h[to].Load != 1000 || h[to].PrefillingTokens != 100 || h[to].InFlightRequests != 1 {
+		t.Fatalf("after the move: %+v", h)
+	}
+	l.FirstToken()
+	if h := byAddr()[to]; h.Load != 300 || h.PrefillingTokens != 0 || h.DecodingRequests != 1 {
+		t.Fatalf("after the first token: %+v", h)
+	}
+	if !l.Release(ResponseEnd) || l.Release(ResponseEnd) || l.Move(from) {
+		t.Fatal("not released exactly once, or moved after")
+	}
+	for _, x := range byAddr() {
+		if x.Load != 0 || x.InFlightTokens != 0 || x.InFlightRequests != 0 || x.DecodingRequests != 0 {
+			t.Fatalf("after the release: %+v", x)
+		}
+	}
+}

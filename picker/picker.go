@@ -772,7 +772,11 @@ func (p *Picker) update(addr string, f func(*host)) error {
 }
 
 // Host returns the leased host's address.
-func (l *Lease) Host() string { return l.h.addr }
+func (l *Lease) Host() string {
+	l.p.mu.Lock()
+	defer l.p.mu.Unlock()
+	return l.h.addr
+}
 
 // Fallbacks returns up to n other healthy hosts that serve the request's
 // model, least loaded first, for a proxy to try if the leased host cannot
@@ -831,6 +835,50 @@ func (p *Picker) firstLocked(l *Lease) {
 	l.h.prefilling -= l.charge.Tokens
 	l.h.uncached -= l.charge.Uncached
 	l.h.load -= l.charge.UntilFirstToken
+}
+
+// Move moves what the lease still holds to the host at addr: the data
+// plane served the request there (a retry on a fallback host). It reports
+// whether it moved anything: not once released, nor to an unknown host or
+// the one it is on.
+func (l *Lease) Move(addr string) bool {
+	a, err := ParseAddr(addr)
+	if err != nil {
+		return false
+	}
+	p := l.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if l.done || a == l.h.addr {
+		return false
+	}
+	i := slices.IndexFunc(p.hosts, func(h *host) bool { return h.addr == a })
+	if i < 0 {
+		return false
+	}
+	from, to := l.h, p.hosts[i]
+	c := l.charge
+	held := c.UntilEnd
+	if !l.first {
+		held += c.UntilFirstToken
+		from.prefilling -= c.Tokens
+		from.uncached -= c.Uncached
+		to.prefilling += c.Tokens
+		to.uncached += c.Uncached
+	} else {
+		from.decoding--
+		to.decoding++
+	}
+	from.tokens, to.tokens = from.tokens-c.Tokens, to.tokens+c.Tokens
+	from.load, to.load = from.load-held, to.load+held
+	from.decode, to.decode = from.decode-c.Decode, to.decode+c.Decode
+	from.requests--
+	to.requests++
+	if from.removed && from.requests == 0 {
+		p.gone = slices.DeleteFunc(p.gone, func(h *host) bool { return h == from })
+	}
+	l.h = to
+	return true
 }
 
 // Release returns whatever the lease still holds to its host. Only the first

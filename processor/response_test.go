@@ -3,6 +3,8 @@ package processor_test
 import (
 	"context"
 	"io"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
@@ -490,4 +493,51 @@ func TestObserverClaimedStreamedStaysOpen(t *testing.T) {
 	step(t, f, respBody("data: {}\n\n", false))
 	step(t, f, respBody(usageChunk, true))
 	f.close()
+}
+
+// TestServedElsewhere: when the data plane reports (Endpoint Picker
+// Protocol) that another host served the request, the charge moves there,
+// the chosen host is told it failed and the serving host its status, and
+// the release happens there, once.
+func TestServedElsewhere(t *testing.T) {
+	type report struct {
+		host   string
+		status int
+	}
+	reports := make(chan report, 10)
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Fallbacks: 2,
+		ResponseStatus: func(h string, s int) { reports <- report{h, s} }})
+	f := env.open(t, buffered)
+	f.respMode = filterv3.ProcessingMode_STREAMED
+	out := routed(t, f, post(chat(100)))
+	list := strings.Split(out.metadata[processor.DefaultDestinationHeader], ",")
+	chosen, fallback := list[0], list[1]
+	served, err := structpb.NewStruct(map[string]any{processor.ServedKey: fallback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	headers := respHeaders("200", false)
+	headers.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{processor.DefaultMetadataNamespace: served}}
+	step(t, f, headers)
+	loads := map[string]int64{}
+	for _, h := range env.picker.Hosts() {
+		loads[h.Address] = h.InFlightRequests
+	}
+	if loads[chosen] != 0 || loads[fallback] != 1 {
+		t.Fatalf("in flight after the response headers: %v (chosen %s, served by %s)", loads, chosen, fallback)
+	}
+	step(t, f, respBody(usageChunk, true))
+	f.close()
+	env.waitEnded(t, 1)
+	if got := env.ledger(); got != (ledgerSum{}) {
+		t.Fatalf("after the end: %+v", got)
+	}
+	close(reports)
+	var got []report
+	for r := range reports {
+		got = append(got, r)
+	}
+	if !slices.Equal(got, []report{{chosen, 503}, {fallback, 200}}) {
+		t.Fatalf("reported %v, want the chosen host's failure then the serving host's 200", got)
+	}
 }

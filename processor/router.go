@@ -92,7 +92,24 @@ const (
 )
 
 // Headers are an HTTP message's headers as Envoy sent them.
-type Headers struct{ m *corev3.HeaderMap }
+type Headers struct {
+	m      *corev3.HeaderMap
+	served string
+}
+
+// ServedKey is where the Endpoint Picker Protocol has the data plane say,
+// on the response path, which endpoint served the request: a key in the
+// envoy.lb metadata (DefaultMetadataNamespace) Envoy forwards.
+const ServedKey = "x-gateway-destination-endpoint-served"
+
+// Served returns the endpoint the data plane reports served the request
+// (ServedKey), or "" when it reported none.
+func (h Headers) Served() string { return h.served }
+
+// served reads ServedKey from the metadata Envoy forwarded with a message.
+func served(md *corev3.Metadata, namespace string) string {
+	return md.GetFilterMetadata()[namespace].GetFields()[ServedKey].GetStringValue()
+}
 
 // Lookup returns the last value of the header named key (in lower case;
 // header names are matched in any case), and whether there was one.

@@ -165,6 +165,9 @@ func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 		if sub, ok := subsetHint(req.GetMetadataContext()); ok && !rs.decided {
 			rs.req.Subset = sub
 		}
+		if sv := served(req.GetMetadataContext(), s.cfg.MetadataNamespace); sv != "" {
+			rs.served = sv
+		}
 		done, err := rs.handle(req)
 		if err != nil {
 			if isStreamEnd(stream.Context(), err) {
@@ -285,6 +288,7 @@ type routingStream struct {
 	decided  bool       // the request has been routed or rejected
 	flight   *claimable // nil until routed
 	observed bool       // an observer stream follows the response
+	served   string     // the endpoint the data plane reports served the request
 }
 
 // end runs when the stream ends: unless an observer took the response over,
@@ -482,7 +486,7 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
 		return
 	}
 	eos := h.GetEndOfStream()
-	headers := Headers{h.GetHeaders()}
+	headers := Headers{h.GetHeaders(), rs.served}
 	if !eos && rs.respMode == filterv3.ProcessingMode_NONE && s.cfg.Observer {
 		rs.observed = true
 		f.ResponseHeaders(headers, BodyShown)

@@ -69,6 +69,9 @@ type flight struct {
 	timer    *time.Timer
 	finished bool
 	reported bool // the status went to Config.ResponseStatus
+	// movedFrom is the chosen host when the data plane served the request
+	// on another (Headers.Served): the lease moved there.
+	movedFrom string
 }
 
 func newFlight(rt *Router, lease *picker.Lease, req cost.Request) *flight {
@@ -105,6 +108,16 @@ func (f *flight) ResponseHeaders(h processor.Headers, next processor.Next) {
 	if v, ok := h.Lookup("content-type"); ok {
 		f.streamed = llmapi.IsEventStream(v)
 	}
+	chosen := f.lease.Host()
+	if sv := h.Served(); sv != "" && f.lease.Move(sv) {
+		// The data plane served it elsewhere (a retry on a fallback
+		// host): the charge follows, and the chosen host failed it.
+		f.rt.m.moved.Inc()
+		if f.rt.cfg.ResponseStatus != nil && !f.reported {
+			f.rt.cfg.ResponseStatus(chosen, 503)
+		}
+		f.movedFrom = chosen
+	}
 	f.report(h)
 	switch {
 	case next == processor.NoBody:
@@ -121,7 +134,7 @@ func (f *flight) report(h processor.Headers) {
 	}
 	f.reported = true
 	attempts := 1
-	if v, ok := h.Lookup("x-envoy-attempt-count"); ok {
+	if v, ok := h.Lookup("x-envoy-attempt-count"); ok && f.movedFrom == "" {
 		attempts, _ = strconv.Atoi(v)
 	}
 	_, overloaded := h.Lookup("x-envoy-overloaded")

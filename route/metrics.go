@@ -11,6 +11,7 @@ type Metrics struct {
 	outputTokens    prometheus.Histogram
 	usageSeen       *prometheus.CounterVec
 	predictionError *prometheus.HistogramVec
+	moved           prometheus.Counter
 }
 
 // NewMetrics returns unregistered metrics.
@@ -35,11 +36,14 @@ func NewMetrics() *Metrics {
 			Name:    "tokenlb_ttft_prediction_error_ratio",
 			Help:    "How far the predicted time to first token was from the observed one, as |predicted - observed| / observed, per host.",
 			Buckets: []float64{0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4}}, []string{"host"}),
+		moved: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tokenlb_requests_served_elsewhere_total",
+			Help: "Requests the data plane reports it served on another host than the chosen one (a retry on a fallback); their charge moved there."}),
 	}
 }
 
 // Collectors returns the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.outputTokens, m.usageSeen,
-		m.predictionError}
+		m.predictionError, m.moved}
 }
