@@ -65,7 +65,7 @@ func (d *DNS) Resolve(ctx context.Context) ([]Endpoint, error) {
 	}
 	var out []Endpoint
 	for _, ip := range ips {
-		out = append(out, Endpoint{Address: net.JoinHostPort(ip.Unmap().String(), port)})
+		out = append(out, Endpoint{Address: net.JoinHostPort(ip.Unmap().String(), port), Source: "dns " + d.Name})
 	}
 	if len(out) == 0 {
 		return nil, errors.New("discovery: " + host + " has no address")

@@ -22,6 +22,9 @@ type Endpoint struct {
 	Address string
 	// Models it serves, if the configuration lists them; nil: discovered.
 	Models []string
+	// Source says where it came from, for /debug/hosts: "static", or
+	// "dns <name:port>".
+	Source string
 }
 
 // File watches a configuration file for its endpoints.

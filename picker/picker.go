@@ -155,6 +155,7 @@ type host struct {
 	picks      uint64
 
 	// From outside the ledger (Set*).
+	source string // where the host came from (SetSource)
 	health Health
 	models map[string]bool // nil: not known
 	remote Remote
@@ -709,6 +710,11 @@ func (p *Picker) SetHealth(addr string, h Health) error {
 	return p.update(addr, func(x *host) { x.health = h })
 }
 
+// SetSource records where the host came from, for /debug/hosts.
+func (p *Picker) SetSource(addr, source string) error {
+	return p.update(addr, func(h *host) { h.source = source })
+}
+
 // SetModels records the models the host at addr serves; nil means not
 // known (see Options.UnknownServesAny).
 func (p *Picker) SetModels(addr string, models []string) error {
@@ -967,6 +973,9 @@ type HostLoad struct {
 	// Removed says the host left the fleet (SetHosts) and is listed only
 	// until its requests in flight end.
 	Removed bool `json:"removed,omitempty"`
+	// Source says where the host came from (SetSource): the configuration
+	// file, a DNS name.
+	Source string `json:"source,omitempty"`
 }
 
 // Hosts returns a consistent snapshot of every host's load, in configuration
@@ -979,7 +988,7 @@ func (p *Picker) Hosts() []HostLoad {
 	for i, h := range all {
 		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, PrefillingTokens: h.prefilling, Load: h.load,
 			InFlightRequests: h.requests, DecodingRequests: h.decoding, Picks: h.picks,
-			Health: h.health, Remote: h.remote, ExternalLoad: h.external, Removed: h.removed}
+			Health: h.health, Remote: h.remote, ExternalLoad: h.external, Removed: h.removed, Source: h.source}
 		if h.models != nil {
 			out[i].Models = slices.Sorted(maps.Keys(h.models))
 		}

@@ -129,7 +129,12 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	if a.picker, err = picker.New(cfg.HostAddresses(), cfg.PickerOptions()); err != nil {
 		return nil, err
 	}
+	source := "static"
+	if cfg.Discovery.Source == "dns" {
+		source = "dns " + cfg.Discovery.DNS.Name
+	}
 	for _, h := range cfg.Hosts {
+		a.picker.SetSource(h.Address, source)
 		if len(h.Models) > 0 {
 			if err := a.picker.SetModels(h.Address, h.Models); err != nil {
 				return nil, err
@@ -306,7 +311,7 @@ func (a *app) loadHosts() ([]discovery.Endpoint, error) {
 func endpoints(hosts []config.Host) []discovery.Endpoint {
 	out := make([]discovery.Endpoint, len(hosts))
 	for i, h := range hosts {
-		out[i] = discovery.Endpoint{Address: h.Address, Models: h.Models}
+		out[i] = discovery.Endpoint{Address: h.Address, Models: h.Models, Source: "static"}
 	}
 	return out
 }
@@ -326,6 +331,7 @@ func (a *app) setHosts(eps []discovery.Endpoint) {
 	}
 	var configured []string
 	for _, e := range eps {
+		a.picker.SetSource(e.Address, e.Source)
 		if len(e.Models) > 0 {
 			a.picker.SetModels(e.Address, e.Models) // known to the picker: just set
 			configured = append(configured, e.Address)

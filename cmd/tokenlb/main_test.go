@@ -326,11 +326,17 @@ func TestReloadHosts(t *testing.T) {
 	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
 	hosts := func() string { return get(t, adminAddr, "/debug/hosts") }
 
+	if h := hosts(); strings.Count(h, `"source": "static"`) != 2 {
+		t.Fatalf("hosts at start, each from the file: %s", h)
+	}
 	write("{address: 127.0.0.1:8002}, {address: 127.0.0.1:8003}")
 	waitFor(t, func() bool {
 		h := hosts()
 		return strings.Contains(h, "127.0.0.1:8003") && !strings.Contains(h, "127.0.0.1:8001")
 	})
+	if h := hosts(); strings.Count(h, `"source": "static"`) != 2 {
+		t.Fatalf("hosts after the change, each from the file: %s", h)
+	}
 
 	write("{address: 127.0.0.1:8002}, {address: 127.0.0.1:8002}") // a duplicate: refused
 	waitFor(t, func() bool {
@@ -385,7 +391,8 @@ func TestDNSHosts(t *testing.T) {
 	t.Cleanup(func() { cmd.Process.Kill(); <-done })
 	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
 	hosts := func() string { return get(t, adminAddr, "/debug/hosts") }
-	if h := hosts(); !strings.Contains(h, "127.0.0.11:8000") || !strings.Contains(h, "127.0.0.12:8000") {
+	if h := hosts(); !strings.Contains(h, "127.0.0.11:8000") || !strings.Contains(h, "127.0.0.12:8000") ||
+		!strings.Contains(h, `"source": "dns vllm.test:8000"`) {
 		t.Fatalf("hosts at start: %s", h)
 	}
 	z.Set("127.0.0.12", "127.0.0.13")
