@@ -422,3 +422,36 @@ func TestDeadBackendOverrideHost(t *testing.T) {
 	}
 	s.tokenlb.waitIdle()
 }
+
+// TestSubsetHintThroughEnvoy: a subset hint Envoy forwards (as a gateway
+// implementing the Endpoint Picker Protocol sets it) confines routing to
+// its endpoint, however loaded; a hint naming no host gets a 503.
+func TestSubsetHintThroughEnvoy(t *testing.T) {
+	backends := []*backend{startBackend(t), startBackend(t), startBackend(t)}
+	var addrs []string
+	s := &stack{byAddr: map[string]*backend{}}
+	for _, b := range backends {
+		addrs = append(addrs, b.addr)
+		s.byAddr[b.addr] = b
+	}
+	s.backends = backends
+	s.tokenlb = startTokenlb(t, addrs, "--prefix-max-extra-load=0")
+	s.envoy = startEnvoy(t, envoyOpts{config: "envoy.yaml", Options: envoycfg.Options{TokenlbPort: s.tokenlb.grpcPort,
+		Backends: addrs, SubsetHint: []string{addrs[2]}}})
+	for range 4 {
+		if rec := s.complete(t, chatBody(2000, false), nil); rec.Backend != addrs[2] {
+			t.Fatalf("routed to %s, outside the hint %s", rec.Backend, addrs[2])
+		}
+	}
+	// One hint naming no host of tokenlb's: 503.
+	other := startEnvoy(t, envoyOpts{config: "envoy.yaml", Options: envoycfg.Options{TokenlbPort: s.tokenlb.grpcPort,
+		Backends: addrs, SubsetHint: []string{"127.0.0.1:1"}}})
+	resp, err := http.Post(other.url("/v1/chat/completions"), "application/json", bytes.NewReader(chatBody(10, false)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if code, _ := openAIError(t, resp); resp.StatusCode != 503 || code != "not_in_subset" {
+		t.Fatalf("a hint naming no host: %d %s", resp.StatusCode, code)
+	}
+}

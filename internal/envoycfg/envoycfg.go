@@ -40,6 +40,11 @@ type Options struct {
 	// TLS, when set, turns on the tokenlb cluster's mutual TLS block that
 	// the configuration carries commented out, with these files.
 	TLS *TLS
+	// SubsetHint, when set, plays a gateway that restricts every request
+	// to these endpoints (the Endpoint Picker Protocol's subset hint): a
+	// set_metadata filter before tokenlb's writes the list into
+	// envoy.lb.subset_hint, which the routing filter forwards.
+	SubsetHint []string
 	// Timeout, when set, replaces the timeouts that cut stalled clients
 	// and backends (request_headers_timeout, request_timeout and the
 	// route's idle_timeout), so that a test can watch them fire.
@@ -183,6 +188,16 @@ func renderFilters(hcm map[string]any, o Options) error {
 		keep, err := renderFilter(f, o)
 		if err != nil {
 			return err
+		}
+		if o.SubsetHint != nil && f["name"] == "envoy.filters.http.ext_proc" {
+			filters = append(filters, subsetHintFilter(o.SubsetHint))
+			tc := get(f, "typed_config").(map[string]any)
+			mo, _ := tc["metadata_options"].(map[string]any)
+			if mo == nil {
+				mo = map[string]any{}
+				tc["metadata_options"] = mo
+			}
+			mo["forwarding_namespaces"] = map[string]any{"untyped": []any{"envoy.lb.subset_hint"}}
 		}
 		if keep {
 			filters = append(filters, f)
@@ -332,4 +347,17 @@ func setTLS(c map[string]any, t TLS) {
 	vc := get(common, "validation_context").(map[string]any)
 	vc["trusted_ca"] = map[string]any{"filename": t.CA}
 	get(vc, "match_typed_subject_alt_names", 0, "matcher").(map[string]any)["exact"] = t.ServerName
+}
+
+// subsetHintFilter is a set_metadata filter that writes hint as the
+// Endpoint Picker Protocol's subset hint.
+func subsetHintFilter(hint []string) map[string]any {
+	list := make([]any, len(hint))
+	for i, h := range hint {
+		list[i] = h
+	}
+	return map[string]any{"name": "envoy.filters.http.set_metadata", "typed_config": map[string]any{
+		"@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+		"metadata": []any{map[string]any{"metadata_namespace": "envoy.lb.subset_hint",
+			"value": map[string]any{"x-gateway-destination-endpoint-subset": list}}}}}
 }
