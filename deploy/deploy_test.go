@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"context"
 	"flag"
-	"fmt"
 	"net"
 	"os"
 	"reflect"
@@ -202,7 +201,7 @@ func TestKubernetes(t *testing.T) {
 	var cm corev1.ConfigMap
 	var deploy appsv1.Deployment
 	var sts appsv1.StatefulSet
-	clusterIPs := map[string]string{}
+	services := map[string]corev1.Service{}
 	kinds := map[string]int{}
 	for _, doc := range bytes.Split(b, []byte("\n---\n")) {
 		var meta struct{ Kind string }
@@ -218,12 +217,12 @@ func TestKubernetes(t *testing.T) {
 		case "Service":
 			var s corev1.Service
 			decodeStrict(t, doc, &s)
-			clusterIPs[s.Name] = net.JoinHostPort(s.Spec.ClusterIP, strconv.Itoa(int(s.Spec.Ports[0].Port)))
+			services[s.Name] = s
 		default:
 			t.Fatalf("unexpected kind %q", meta.Kind)
 		}
 	}
-	if kinds["Deployment"] != 1 || kinds["ConfigMap"] != 1 || kinds["StatefulSet"] != 1 || kinds["Service"] != 4 {
+	if kinds["Deployment"] != 1 || kinds["ConfigMap"] != 1 || kinds["StatefulSet"] != 1 || kinds["Service"] != 2 {
 		t.Fatalf("kinds: %v", kinds)
 	}
 	var names []string
@@ -245,13 +244,22 @@ func TestKubernetes(t *testing.T) {
 	if port(t, cfg.Listen) != tokenlbPort {
 		t.Errorf("tokenlb listens on %s, envoy.yaml expects port %d", cfg.Listen, tokenlbPort)
 	}
-	for i, h := range cfg.HostAddresses() {
-		if want := clusterIPs[fmt.Sprintf("vllm-%d", i)]; h != want {
-			t.Errorf("hosts[%d] = %s, Service vllm-%d is %s", i, h, i, want)
-		}
+	// The hosts are the DNS answers for the StatefulSet's headless
+	// Service: the pods' own IPs, on the port the Service names.
+	name, dnsPort, err := net.SplitHostPort(cfg.Discovery.DNS.Name)
+	if cfg.Discovery.Source != "dns" || err != nil {
+		t.Fatalf("tokenlb's hosts do not come from the DNS: %+v", cfg.Discovery)
 	}
-	if int(*sts.Spec.Replicas) != len(cfg.Hosts) {
-		t.Errorf("%d vLLM replicas, %d hosts", *sts.Spec.Replicas, len(cfg.Hosts))
+	svc, ok := services[name]
+	switch {
+	case !ok:
+		t.Fatalf("no Service %q for discovery.dns.name %s", name, cfg.Discovery.DNS.Name)
+	case svc.Spec.ClusterIP != "None":
+		t.Errorf("Service %s is not headless: its name would resolve to one virtual IP", name)
+	case strconv.Itoa(int(svc.Spec.Ports[0].Port)) != dnsPort:
+		t.Errorf("discovery.dns.name port %s, Service %s port %d", dnsPort, name, svc.Spec.Ports[0].Port)
+	case sts.Spec.ServiceName != name || svc.Spec.Selector["app.kubernetes.io/name"] != sts.Spec.Template.Labels["app.kubernetes.io/name"]:
+		t.Errorf("Service %s does not select the StatefulSet's pods", name)
 	}
 }
 
