@@ -173,9 +173,7 @@ func TestRollingRestart(t *testing.T) {
 // streamed, until the returned function is called; that returns how many
 // were sent and why any failed.
 func (s *stack) steadyLoad(t *testing.T, perSecond int) (stop func() (sent int, failures []string)) {
-	ctx, cancel := context.WithCancel(context.Background())
 	var (
-		wg       sync.WaitGroup
 		mu       sync.Mutex
 		failures []string
 		sent     int
@@ -185,10 +183,48 @@ func (s *stack) steadyLoad(t *testing.T, perSecond int) (stop func() (sent int, 
 		failures = append(failures, fmt.Sprintf("request %d: %s", i, why))
 		mu.Unlock()
 	}
+	wait := paced(perSecond, func(i int) {
+		mu.Lock()
+		sent++
+		mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		stream := i%2 == 1
+		resp, err := s.send(ctx, chatBody(10+i%7*100, stream), "", nil)
+		if err != nil {
+			fail(i, err.Error())
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		var rec received
+		switch {
+		case err != nil:
+			fail(i, "cut: "+err.Error())
+		case resp.StatusCode != 200:
+			fail(i, fmt.Sprintf("status %d: %s", resp.StatusCode, b))
+		case stream && !strings.HasSuffix(string(b), "data: [DONE]\n\n"):
+			fail(i, fmt.Sprintf("stream ended early: %q", b))
+		case !stream && (json.Unmarshal(b, &rec) != nil || rec.Header == ""):
+			// envoy-override-host.yaml serves without tokenlb: that
+			// would hide a replica that failed.
+			fail(i, fmt.Sprintf("not routed by tokenlb: %s", b))
+		}
+	})
+	return func() (int, []string) {
+		wait()
+		return sent, failures
+	}
+}
+
+// paced runs send(i) for i = 0, 1, 2, ... perSecond times a second, each in
+// its own goroutine, until the returned function is called; that waits for
+// every one to return.
+func paced(perSecond int, send func(i int)) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
 	tick := time.NewTicker(time.Second / time.Duration(perSecond))
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	wg.Go(func() {
 		defer tick.Stop()
 		for i := 0; ; i++ {
 			select {
@@ -196,42 +232,12 @@ func (s *stack) steadyLoad(t *testing.T, perSecond int) (stop func() (sent int, 
 				return
 			case <-tick.C:
 			}
-			mu.Lock()
-			sent++
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				defer cancel()
-				stream := i%2 == 1
-				resp, err := s.send(ctx, chatBody(10+i%7*100, stream), "", nil)
-				if err != nil {
-					fail(i, err.Error())
-					return
-				}
-				defer resp.Body.Close()
-				b, err := io.ReadAll(resp.Body)
-				var rec received
-				switch {
-				case err != nil:
-					fail(i, "cut: "+err.Error())
-				case resp.StatusCode != 200:
-					fail(i, fmt.Sprintf("status %d: %s", resp.StatusCode, b))
-				case stream && !strings.HasSuffix(string(b), "data: [DONE]\n\n"):
-					fail(i, fmt.Sprintf("stream ended early: %q", b))
-				case !stream && (json.Unmarshal(b, &rec) != nil || rec.Header == ""):
-					// envoy-override-host.yaml serves without tokenlb: that
-					// would hide a replica that failed.
-					fail(i, fmt.Sprintf("not routed by tokenlb: %s", b))
-				}
-			}()
+			wg.Go(func() { send(i) })
 		}
-	}()
-	return func() (int, []string) {
+	})
+	return func() {
 		cancel()
 		wg.Wait()
-		return sent, failures
 	}
 }
 

@@ -212,40 +212,19 @@ func (t *tally) String() string {
 // soakLoad sends about 60 requests a second of TestSoak's mix until the
 // returned function is called, which waits for every one to finish.
 func (s *stack) soakLoad(tl *tally, w *windows) (stop func()) {
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	tick := time.NewTicker(time.Second / 60)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		defer tick.Stop()
-		for i := 0; ; i++ {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				start := time.Now()
-				cause, err := s.soakRequest(i)
-				if err == nil {
-					tl.add(cause)
-					return
-				}
-				if d := w.excuse(start, time.Now(), err); d != "" {
-					tl.add("failed while " + d)
-					return
-				}
-				tl.fail(fmt.Sprintf("request %d (%s) at %s: %v", i, cause, start.Format("15:04:05.000"), err))
-			}()
+	return paced(60, func(i int) {
+		start := time.Now()
+		cause, err := s.soakRequest(i)
+		if err == nil {
+			tl.add(cause)
+			return
 		}
-	}()
-	return func() {
-		cancel()
-		wg.Wait()
-	}
+		if d := w.excuse(start, time.Now(), err); d != "" {
+			tl.add("failed while " + d)
+			return
+		}
+		tl.fail(fmt.Sprintf("request %d (%s) at %s: %v", i, cause, start.Format("15:04:05.000"), err))
+	})
 }
 
 // soakRequest sends request i of the mix. It returns the outcome's cause,

@@ -27,6 +27,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenlb/tokenlb/prefix"
@@ -250,7 +251,7 @@ func Tokens(n int64) Cost {
 // Lease is one request's charge on one host.
 type Lease struct {
 	p      *Picker
-	h      *host
+	h      atomic.Pointer[host] // moved only by Move, under p.mu; read without it by Host
 	charge Charge
 	start  time.Time
 	ahead  int64 // the host's prefilling tokens when the lease was taken
@@ -597,13 +598,9 @@ func (p *Picker) charge(best option, r Request, now time.Time) *Lease {
 		}
 		p.priced++
 	}
-	l := &Lease{p: p, h: h, charge: best.charge, start: now, ahead: h.prefilling, model: r.Model, state: best.state}
-	h.tokens += best.charge.Tokens
-	h.prefilling += best.charge.Tokens
-	h.uncached += best.charge.Uncached
-	h.load += best.charge.UntilFirstToken + best.charge.UntilEnd
-	h.decode += best.charge.Decode
-	h.requests++
+	l := &Lease{p: p, charge: best.charge, start: now, ahead: h.prefilling, model: r.Model, state: best.state}
+	l.h.Store(h)
+	l.hold(h, 1)
 	h.picks++
 	p.leases[l] = struct{}{}
 	return l
@@ -778,11 +775,7 @@ func (p *Picker) update(addr string, f func(*host)) error {
 }
 
 // Host returns the leased host's address.
-func (l *Lease) Host() string {
-	l.p.mu.Lock()
-	defer l.p.mu.Unlock()
-	return l.h.addr
-}
+func (l *Lease) Host() string { return l.h.Load().addr }
 
 // Fallbacks returns up to n other healthy hosts that serve the request's
 // model, least loaded first, for a proxy to try if the leased host cannot
@@ -795,7 +788,7 @@ func (l *Lease) Fallbacks(n int) []string {
 	others := make([]*host, 0, len(p.hosts)-1)
 	hosts, _ := p.candidates(l.model)
 	for _, h := range hosts {
-		if h != l.h && h.health.Healthy() {
+		if h != l.h.Load() && h.health.Healthy() {
 			others = append(others, h)
 		}
 	}
@@ -831,16 +824,37 @@ func (l *Lease) FirstToken() bool {
 	if l.first || l.done {
 		return false
 	}
-	p.firstLocked(l)
-	l.h.decoding++
+	h := l.h.Load()
+	l.hold(h, -1)
+	l.first = true
+	l.hold(h, 1)
 	return true
 }
 
-func (p *Picker) firstLocked(l *Lease) {
-	l.first = true
-	l.h.prefilling -= l.charge.Tokens
-	l.h.uncached -= l.charge.Uncached
-	l.h.load -= l.charge.UntilFirstToken
+// hold adds to host h (sign 1) or takes from it (-1) what the lease holds
+// in its present phase: before the first token its whole charge, its
+// tokens as prefilling; after it, the UntilEnd part, as a decoding
+// request. Guarded by p.mu.
+func (l *Lease) hold(h *host, sign int64) {
+	c := l.charge
+	h.tokens += sign * c.Tokens
+	h.load += sign * c.UntilEnd
+	h.decode += sign * c.Decode
+	h.requests += sign
+	if l.first {
+		h.decoding += sign
+		return
+	}
+	h.prefilling += sign * c.Tokens
+	h.uncached += sign * c.Uncached
+	h.load += sign * c.UntilFirstToken
+}
+
+// leftLocked drops a removed host from p.gone once its last request ended.
+func (p *Picker) leftLocked(h *host) {
+	if h.removed && h.requests == 0 {
+		p.gone = slices.DeleteFunc(p.gone, func(x *host) bool { return x == h })
+	}
 }
 
 // Move moves what the lease still holds to the host at addr: the data
@@ -855,35 +869,19 @@ func (l *Lease) Move(addr string) bool {
 	p := l.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if l.done || a == l.h.addr {
+	from := l.h.Load()
+	if l.done || a == from.addr {
 		return false
 	}
 	i := slices.IndexFunc(p.hosts, func(h *host) bool { return h.addr == a })
 	if i < 0 {
 		return false
 	}
-	from, to := l.h, p.hosts[i]
-	c := l.charge
-	held := c.UntilEnd
-	if !l.first {
-		held += c.UntilFirstToken
-		from.prefilling -= c.Tokens
-		from.uncached -= c.Uncached
-		to.prefilling += c.Tokens
-		to.uncached += c.Uncached
-	} else {
-		from.decoding--
-		to.decoding++
-	}
-	from.tokens, to.tokens = from.tokens-c.Tokens, to.tokens+c.Tokens
-	from.load, to.load = from.load-held, to.load+held
-	from.decode, to.decode = from.decode-c.Decode, to.decode+c.Decode
-	from.requests--
-	to.requests++
-	if from.removed && from.requests == 0 {
-		p.gone = slices.DeleteFunc(p.gone, func(h *host) bool { return h == from })
-	}
-	l.h = to
+	to := p.hosts[i]
+	l.hold(from, -1)
+	l.hold(to, 1)
+	l.h.Store(to)
+	p.leftLocked(from)
 	return true
 }
 
@@ -900,19 +898,10 @@ func (p *Picker) releaseLocked(l *Lease, cause Cause) bool {
 	if l.done {
 		return false
 	}
-	if !l.first {
-		p.firstLocked(l)
-	} else {
-		l.h.decoding--
-	}
+	h := l.h.Load()
+	l.hold(h, -1)
 	l.done = true
-	l.h.tokens -= l.charge.Tokens
-	l.h.load -= l.charge.UntilEnd
-	l.h.decode -= l.charge.Decode
-	l.h.requests--
-	if l.h.removed && l.h.requests == 0 {
-		p.gone = slices.DeleteFunc(p.gone, func(h *host) bool { return h == l.h })
-	}
+	p.leftLocked(h)
 	delete(p.leases, l)
 	p.releases[cause]++
 	return true

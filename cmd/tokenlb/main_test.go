@@ -61,7 +61,16 @@ func startTokenlb(t *testing.T, extraYAML string) (cmd *exec.Cmd, grpcAddr, admi
 	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd = exec.Command(binary, "--config", cfg)
+	cmd, exited = runTokenlb(t, cfg, adminAddr)
+	return cmd, grpcAddr, adminAddr, exited
+}
+
+// runTokenlb starts the tokenlb binary on the configuration file at path
+// and waits until it is ready; exited receives its exit status once. It is
+// killed at the end of the test.
+func runTokenlb(t *testing.T, path, adminAddr string) (*exec.Cmd, <-chan error) {
+	t.Helper()
+	cmd := exec.Command(binary, "--config", path)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -73,7 +82,22 @@ func startTokenlb(t *testing.T, extraYAML string) (cmd *exec.Cmd, grpcAddr, admi
 		<-done
 	})
 	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
-	return cmd, grpcAddr, adminAddr, exitc
+	return cmd, exitc
+}
+
+// finish delivers a held stream's response headers (end of stream), reads
+// the reply and ends the stream.
+func finish(t *testing.T, stream extprocv3.ExternalProcessor_ProcessClient) {
+	t.Helper()
+	err := stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if err != nil {
+		t.Fatalf("completing a held request: %v", err)
+	}
+	stream.CloseSend()
 }
 
 // waitFor polls cond until it holds, failing the test after 10 s.
@@ -174,15 +198,7 @@ func TestGracefulShutdownDrains(t *testing.T) {
 	default:
 	}
 	// The held request completes: the process then exits 0.
-	err = stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
-		ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := stream.Recv(); err != nil {
-		t.Fatal(err)
-	}
-	stream.CloseSend()
+	finish(t, stream)
 	if err := <-exited; err != nil {
 		t.Fatalf("exit after drain: %v", err)
 	}
@@ -209,15 +225,7 @@ func TestDrainServesNewStreams(t *testing.T) {
 			t.Fatalf("exited (%v) with %d routing streams open", err, 2-i)
 		case <-time.After(100 * time.Millisecond):
 		}
-		err := stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
-			ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := stream.Recv(); err != nil {
-			t.Fatal(err)
-		}
-		stream.CloseSend()
+		finish(t, stream)
 	}
 	if err := <-exited; err != nil {
 		t.Fatalf("exit after drain: %v", err)
@@ -264,15 +272,7 @@ func TestDrainRefusesAtTheEnd(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // polling for the drain's second half
 	}
-	err = held.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
-		ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true}}})
-	if err == nil {
-		_, err = held.Recv()
-	}
-	if err != nil {
-		t.Fatalf("the request in flight after new ones were refused: %v", err)
-	}
-	held.CloseSend()
+	finish(t, held) // the request in flight after new ones were refused
 	if err := <-exited; err != nil {
 		t.Fatalf("exit after drain: %v", err)
 	}
@@ -315,15 +315,7 @@ func TestReloadHosts(t *testing.T) {
 		}
 	}
 	write("{address: 127.0.0.1:8001}, {address: 127.0.0.1:8002}")
-	cmd := exec.Command(binary, "--config", path)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() { cmd.Process.Kill(); <-done })
-	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
+	cmd, _ := runTokenlb(t, path, adminAddr)
 	hosts := func() string { return get(t, adminAddr, "/debug/hosts") }
 
 	if h := hosts(); strings.Count(h, `"source": "static"`) != 2 {
@@ -381,15 +373,7 @@ func TestDNSHosts(t *testing.T) {
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(binary, "--config", path)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() { cmd.Process.Kill(); <-done })
-	waitFor(t, func() bool { return status(adminAddr, "/readyz") == 200 })
+	runTokenlb(t, path, adminAddr)
 	hosts := func() string { return get(t, adminAddr, "/debug/hosts") }
 	if h := hosts(); !strings.Contains(h, "127.0.0.11:8000") || !strings.Contains(h, "127.0.0.12:8000") ||
 		!strings.Contains(h, `"source": "dns vllm.test:8000"`) {
