@@ -96,9 +96,30 @@ type Config struct {
 // Discovery says where the hosts come from.
 type Discovery struct {
 	// Source is "static" (Hosts, followed as the file changes and on
-	// SIGHUP) or "dns" (DNS.Name's addresses, Hosts left empty).
-	Source string `yaml:"source"`
-	DNS    DNS    `yaml:"dns"`
+	// SIGHUP), "dns" (DNS.Name's addresses) or "kubernetes" (an
+	// InferencePool's or a Service's ready endpoints); with the last two
+	// Hosts is left empty.
+	Source     string     `yaml:"source"`
+	DNS        DNS        `yaml:"dns"`
+	Kubernetes Kubernetes `yaml:"kubernetes"`
+}
+
+// Kubernetes is the kubernetes source's setting: exactly one of
+// InferencePool and Service.
+type Kubernetes struct {
+	// Namespace holds the pool or Service; "" is tokenlb's own (its
+	// service account's) namespace.
+	Namespace string `yaml:"namespace"`
+	// InferencePool names an InferencePool (inference.networking.k8s.io/v1):
+	// each ready Pod its selector matches, on each of its targetPorts.
+	InferencePool string `yaml:"inference_pool"`
+	// Service names a Service: the ready endpoints of its EndpointSlices.
+	Service string `yaml:"service"`
+	// Port is the Service's port, by name or number; "" when it has one.
+	Port string `yaml:"port"`
+	// Kubeconfig is a kubeconfig file, for running outside a cluster; ""
+	// uses the pod's service account.
+	Kubeconfig string `yaml:"kubeconfig"`
 }
 
 // DNS is the dns source's setting.
@@ -126,10 +147,15 @@ type TLS struct {
 	// not loopback (inside a mesh whose sidecars encrypt, say). Without it
 	// tokenlb refuses to start so; with it, it warns at start.
 	AllowPlaintext bool `yaml:"allow_plaintext"`
+	// SelfSigned serves TLS with a certificate generated at each start,
+	// instead of CertFile and KeyFile: traffic is encrypted, but the
+	// certificate proves nothing, so clients skip verifying it (as
+	// gateways do with an Endpoint Picker's default certificate).
+	SelfSigned bool `yaml:"self_signed"`
 }
 
 // Enabled reports whether the listener serves TLS.
-func (t TLS) Enabled() bool { return t.CertFile != "" }
+func (t TLS) Enabled() bool { return t.CertFile != "" || t.SelfSigned }
 
 // Cost configures the cost model (package cost documents it).
 type Cost struct {

@@ -110,10 +110,12 @@ func TestValidateNamesTheField(t *testing.T) {
 var flagFields = map[string]string{
 	"listen": "listen", "admin": "admin", "hosts": "hosts", "encoding": "encoding",
 	"tls-cert-file": "tls.cert_file", "tls-key-file": "tls.key_file", "tls-client-ca-file": "tls.client_ca_file",
-	"tls-allow-plaintext": "tls.allow_plaintext",
-	"destination-list":    "destination_list",
-	"discovery":           "discovery.source", "dns-name": "discovery.dns.name", "dns-interval": "discovery.dns.interval",
-	"dns-server":       "discovery.dns.server",
+	"tls-allow-plaintext": "tls.allow_plaintext", "tls-self-signed": "tls.self_signed",
+	"destination-list": "destination_list",
+	"discovery":        "discovery.source", "dns-name": "discovery.dns.name", "dns-interval": "discovery.dns.interval",
+	"dns-server": "discovery.dns.server", "k8s-namespace": "discovery.kubernetes.namespace",
+	"inference-pool": "discovery.kubernetes.inference_pool", "k8s-service": "discovery.kubernetes.service",
+	"k8s-port": "discovery.kubernetes.port", "kubeconfig": "discovery.kubernetes.kubeconfig",
 	"tokenizer-engine": "tokenizer.engine", "tokenizer-cache-entries": "tokenizer.cache_entries",
 	"tokenizer-cache-min-bytes": "tokenizer.cache_min_bytes", "tokenizer-exact-bytes": "tokenizer.exact_bytes",
 	"tokenizer-time-limit": "tokenizer.time_limit", "destination-header": "destination_header",
@@ -300,7 +302,21 @@ func TestValidateWithoutGaps(t *testing.T) {
 		{"prefix block bytes", func(c *Config) { c.PrefixAffinity.BlockBytes = 8 }, "prefix_affinity.block_bytes: 8 is below 16"},
 		{"negative shutdown delay", func(c *Config) { c.ShutdownDelay = -time.Second }, "shutdown_delay: -1s must not be negative"},
 		{"metrics path", func(c *Config) { c.BackendMetrics.Interval, c.BackendMetrics.Path = time.Second, "metrics" }, `backend_metrics.path: "metrics" does not start with /`},
-		{"unknown discovery source", func(c *Config) { c.Discovery.Source = "consul" }, `discovery.source: "consul" is neither static nor dns`},
+		{"unknown discovery source", func(c *Config) { c.Discovery.Source = "consul" }, `discovery.source: "consul" is not static, dns or kubernetes`},
+		{"kubernetes with hosts", func(c *Config) { c.Discovery.Source, c.Discovery.Kubernetes.Service = "kubernetes", "vllm" }, "hosts: set by discovery.kubernetes"},
+		{"kubernetes names nothing", func(c *Config) { c.Discovery.Source, c.Hosts = "kubernetes", nil }, "discovery.kubernetes: names neither"},
+		{"kubernetes names both", func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.Kubernetes.Service, c.Discovery.Kubernetes.InferencePool = "kubernetes", nil, "vllm", "pool"
+		}, "discovery.kubernetes: names both"},
+		{"kubernetes pool with a port", func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.Kubernetes.InferencePool, c.Discovery.Kubernetes.Port = "kubernetes", nil, "pool", "http"
+		}, "discovery.kubernetes.port: is for a service"},
+		{"kubernetes bad name", func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.Kubernetes.Service = "kubernetes", nil, "vLLM_1"
+		}, `discovery.kubernetes.service: "vLLM_1" is not a Kubernetes name`},
+		{"kubernetes bad port", func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.Kubernetes.Service, c.Discovery.Kubernetes.Port = "kubernetes", nil, "vllm", "70000"
+		}, `discovery.kubernetes.port: "70000" is neither`},
 		{"dns with hosts", func(c *Config) { c.Discovery.Source, c.Discovery.DNS.Name = "dns", "vllm:8000" }, "hosts: set by discovery.dns"},
 		{"dns name without a port", func(c *Config) { c.Discovery.Source, c.Hosts, c.Discovery.DNS.Name = "dns", nil, "vllm" }, `discovery.dns.name: "vllm" is not name:port`},
 		{"dns interval", func(c *Config) {
@@ -317,6 +333,10 @@ func TestValidateWithoutGaps(t *testing.T) {
 		{"plaintext allowed and TLS", func(c *Config) {
 			c.TLS.CertFile, c.TLS.KeyFile, c.TLS.AllowPlaintext = "config_test.go", "config_test.go", true
 		}, "tls.allow_plaintext: contradicts"},
+		{"self-signed and a certificate", func(c *Config) {
+			c.TLS.CertFile, c.TLS.KeyFile, c.TLS.SelfSigned = "config_test.go", "config_test.go", true
+		}, "tls.self_signed: contradicts tls.cert_file"},
+		{"self-signed with a client CA", func(c *Config) { c.TLS.SelfSigned, c.TLS.ClientCAFile = true, "config_test.go" }, "tls.client_ca_file: needs tls.cert_file"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()
@@ -336,7 +356,14 @@ func TestListenersThatNeedNoTLS(t *testing.T) {
 		"IPv4 loopback":     func(c *Config) { c.Listen = "127.0.0.1:9002" },
 		"IPv6 loopback":     func(c *Config) { c.Listen = "[::1]:9002" },
 		"allowed plaintext": func(c *Config) { c.Listen, c.TLS.AllowPlaintext = "0.0.0.0:9002", true },
+		"self-signed":       func(c *Config) { c.Listen, c.TLS.SelfSigned = "0.0.0.0:9002", true },
 		"dns discovery":     func(c *Config) { c.Discovery.Source, c.Hosts, c.Discovery.DNS.Name = "dns", nil, "vllm.llm.svc:8000" },
+		"kubernetes pool": func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.Kubernetes.InferencePool = "kubernetes", nil, "vllm-pool"
+		},
+		"kubernetes service": func(c *Config) {
+			c.Discovery.Source, c.Hosts, c.Discovery.Kubernetes.Service, c.Discovery.Kubernetes.Port = "kubernetes", nil, "vllm", "http"
+		},
 		"mutual TLS": func(c *Config) {
 			c.Listen, c.TLS.CertFile, c.TLS.KeyFile, c.TLS.ClientCAFile = "0.0.0.0:9002", "config_test.go", "config_test.go", "config_test.go"
 		},

@@ -70,13 +70,20 @@ func newFlagSet(name string, c *Config, output io.Writer) *flag.FlagSet {
 // bind registers every flag, each on the one field it sets.
 func bind(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "ext_proc gRPC listen address")
-	fs.StringVar(&c.Discovery.Source, "discovery", c.Discovery.Source, "where the hosts come from: static (the hosts, followed as the file changes) or dns")
+	fs.StringVar(&c.Discovery.Source, "discovery", c.Discovery.Source, "where the hosts come from: static (the hosts, followed as the file changes), dns or kubernetes")
 	fs.StringVar(&c.Discovery.DNS.Name, "dns-name", c.Discovery.DNS.Name, "dns discovery: `name:port` whose A and AAAA records are the hosts")
 	fs.DurationVar(&c.Discovery.DNS.Interval, "dns-interval", c.Discovery.DNS.Interval, "dns discovery: how often the name is resolved")
+	k := &c.Discovery.Kubernetes
+	fs.StringVar(&k.Namespace, "k8s-namespace", k.Namespace, "kubernetes discovery: the pool's or Service's namespace, \"\" for tokenlb's own")
+	fs.StringVar(&k.InferencePool, "inference-pool", k.InferencePool, "kubernetes discovery: the InferencePool whose ready pods are the hosts")
+	fs.StringVar(&k.Service, "k8s-service", k.Service, "kubernetes discovery: the Service whose ready endpoints are the hosts")
+	fs.StringVar(&k.Port, "k8s-port", k.Port, "kubernetes discovery: the Service's port (name or number), \"\" when it has one")
+	fs.StringVar(&k.Kubeconfig, "kubeconfig", k.Kubeconfig, "kubernetes discovery: a kubeconfig file, \"\" for the pod's service account")
 	fs.StringVar(&c.Discovery.DNS.Server, "dns-server", c.Discovery.DNS.Server, "dns discovery: DNS server `ip:port` to ask, \"\" for the system's")
 	fs.StringVar(&c.TLS.CertFile, "tls-cert-file", c.TLS.CertFile, "ext_proc listener's TLS certificate chain (PEM); turns TLS on")
 	fs.StringVar(&c.TLS.KeyFile, "tls-key-file", c.TLS.KeyFile, "ext_proc listener's TLS private key (PEM)")
 	fs.StringVar(&c.TLS.ClientCAFile, "tls-client-ca-file", c.TLS.ClientCAFile, "CA bundle (PEM) clients' certificates must chain to: mutual TLS")
+	fs.BoolVar(&c.TLS.SelfSigned, "tls-self-signed", c.TLS.SelfSigned, "serve the ext_proc listener's TLS with a certificate generated at start (clients skip verifying it)")
 	fs.BoolVar(&c.TLS.AllowPlaintext, "tls-allow-plaintext", c.TLS.AllowPlaintext, "serve the ext_proc listener without TLS on a non-loopback address")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
 	fs.Var((*hostList)(&c.Hosts), "hosts", "comma-separated backend `ip:port` list (replaces the file's hosts)")

@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -58,8 +60,10 @@ func (c *Config) validateListenersAndHosts(p *problems) {
 		}
 	case "dns":
 		c.validateDNS(p)
+	case "kubernetes":
+		c.validateKubernetes(p)
 	default:
-		p.add("discovery.source", "%q is neither static nor dns", c.Discovery.Source)
+		p.add("discovery.source", "%q is not static, dns or kubernetes", c.Discovery.Source)
 	}
 	seen := map[string]int{}
 	for i, h := range c.Hosts {
@@ -81,6 +85,37 @@ func (c *Config) validateListenersAndHosts(p *problems) {
 		}
 	}
 }
+
+// validateKubernetes checks the kubernetes source, which fills the hosts
+// itself.
+func (c *Config) validateKubernetes(p *problems) {
+	k := c.Discovery.Kubernetes
+	if len(c.Hosts) > 0 {
+		p.add("hosts", "set by discovery.kubernetes; leave the list empty")
+	}
+	switch {
+	case k.InferencePool == "" && k.Service == "":
+		p.add("discovery.kubernetes", "names neither an inference_pool nor a service")
+	case k.InferencePool != "" && k.Service != "":
+		p.add("discovery.kubernetes", "names both an inference_pool and a service; choose one")
+	case k.InferencePool != "" && k.Port != "":
+		p.add("discovery.kubernetes.port", "is for a service; an inference_pool has its targetPorts")
+	}
+	for _, f := range []struct{ field, name string }{
+		{"namespace", k.Namespace}, {"inference_pool", k.InferencePool}, {"service", k.Service},
+	} {
+		if f.name != "" && !dnsLabel.MatchString(f.name) {
+			p.add("discovery.kubernetes."+f.field, "%q is not a Kubernetes name (lower-case letters, digits and '-')", f.name)
+		}
+	}
+	if port, err := strconv.Atoi(k.Port); k.Port != "" && (err == nil && (port < 1 || port > 65535) || err != nil && !dnsLabel.MatchString(k.Port)) {
+		p.add("discovery.kubernetes.port", "%q is neither a port number nor a port name", k.Port)
+	}
+}
+
+// dnsLabel is a Kubernetes object name as Services and namespaces need it
+// (RFC 1123 label; pools are DNS subdomains, which this keeps a part of).
+var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
 
 // validateDNS checks the dns source, which fills the hosts itself.
 func (c *Config) validateDNS(p *problems) {
@@ -106,10 +141,12 @@ func (c *Config) validateTLS(p *problems) {
 	switch {
 	case (t.CertFile == "") != (t.KeyFile == ""):
 		p.add("tls", "cert_file and key_file go together")
-	case t.ClientCAFile != "" && !t.Enabled():
+	case t.SelfSigned && t.CertFile != "":
+		p.add("tls.self_signed", "contradicts tls.cert_file")
+	case t.ClientCAFile != "" && t.CertFile == "":
 		p.add("tls.client_ca_file", "needs tls.cert_file and tls.key_file")
 	case t.Enabled() && t.AllowPlaintext:
-		p.add("tls.allow_plaintext", "contradicts tls.cert_file")
+		p.add("tls.allow_plaintext", "contradicts TLS (tls.cert_file or tls.self_signed)")
 	}
 	for _, f := range []struct{ name, path string }{{"tls.cert_file", t.CertFile}, {"tls.key_file", t.KeyFile}, {"tls.client_ca_file", t.ClientCAFile}} {
 		if f.path == "" {
@@ -121,7 +158,7 @@ func (c *Config) validateTLS(p *problems) {
 	}
 	if ap, err := netip.ParseAddrPort(c.Listen); err == nil && !ap.Addr().IsLoopback() && !t.Enabled() && !t.AllowPlaintext {
 		p.add("listen", "%s is reachable from other machines, and whoever reaches it can steer traffic: set tls.cert_file, tls.key_file "+
-			"and tls.client_ca_file (mutual TLS, so that only Envoy connects), or tls.allow_plaintext: true where the network "+
+			"and tls.client_ca_file (mutual TLS, so that only Envoy connects), or tls.self_signed (encrypted, unauthenticated), or tls.allow_plaintext: true where the network "+
 			"itself is trusted (a mesh whose sidecars encrypt)", c.Listen)
 	}
 }

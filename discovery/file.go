@@ -22,9 +22,12 @@ type Endpoint struct {
 	Address string
 	// Models it serves, if the configuration lists them; nil: discovered.
 	Models []string
-	// Source says where it came from, for /debug/hosts: "static", or
-	// "dns <name:port>".
+	// Source says where it came from, for /debug/hosts: "static",
+	// "dns <name:port>", or "kubernetes inferencepool|service
+	// <namespace>/<name>".
 	Source string
+	// Namespace and Pod name the pod behind it, when known (kubernetes).
+	Namespace, Pod string
 }
 
 // File watches a configuration file for its endpoints.

@@ -156,7 +156,7 @@ type host struct {
 	picks      uint64
 
 	// From outside the ledger (Set*).
-	source string // where the host came from (SetSource)
+	origin Origin // where the host came from (SetOrigin)
 	health Health
 	models map[string]bool // nil: not known
 	remote Remote
@@ -707,9 +707,19 @@ func (p *Picker) SetHealth(addr string, h Health) error {
 	return p.update(addr, func(x *host) { x.health = h })
 }
 
-// SetSource records where the host came from, for /debug/hosts.
-func (p *Picker) SetSource(addr, source string) error {
-	return p.update(addr, func(h *host) { h.source = source })
+// Origin says where a host came from, for /debug/hosts.
+type Origin struct {
+	// Source is "static", "dns <name:port>", or "kubernetes
+	// inferencepool|service <namespace>/<name>".
+	Source string `json:"source,omitempty"`
+	// Namespace and Pod name the pod behind the address, when known.
+	Namespace string `json:"namespace,omitempty"`
+	Pod       string `json:"pod,omitempty"`
+}
+
+// SetOrigin records where the host came from, for /debug/hosts.
+func (p *Picker) SetOrigin(addr string, o Origin) error {
+	return p.update(addr, func(h *host) { h.origin = o })
 }
 
 // SetModels records the models the host at addr serves; nil means not
@@ -962,9 +972,9 @@ type HostLoad struct {
 	// Removed says the host left the fleet (SetHosts) and is listed only
 	// until its requests in flight end.
 	Removed bool `json:"removed,omitempty"`
-	// Source says where the host came from (SetSource): the configuration
-	// file, a DNS name.
-	Source string `json:"source,omitempty"`
+	// Origin says where the host came from (SetOrigin): the configuration
+	// file, a DNS name, a pod.
+	Origin
 }
 
 // Hosts returns a consistent snapshot of every host's load, in configuration
@@ -977,7 +987,7 @@ func (p *Picker) Hosts() []HostLoad {
 	for i, h := range all {
 		out[i] = HostLoad{Address: h.addr, InFlightTokens: h.tokens, PrefillingTokens: h.prefilling, Load: h.load,
 			InFlightRequests: h.requests, DecodingRequests: h.decoding, Picks: h.picks,
-			Health: h.health, Remote: h.remote, ExternalLoad: h.external, Removed: h.removed, Source: h.source}
+			Health: h.health, Remote: h.remote, ExternalLoad: h.external, Removed: h.removed, Origin: h.origin}
 		if h.models != nil {
 			out[i].Models = slices.Sorted(maps.Keys(h.models))
 		}

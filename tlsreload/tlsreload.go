@@ -9,12 +9,18 @@
 package tlsreload
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"os"
 	"sync"
+	"time"
 )
 
 // Files names a server's PEM files.
@@ -111,4 +117,36 @@ func (r *reloader) stamp() string {
 		s += fmt.Sprintf("%d/%d;", fi.Size(), fi.ModTime().UnixNano())
 	}
 	return s
+}
+
+// SelfSigned returns a TLS server configuration (TLS 1.2 or later, ALPN
+// h2) with a certificate and key generated now, valid for ten years from
+// an hour ago: encryption without identity, for clients that skip
+// verification, as gateways do with an Endpoint Picker's default
+// certificate.
+func SelfSigned() (*tls.Config, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("tlsreload: self-signed key: %w", err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, fmt.Errorf("tlsreload: serial number: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: "tokenlb"},
+		DNSNames:     []string{"tokenlb"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, fmt.Errorf("tlsreload: self-signed certificate: %w", err)
+	}
+	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}, Certificates: []tls.Certificate{cert}}, nil
 }

@@ -1,6 +1,7 @@
 package tlsreload
 
 import (
+	"crypto/ecdsa"
 	"crypto/tls"
 	"crypto/x509"
 	"io"
@@ -192,5 +193,34 @@ func TestServerConfigErrors(t *testing.T) {
 		if _, err := ServerConfig(f, nil); err == nil {
 			t.Errorf("%s: no error", name)
 		}
+	}
+}
+
+// TestSelfSigned: a client that skips verification gets an encrypted
+// connection with h2; one that verifies does not (the certificate proves
+// nothing); each start has its own key.
+func TestSelfSigned(t *testing.T) {
+	cfg, err := SelfSigned()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := serve(t, cfg)
+	c, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatalf("a client that skips verification: %v", err)
+	}
+	defer c.Close()
+	if p := c.ConnectionState().NegotiatedProtocol; p != "h2" {
+		t.Fatalf("ALPN %q, want h2 (gRPC)", p)
+	}
+	if _, err := tls.Dial("tcp", addr, &tls.Config{ServerName: "tokenlb"}); err == nil {
+		t.Fatal("a verifying client accepted a self-signed certificate")
+	}
+	again, err := SelfSigned()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Certificates[0].PrivateKey.(*ecdsa.PrivateKey).Equal(again.Certificates[0].PrivateKey) {
+		t.Fatal("two starts share a key")
 	}
 }

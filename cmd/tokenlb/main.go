@@ -11,6 +11,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -34,6 +35,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/tokenlb/tokenlb/admin"
 	"github.com/tokenlb/tokenlb/backend"
@@ -76,14 +79,16 @@ func newLogger(cfg config.Config) *slog.Logger {
 }
 
 func listenAndRun(ctx context.Context, cfg config.Config, args []string, log *slog.Logger) error {
-	if err := resolveHosts(ctx, &cfg, log); err != nil {
+	first, src, err := firstHosts(ctx, &cfg, log)
+	if err != nil {
 		return err
 	}
 	a, err := build(cfg, log)
 	if err != nil {
 		return err
 	}
-	a.args = args
+	a.args, a.kubernetes, a.initial = args, src, first
+	a.setOrigins(first)
 	grpcLis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -107,9 +112,11 @@ type app struct {
 	healthServer    *health.Server
 	adminServer     *http.Server
 	estimator       *cost.Estimator
-	state           atomic.Int32 // starting, ready, stopping
-	readiness       sync.Mutex   // orders the readiness changes of becomeReady and shutdown
-	args            []string     // the command line, read again with the file on a reload
+	state           atomic.Int32          // starting, ready, stopping
+	readiness       sync.Mutex            // orders the readiness changes of becomeReady and shutdown
+	args            []string              // the command line, read again with the file on a reload
+	kubernetes      *discovery.Kubernetes // the kubernetes source, started by firstHosts
+	initial         []discovery.Endpoint  // the hosts as first found (Source.Run's initial set)
 	discoveryErrors *prometheus.CounterVec
 }
 
@@ -129,12 +136,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	if a.picker, err = picker.New(cfg.HostAddresses(), cfg.PickerOptions()); err != nil {
 		return nil, err
 	}
-	source := "static"
-	if cfg.Discovery.Source == "dns" {
-		source = "dns " + cfg.Discovery.DNS.Name
-	}
 	for _, h := range cfg.Hosts {
-		a.picker.SetSource(h.Address, source)
 		if len(h.Models) > 0 {
 			if err := a.picker.SetModels(h.Address, h.Models); err != nil {
 				return nil, err
@@ -150,7 +152,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	est := cost.New(cfg.Cost.Options())
 	a.estimator = est
 	a.discoveryErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenlb_discovery_errors_total",
-		Help: "Host discovery that failed and left the running hosts in place, by source: a configuration file that does not load (static), a name that does not resolve to an address (dns)."},
+		Help: "Host discovery that failed and left the running hosts in place, by source: a configuration file that does not load (static), a name that does not resolve to an address (dns), a pool or Service without a ready endpoint (kubernetes)."},
 		[]string{"source"})
 	rc := cfg.Route()
 	rc.Picker, rc.Tokenizer, rc.Cost, rc.ResponseStatus, rc.Logger = a.picker, tok, est, a.watcher.Observe, log
@@ -199,7 +201,12 @@ func listenerSecurity(cfg config.Config, log *slog.Logger) ([]grpc.ServerOption,
 		}
 		return nil, nil
 	}
-	tlsCfg, err := tlsreload.ServerConfig(tlsreload.Files{Cert: t.CertFile, Key: t.KeyFile, ClientCA: t.ClientCAFile}, log)
+	var tlsCfg *tls.Config
+	if t.SelfSigned {
+		tlsCfg, err = tlsreload.SelfSigned()
+	} else {
+		tlsCfg, err = tlsreload.ServerConfig(tlsreload.Files{Cert: t.CertFile, Key: t.KeyFile, ClientCA: t.ClientCAFile}, log)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -229,7 +236,7 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	if src := a.source(hup); src != nil {
-		go src.Run(watchCtx, endpoints(a.cfg.Hosts), a.setHosts)
+		go src.Run(watchCtx, a.initial, a.setHosts)
 	}
 
 	errc := make(chan error, 2)
@@ -253,12 +260,17 @@ func (a *app) run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 }
 
 // source returns where the hosts come from as they change: the
-// configuration file (read again on reload), the DNS, or nothing (no file).
+// configuration file (read again on reload), the DNS, the Kubernetes API,
+// or nothing (no file).
 func (a *app) source(reload <-chan os.Signal) discovery.Source {
 	d := a.cfg.Discovery
-	if d.Source == "dns" {
+	switch d.Source {
+	case "dns":
 		return &discovery.DNS{Name: d.DNS.Name, Interval: d.DNS.Interval, Server: d.DNS.Server, Logger: a.log,
 			Errors: a.discoveryErrors.WithLabelValues("dns")}
+	case "kubernetes":
+		a.kubernetes.Errors = a.discoveryErrors.WithLabelValues("kubernetes")
+		return a.kubernetes
 	}
 	if path := config.FilePath(a.args); path != "" {
 		return &discovery.File{Path: path, Load: a.loadHosts, Reload: reload, Logger: a.log,
@@ -267,29 +279,68 @@ func (a *app) source(reload <-chan os.Signal) discovery.Source {
 	return nil
 }
 
-// resolveHosts fills cfg's hosts from the DNS when that is their source,
-// waiting for a first answer with an address (or ctx).
-func resolveHosts(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+// firstHosts fills cfg's hosts from their source when that is not the
+// file, waiting for a first set with an endpoint (or ctx): a DNS answer
+// with an address, or a ready endpoint of the pool or Service, whose
+// informers it starts (they run until ctx ends) and returns. It returns
+// the hosts with where each came from.
+func firstHosts(ctx context.Context, cfg *config.Config, log *slog.Logger) ([]discovery.Endpoint, *discovery.Kubernetes, error) {
 	d := cfg.Discovery
-	if d.Source != "dns" {
-		return nil
-	}
-	src := &discovery.DNS{Name: d.DNS.Name, Server: d.DNS.Server}
-	for {
-		eps, err := src.Resolve(ctx)
-		if err == nil {
-			for _, e := range eps {
-				cfg.Hosts = append(cfg.Hosts, config.Host{Address: e.Address})
+	var eps []discovery.Endpoint
+	var k8s *discovery.Kubernetes
+	switch d.Source {
+	case "static":
+		return endpoints(cfg.Hosts), nil, nil
+	case "dns":
+		src := &discovery.DNS{Name: d.DNS.Name, Server: d.DNS.Server}
+		for {
+			var err error
+			if eps, err = src.Resolve(ctx); err == nil {
+				break
 			}
-			return nil
+			log.Warn("waiting for the hosts' DNS name to resolve", "name", d.DNS.Name, "err", err)
+			select {
+			case <-ctx.Done():
+				return nil, nil, fmt.Errorf("discovery.dns: %w", err)
+			case <-time.After(d.DNS.Interval):
+			}
 		}
-		log.Warn("waiting for the hosts' DNS name to resolve", "name", d.DNS.Name, "err", err)
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("discovery.dns: %w", err)
-		case <-time.After(d.DNS.Interval):
+	case "kubernetes":
+		var err error
+		if k8s, err = newKubernetes(d.Kubernetes, log); err != nil {
+			return nil, nil, err
+		}
+		log.Info("waiting for the endpoints' first list", "source", k8s.Name())
+		if eps, err = k8s.Start(ctx); err != nil {
+			return nil, nil, err
 		}
 	}
+	for _, e := range eps {
+		cfg.Hosts = append(cfg.Hosts, config.Host{Address: e.Address})
+	}
+	return eps, k8s, nil
+}
+
+// newKubernetes makes the kubernetes source's clients from its setting.
+func newKubernetes(k config.Kubernetes, log *slog.Logger) (*discovery.Kubernetes, error) {
+	rc, ns, err := discovery.KubernetesConfig(k.Kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	if k.Namespace != "" {
+		ns = k.Namespace
+	}
+	rc.UserAgent = "tokenlb"
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("discovery.kubernetes: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("discovery.kubernetes: %w", err)
+	}
+	return &discovery.Kubernetes{Client: client, Dynamic: dyn, Namespace: ns, InferencePool: k.InferencePool,
+		Service: k.Service, Port: k.Port, Logger: log}, nil
 }
 
 // loadHosts reads the command line and its configuration file again and
@@ -316,6 +367,13 @@ func endpoints(hosts []config.Host) []discovery.Endpoint {
 	return out
 }
 
+// setOrigins records where each endpoint came from, for /debug/hosts.
+func (a *app) setOrigins(eps []discovery.Endpoint) {
+	for _, e := range eps {
+		a.picker.SetOrigin(e.Address, picker.Origin{Source: e.Source, Namespace: e.Namespace, Pod: e.Pod})
+	}
+}
+
 // setHosts makes eps the fleet: the picker routes over them at once, the
 // watcher follows them, and what was learned of removed hosts goes.
 func (a *app) setHosts(eps []discovery.Endpoint) {
@@ -329,9 +387,9 @@ func (a *app) setHosts(eps []discovery.Endpoint) {
 		a.log.Error("hosts not changed", "err", err)
 		return
 	}
+	a.setOrigins(eps)
 	var configured []string
 	for _, e := range eps {
-		a.picker.SetSource(e.Address, e.Source)
 		if len(e.Models) > 0 {
 			a.picker.SetModels(e.Address, e.Models) // known to the picker: just set
 			configured = append(configured, e.Address)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"net"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	grpcstatus "google.golang.org/grpc/status"
@@ -390,5 +392,36 @@ func TestDNSHosts(t *testing.T) {
 	})
 	if h := hosts(); !strings.Contains(h, "127.0.0.13:8000") {
 		t.Fatalf("an empty answer changed the hosts: %s", h)
+	}
+}
+
+// TestSelfSignedTLS: with tls.self_signed the ext_proc listener speaks
+// TLS only, and a gateway that skips verifying the certificate (as
+// gateways do with an Endpoint Picker's default certificate) gets its
+// health answers.
+func TestSelfSignedTLS(t *testing.T) {
+	_, grpcAddr, _, _ := startTokenlb(t, "tls: {self_signed: true}\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name  string
+		creds credentials.TransportCredentials
+		ok    bool
+	}{
+		{"TLS, unverified", credentials.NewTLS(&tls.Config{InsecureSkipVerify: true}), true},
+		{"plaintext", insecure.NewCredentials(), false},
+	} {
+		conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(tc.creds))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: "readiness"})
+		if tc.ok && (err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING) {
+			t.Fatalf("%s: readiness %v, %v; want SERVING", tc.name, resp, err)
+		}
+		if !tc.ok && err == nil {
+			t.Fatalf("%s: answered (%v); want the connection refused", tc.name, resp)
+		}
 	}
 }
