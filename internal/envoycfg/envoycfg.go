@@ -45,6 +45,17 @@ type Options struct {
 	// set_metadata filter before tokenlb's writes the list into
 	// envoy.lb.subset_hint, which the routing filter forwards.
 	SubsetHint []string
+	// ReportServed plays a data plane that reports, on the response path,
+	// the endpoint that served the request (the Endpoint Picker Protocol's
+	// envoy.lb x-gateway-destination-endpoint-served): two filters just
+	// before the router, so that on the way back they run before tokenlb's,
+	// copy the upstream host Envoy used (%UPSTREAM_HOST%, the last attempt's)
+	// into a response header (header_mutation) and that header into the
+	// envoy.lb metadata (header_to_metadata, which removes it); tokenlb's
+	// ext_proc filters (routing and observer) forward envoy.lb. With the
+	// override-host variant, a retry on a fallback host is then reported
+	// as served there.
+	ReportServed bool
 	// Timeout, when set, replaces the timeouts that cut stalled clients
 	// and backends (request_headers_timeout, request_timeout and the
 	// route's idle_timeout), so that a test can watch them fire.
@@ -191,13 +202,15 @@ func renderFilters(hcm map[string]any, o Options) error {
 		}
 		if o.SubsetHint != nil && f["name"] == "envoy.filters.http.ext_proc" {
 			filters = append(filters, subsetHintFilter(o.SubsetHint))
-			tc := get(f, "typed_config").(map[string]any)
-			mo, _ := tc["metadata_options"].(map[string]any)
-			if mo == nil {
-				mo = map[string]any{}
-				tc["metadata_options"] = mo
+			forward(f, "envoy.lb.subset_hint")
+		}
+		if o.ReportServed {
+			if isExtProc(f) {
+				forward(f, "envoy.lb")
 			}
-			mo["forwarding_namespaces"] = map[string]any{"untyped": []any{"envoy.lb.subset_hint"}}
+			if f["name"] == "envoy.filters.http.router" {
+				filters = append(filters, servedFilters()...)
+			}
 		}
 		if keep {
 			filters = append(filters, f)
@@ -212,7 +225,11 @@ func renderFilters(hcm map[string]any, o Options) error {
 // another o.Response, and the header sanitiser when o.Unsanitised; it sets
 // the routing filter's processing mode.
 func renderFilter(f map[string]any, o Options) (keep bool, err error) {
-	switch f["name"] {
+	name := f["name"]
+	if isExtProc(f) {
+		name = "envoy.filters.http.ext_proc" // the observer has a name of its own
+	}
+	switch name {
 	case "envoy.filters.http.ext_proc":
 		if o.Policy != "" {
 			return false, nil
@@ -360,4 +377,51 @@ func subsetHintFilter(hint []string) map[string]any {
 		"@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
 		"metadata": []any{map[string]any{"metadata_namespace": "envoy.lb.subset_hint",
 			"value": map[string]any{"x-gateway-destination-endpoint-subset": list}}}}}
+}
+
+// isExtProc says whether HTTP filter f is an ext_proc filter, whatever its
+// name (tokenlb's observer has its own).
+func isExtProc(f map[string]any) bool {
+	tc, _ := f["typed_config"].(map[string]any)
+	return tc["@type"] == "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+}
+
+// forward makes ext_proc filter f send the dynamic metadata namespace ns to
+// tokenlb with every message (metadata_options.forwarding_namespaces).
+func forward(f map[string]any, ns string) {
+	tc := get(f, "typed_config").(map[string]any)
+	mo, _ := tc["metadata_options"].(map[string]any)
+	if mo == nil {
+		mo = map[string]any{}
+		tc["metadata_options"] = mo
+	}
+	fwd, _ := mo["forwarding_namespaces"].(map[string]any)
+	if fwd == nil {
+		fwd = map[string]any{}
+		mo["forwarding_namespaces"] = fwd
+	}
+	untyped, _ := fwd["untyped"].([]any)
+	fwd["untyped"] = append(untyped, ns)
+}
+
+// servedHeader carries the served endpoint from the header_mutation filter
+// to the header_to_metadata one, which removes it before the response leaves
+// Envoy. The header_mutation overwrites it: a backend cannot set it.
+const servedHeader = "x-tokenlb-e2e-served"
+
+// servedFilters are the ReportServed filters, in filter chain order: on the
+// response path the second (header_mutation) runs first.
+func servedFilters() []any {
+	return []any{
+		map[string]any{"name": "tokenlb.e2e.served_metadata", "typed_config": map[string]any{
+			"@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+			"response_rules": []any{map[string]any{"header": servedHeader, "remove": true,
+				"on_header_present": map[string]any{"metadata_namespace": "envoy.lb",
+					"key": "x-gateway-destination-endpoint-served", "type": "STRING"}}}}},
+		map[string]any{"name": "tokenlb.e2e.served_header", "typed_config": map[string]any{
+			"@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+			"mutations": map[string]any{"response_mutations": []any{map[string]any{"append": map[string]any{
+				"header":        map[string]any{"key": servedHeader, "value": "%UPSTREAM_HOST%"},
+				"append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}}}}},
+	}
 }
