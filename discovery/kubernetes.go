@@ -23,10 +23,8 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
@@ -46,8 +44,9 @@ var InferencePoolResource = schema.GroupVersionResource{Group: "inference.networ
 // It reads, in Namespace: pods and inferencepools (a pool), or
 // endpointslices (a Service); get, list and watch, nothing else.
 type Kubernetes struct {
-	Client    kubernetes.Interface
-	Dynamic   dynamic.Interface // for a pool
+	// Client reads everything (the typed clients would bring every API
+	// group's types along and triple the binary).
+	Client    dynamic.Interface
 	Namespace string
 	// Exactly one of InferencePool and Service.
 	InferencePool, Service string
@@ -111,27 +110,63 @@ func (k *Kubernetes) init() {
 			UpdateFunc: func(any, any) { k.notify() },
 			DeleteFunc: func(any) { k.notify() },
 		}
-		ns := informers.WithNamespace(k.Namespace)
 		if k.InferencePool != "" {
-			f := informers.NewSharedInformerFactoryWithOptions(k.Client, 0, ns)
-			k.pods = f.Core().V1().Pods().Informer()
-			k.pods.SetTransform(trimPod)
+			k.pods = k.informer(podResource, nil, trimPod)
 			k.pods.AddEventHandler(notify)
-			byName := func(o *metav1.ListOptions) {
+			k.pools = k.informer(InferencePoolResource, func(o *metav1.ListOptions) {
 				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", k.InferencePool).String()
-			}
-			df := dynamicinformer.NewFilteredDynamicSharedInformerFactory(k.Dynamic, 0, k.Namespace, byName)
-			k.pools = df.ForResource(InferencePoolResource).Informer()
+			}, nil)
 			k.pools.AddEventHandler(notify)
 			return
 		}
-		bySvc := informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+		k.slices = k.informer(sliceResource, func(o *metav1.ListOptions) {
 			o.LabelSelector = labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: k.Service}).String()
-		})
-		f := informers.NewSharedInformerFactoryWithOptions(k.Client, 0, ns, bySvc)
-		k.slices = f.Discovery().V1().EndpointSlices().Informer()
+		}, typed[discoveryv1.EndpointSlice])
 		k.slices.AddEventHandler(notify)
 	})
+}
+
+var (
+	podResource   = schema.GroupVersionResource{Version: "v1", Resource: "pods"}
+	sliceResource = schema.GroupVersionResource{Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"}
+)
+
+// informer watches resource in k.Namespace, the list narrowed by tweak,
+// each object turned by transform before it is stored.
+func (k *Kubernetes) informer(resource schema.GroupVersionResource, tweak func(*metav1.ListOptions), transform cache.TransformFunc) cache.SharedIndexInformer {
+	c := k.Client.Resource(resource).Namespace(k.Namespace)
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			if tweak != nil {
+				tweak(&o)
+			}
+			return c.List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			if tweak != nil {
+				tweak(&o)
+			}
+			return c.Watch(ctx, o)
+		},
+	}
+	i := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, k.Client), &unstructured.Unstructured{}, 0, cache.Indexers{})
+	if transform != nil {
+		i.SetTransform(transform)
+	}
+	return i
+}
+
+// typed turns an unstructured object into its Go type.
+func typed[T any](obj any) (any, error) {
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return obj, nil // a deletion tombstone
+	}
+	t := new(T)
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, t); err != nil {
+		return nil, err
+	}
+	return t, nil
 }
 
 func (k *Kubernetes) notify() {
@@ -358,12 +393,12 @@ func (k *Kubernetes) slicePort(s *discoveryv1.EndpointSlice) (int32, error) {
 // trimPod keeps of a Pod what readyPodIP and the selector read, so that
 // the informer's cache holds no more of a namespace's pods than that.
 func trimPod(obj any) (any, error) {
-	p, ok := obj.(*corev1.Pod)
-	if !ok {
-		return obj, nil // a deletion tombstone
+	t, err := typed[corev1.Pod](obj)
+	p, ok := t.(*corev1.Pod)
+	if err != nil || !ok {
+		return t, err
 	}
 	return &corev1.Pod{
-		TypeMeta: p.TypeMeta,
 		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, Labels: p.Labels,
 			ResourceVersion: p.ResourceVersion, DeletionTimestamp: p.DeletionTimestamp, UID: p.UID},
 		Status: corev1.PodStatus{PodIP: p.Status.PodIP, Conditions: p.Status.Conditions},

@@ -15,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
-	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/tokenlb/tokenlb/discovery"
 )
@@ -65,10 +64,30 @@ func pool(name string, labels map[string]string, ports ...int64) *unstructured.U
 	}}
 }
 
-func dynamicClient(objs ...runtime.Object) *dynamicfake.FakeDynamicClient {
-	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+// fakeClient is client-go's fake dynamic client holding objs: it lists
+// and watches as an API server does.
+func fakeClient(objs ...runtime.Object) *dynamicfake.FakeDynamicClient {
+	scheme := runtime.NewScheme()
+	corev1.AddToScheme(scheme)
+	discoveryv1.AddToScheme(scheme)
+	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(scheme,
 		map[schema.GroupVersionResource]string{discovery.InferencePoolResource: "InferencePoolList"}, objs...)
 }
+
+// unstructuredPod is p as the dynamic client takes it.
+func unstructuredPod(t *testing.T, p *corev1.Pod) *unstructured.Unstructured {
+	t.Helper()
+	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &unstructured.Unstructured{Object: m}
+	u.SetAPIVersion("v1")
+	u.SetKind("Pod")
+	return u
+}
+
+var podsResource = schema.GroupVersionResource{Version: "v1", Resource: "pods"}
 
 func addresses(eps []discovery.Endpoint) []string {
 	var out []string
@@ -81,7 +100,7 @@ func addresses(eps []discovery.Endpoint) []string {
 var vllm = map[string]string{"app": "vllm"}
 
 func TestKubernetesPoolEndpoints(t *testing.T) {
-	client := fake.NewClientset(
+	client := fakeClient(pool("pool", vllm, 8000, 8001),
 		pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: true}),
 		pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm, ready: false}),                   // not ready
 		pod(podState{name: "vllm-2", ip: "10.0.0.3", labels: vllm, ready: true, terminating: true}), // terminating
@@ -89,7 +108,7 @@ func TestKubernetesPoolEndpoints(t *testing.T) {
 		pod(podState{name: "other", ip: "10.0.0.5", labels: map[string]string{"app": "sglang"}, ready: true}),
 		pod(podState{name: "vllm-4", ip: "fd00::4", labels: map[string]string{"app": "vllm", "zone": "a"}, ready: true}),
 	)
-	k := &discovery.Kubernetes{Client: client, Dynamic: dynamicClient(pool("pool", vllm, 8000, 8001)), Namespace: ns, InferencePool: "pool"}
+	k := &discovery.Kubernetes{Client: client, Namespace: ns, InferencePool: "pool"}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	eps, err := k.Start(ctx)
@@ -110,10 +129,9 @@ func TestKubernetesPoolEndpoints(t *testing.T) {
 // changing; a set without an endpoint, or no pool, keeps the running one
 // and counts an error.
 func TestKubernetesPoolFollows(t *testing.T) {
-	client := fake.NewClientset(pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: true}))
-	dyn := dynamicClient(pool("pool", vllm, 8000))
+	dyn := fakeClient(pool("pool", vllm, 8000), pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: true}))
 	errs := prometheus.NewCounter(prometheus.CounterOpts{Name: "errors"})
-	k := &discovery.Kubernetes{Client: client, Dynamic: dyn, Namespace: ns, InferencePool: "pool", Errors: errs}
+	k := &discovery.Kubernetes{Client: dyn, Namespace: ns, InferencePool: "pool", Errors: errs}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	first, err := k.Start(ctx)
@@ -133,24 +151,24 @@ func TestKubernetesPoolFollows(t *testing.T) {
 			t.Fatalf("%s: no update (want %v)", step, want)
 		}
 	}
-	pods := client.CoreV1().Pods(ns)
-	if _, err := pods.Create(ctx, pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm}), metav1.CreateOptions{}); err != nil {
+	pods := dyn.Resource(podsResource).Namespace(ns)
+	if _, err := pods.Create(ctx, unstructuredPod(t, pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm})), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	// Not ready yet: no update; ready: it joins.
-	if _, err := pods.UpdateStatus(ctx, pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm, ready: true}), metav1.UpdateOptions{}); err != nil {
+	if _, err := pods.UpdateStatus(ctx, unstructuredPod(t, pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm, ready: true})), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	next("ready", "10.0.0.1:8000", "10.0.0.2:8000")
-	if _, err := pods.UpdateStatus(ctx, pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: false}), metav1.UpdateOptions{}); err != nil {
+	if _, err := pods.UpdateStatus(ctx, unstructuredPod(t, pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: false})), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	next("fails readiness", "10.0.0.2:8000")
-	if _, err := pods.UpdateStatus(ctx, pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: true}), metav1.UpdateOptions{}); err != nil {
+	if _, err := pods.UpdateStatus(ctx, unstructuredPod(t, pod(podState{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: true})), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	next("ready again", "10.0.0.1:8000", "10.0.0.2:8000")
-	if _, err := pods.Update(ctx, pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm, ready: true, terminating: true}), metav1.UpdateOptions{}); err != nil {
+	if _, err := pods.Update(ctx, unstructuredPod(t, pod(podState{name: "vllm-1", ip: "10.0.0.2", labels: vllm, ready: true, terminating: true})), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	next("terminating", "10.0.0.1:8000")
@@ -171,7 +189,7 @@ func TestKubernetesPoolFollows(t *testing.T) {
 	if _, err := pools.Create(ctx, pool("pool", map[string]string{"app": "vllm-next"}, 8000), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pods.Create(ctx, pod(podState{name: "next-0", ip: "10.0.1.1", labels: map[string]string{"app": "vllm-next"}, ready: true}), metav1.CreateOptions{}); err != nil {
+	if _, err := pods.Create(ctx, unstructuredPod(t, pod(podState{name: "next-0", ip: "10.0.1.1", labels: map[string]string{"app": "vllm-next"}, ready: true})), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	next("a new pool selecting a new pod", "10.0.1.1:8000")
@@ -241,7 +259,7 @@ func TestKubernetesServiceEndpoints(t *testing.T) {
 		{name: "no port of that name", objs: objs, port: "grpc", wantErr: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := &discovery.Kubernetes{Client: fake.NewClientset(tc.objs...), Namespace: ns, Service: "vllm", Port: tc.port}
+			k := &discovery.Kubernetes{Client: fakeClient(tc.objs...), Namespace: ns, Service: "vllm", Port: tc.port}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			if tc.wantErr {

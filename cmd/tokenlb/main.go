@@ -36,7 +36,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/klog/v2"
 
 	"github.com/tokenlb/tokenlb/admin"
 	"github.com/tokenlb/tokenlb/backend"
@@ -331,16 +331,13 @@ func newKubernetes(k config.Kubernetes, log *slog.Logger) (*discovery.Kubernetes
 		ns = k.Namespace
 	}
 	rc.UserAgent = "tokenlb"
-	client, err := kubernetes.NewForConfig(rc)
+	klog.SetSlogLogger(log.With("component", "client-go")) // client-go's own lines, in tokenlb's format
+	client, err := dynamic.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("discovery.kubernetes: %w", err)
 	}
-	dyn, err := dynamic.NewForConfig(rc)
-	if err != nil {
-		return nil, fmt.Errorf("discovery.kubernetes: %w", err)
-	}
-	return &discovery.Kubernetes{Client: client, Dynamic: dyn, Namespace: ns, InferencePool: k.InferencePool,
-		Service: k.Service, Port: k.Port, Logger: log}, nil
+	return &discovery.Kubernetes{Client: client, Namespace: ns,
+		InferencePool: k.InferencePool, Service: k.Service, Port: k.Port, Logger: log}, nil
 }
 
 // loadHosts reads the command line and its configuration file again and
