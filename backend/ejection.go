@@ -6,11 +6,11 @@ import (
 )
 
 // Outlier configures passive ejection: ConsecutiveFailures responses in a
-// row with a 5xx status (Envoy answers 503 when it cannot connect) eject a
-// host for BaseEjection, doubled for each ejection that follows within
-// MaxEjection of the last one ended, up to MaxEjection. When the ejection
-// ends while the host's last active health check failed, the host stays
-// out until the checks pass.
+// row with a 5xx status, or a single connection Envoy failed to open to the
+// host (ConnectFailure), eject a host for BaseEjection, doubled for each
+// ejection that follows within MaxEjection of the last one ended, up to
+// MaxEjection. When the ejection ends while the host's last active health
+// check failed, the host stays out until the checks pass.
 type Outlier struct {
 	ConsecutiveFailures int // 0: off
 	BaseEjection        time.Duration
@@ -58,9 +58,24 @@ func (o Outlier) backoff(n int) time.Duration {
 	return min(d, o.MaxEjection)
 }
 
-// Observe notes the status of a response from addr (0 when none came), for
-// passive ejection: a 5xx counts as a failure, anything else resets the
-// count.
+// ConnectFailure is the status Observe takes for a request Envoy could not
+// connect to the host for (connection refused or timed out: Envoy's own 503
+// with response flag UF). It is not an HTTP status: Envoy's 503 proves,
+// unlike a backend's own 5xx, that the host cannot be reached, so one
+// ejects it at once.
+const ConnectFailure = -1
+
+// Why a host was ejected passively: the values of
+// tokenlb_host_ejections_total's reason label besides health_check and
+// skipped_max_percent.
+const (
+	ejectedResponses      = "responses"       // ConsecutiveFailures 5xx in a row
+	ejectedConnectFailure = "connect_failure" // Envoy could not connect (ConnectFailure)
+)
+
+// Observe notes the status of a response from addr (0 when none came), or
+// ConnectFailure, for passive ejection: ConnectFailure ejects the host, a
+// 5xx counts as a failure, anything else resets the count.
 func (w *Watcher) Observe(addr string, status int) {
 	o := w.opts.Outlier
 	if o.ConsecutiveFailures <= 0 || status == 0 {
@@ -76,14 +91,18 @@ func (w *Watcher) Observe(addr string, status int) {
 	if now.Before(s.ejectedUntil) {
 		return // answers to requests sent before the ejection
 	}
-	if status < 500 {
-		s.consecutive5xx = 0
-		return
-	}
-	s.consecutive5xx++
-	s.lastStatus = status
-	if s.consecutive5xx < o.ConsecutiveFailures {
-		return
+	connect, reason := status == ConnectFailure, ejectedConnectFailure
+	if !connect {
+		if status < 500 {
+			s.consecutive5xx = 0
+			return
+		}
+		s.consecutive5xx++
+		s.lastStatus = status
+		if s.consecutive5xx < o.ConsecutiveFailures {
+			return
+		}
+		reason = ejectedResponses
 	}
 	// Eject, for longer each time it happens again soon after the last
 	// ejection ended.
@@ -100,10 +119,14 @@ func (w *Watcher) Observe(addr string, status int) {
 	s.ejectionsInRow++
 	d := o.backoff(s.ejectionsInRow)
 	s.consecutive5xx = 0
-	s.ejectedAt, s.ejectedUntil = now, now.Add(d)
-	w.m.ejections.WithLabelValues(addr, "responses").Inc()
-	w.log.Warn("host ejected: responses fail", "host", addr, "status", status, "in_a_row", o.ConsecutiveFailures,
-		"for", d, "ejections_in_a_row", s.ejectionsInRow)
+	s.ejectedAt, s.ejectedUntil, s.ejectedFor = now, now.Add(d), reason
+	w.m.ejections.WithLabelValues(addr, reason).Inc()
+	if connect {
+		w.log.Warn("host ejected: Envoy could not connect to it", "host", addr, "for", d, "ejections_in_a_row", s.ejectionsInRow)
+	} else {
+		w.log.Warn("host ejected: responses fail", "host", addr, "status", status, "in_a_row", o.ConsecutiveFailures,
+			"for", d, "ejections_in_a_row", s.ejectionsInRow)
+	}
 	if s.cancelReadmit != nil {
 		s.cancelReadmit()
 	}
@@ -144,8 +167,7 @@ func (w *Watcher) readmit(addr string) {
 		// again.
 		s.activeDown, s.heldForChecks = true, true
 		s.activeSince = s.ejectedAt
-		s.activeReason = fmt.Sprintf("ejected after %d responses in a row with a 5xx status, and the last health check failed",
-			w.opts.Outlier.ConsecutiveFailures)
+		s.activeReason = "ejected after " + w.ejectionCause(s) + ", and the last health check failed"
 		w.log.Warn("host stays ejected: its health checks fail", "host", addr)
 	case s.activeDown:
 		w.log.Info("host's ejection ended; its failing health checks keep it out", "host", addr)
@@ -153,4 +175,13 @@ func (w *Watcher) readmit(addr string) {
 		w.log.Info("host readmitted after its ejection", "host", addr)
 	}
 	w.publishHealthLocked(s)
+}
+
+// ejectionCause says why s was last ejected passively, for its health
+// reason.
+func (w *Watcher) ejectionCause(s *hostState) string {
+	if s.ejectedFor == ejectedConnectFailure {
+		return "Envoy could not connect to it"
+	}
+	return fmt.Sprintf("%d responses in a row with a 5xx status", w.opts.Outlier.ConsecutiveFailures)
 }

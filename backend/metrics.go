@@ -16,7 +16,7 @@ func NewMetrics() *Metrics {
 		checks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenlb_health_checks_total",
 			Help: "Active health checks, by host and result (ok, failed)."}, []string{"host", "result"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenlb_host_ejections_total",
-			Help: "Times a host was ejected, by host and reason (health_check, responses)."}, []string{"host", "reason"}),
+			Help: "Times a host was ejected, by host and reason (health_check; responses: 5xx in a row; connect_failure: Envoy could not connect; skipped_max_percent: one not ejected, too many were)."}, []string{"host", "reason"}),
 		healthy: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "tokenlb_host_healthy",
 			Help: "1 while a host may get requests, 0 while it is ejected."}, []string{"host"}),
 		reads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenlb_backend_reads_total",

@@ -80,6 +80,7 @@ type hostState struct {
 	ejectionsInRow  int // ejections soon after one another, for the backoff
 	ejectedUntil    time.Time
 	ejectedAt       time.Time
+	ejectedFor      string // the last ejection's reason label (ejectedResponses, ejectedConnectFailure)
 	lastEjectionEnd time.Time
 	heldForChecks   bool        // out since its ejection ended, until checks pass
 	cancelReadmit   func() bool // stops the pending readmission, if any
@@ -304,9 +305,12 @@ func (w *Watcher) publishHealthLocked(s *hostState) {
 	case s.activeDown:
 		h = picker.Health{Down: true, Reason: s.activeReason, Since: s.activeSince}
 	case now.Before(s.ejectedUntil):
+		cause := w.ejectionCause(s)
+		if s.ejectedFor != ejectedConnectFailure {
+			cause += fmt.Sprintf(" (the last %d)", s.lastStatus)
+		}
 		h = picker.Health{Down: true, Since: s.ejectedAt, Until: s.ejectedUntil,
-			Reason: fmt.Sprintf("ejected: %d responses in a row with a 5xx status (the last %d); ejection %d in a row",
-				w.opts.Outlier.ConsecutiveFailures, s.lastStatus, s.ejectionsInRow)}
+			Reason: fmt.Sprintf("ejected: %s; ejection %d in a row", cause, s.ejectionsInRow)}
 	case s.published.Down:
 		h = picker.Health{Reason: "recovered from: " + s.published.Reason}
 	default:

@@ -46,9 +46,14 @@ func TestEjection(t *testing.T) {
 		name  string
 		flags []string
 		fail  func(b *backend) // how the first backend fails
+		// The most requests that fail, the reason label and a word of
+		// /debug/hosts' reason: one connect failure Envoy flags UF
+		// ejects a dead host; three 5xx in a row a failing one.
+		most           int
+		reason, health string
 	}{
-		{"dead/passive", []string{"--health-check-interval=0"}, func(b *backend) { b.srv.Close() }},
-		{"fast-failing/passive", []string{"--health-check-interval=0"}, func(b *backend) { b.fail.Store(500) }},
+		{"dead/passive", []string{"--health-check-interval=0"}, func(b *backend) { b.srv.Close() }, 1, "connect_failure", "could not connect"},
+		{"fast-failing/passive", []string{"--health-check-interval=0"}, func(b *backend) { b.fail.Store(500) }, 3, "responses", "5xx"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: tc.flags})
@@ -66,17 +71,16 @@ func TestEjection(t *testing.T) {
 					t.Fatalf("request %d was served by the failing backend", i)
 				}
 			}
-			// Three 5xx in a row eject the host (consecutive_5xx); the
-			// ejection lasts 5 s, longer than the 40 requests take.
-			if failed == 0 || failed > 3 {
-				t.Fatalf("%d requests failed (the last was request %d), want 1 to 3 before the ejection", failed, last)
+			// The ejection lasts 5 s, longer than the 40 requests take.
+			if failed == 0 || failed > tc.most {
+				t.Fatalf("%d requests failed (the last was request %d), want 1 to %d before the ejection", failed, last, tc.most)
 			}
 			h := s.tokenlb.host(bad.addr)
-			if !h.Health.Down || !strings.Contains(h.Health.Reason, "5xx") {
+			if !h.Health.Down || !strings.Contains(h.Health.Reason, tc.health) {
 				t.Fatalf("/debug/hosts shows the failing host as %+v", h.Health)
 			}
-			if got := s.tokenlb.metric(fmt.Sprintf(`tokenlb_host_ejections_total{host=%q,reason="responses"}`, bad.addr)); got != 1 {
-				t.Fatalf("tokenlb_host_ejections_total = %v, want 1", got)
+			if got := s.tokenlb.metric(fmt.Sprintf(`tokenlb_host_ejections_total{host=%q,reason=%q}`, bad.addr, tc.reason)); got != 1 {
+				t.Fatalf("tokenlb_host_ejections_total{reason=%q} = %v, want 1", tc.reason, got)
 			}
 			s.tokenlb.waitIdle()
 		})

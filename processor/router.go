@@ -5,6 +5,7 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/protobuf/types/known/structpb"
 )
 
 // Router decides where requests go and follows them to their end. The
@@ -91,10 +92,46 @@ const (
 	Rejected
 )
 
-// Headers are an HTTP message's headers as Envoy sent them.
+// Headers are an HTTP message's headers as Envoy sent them, with what Envoy
+// said of the response besides.
 type Headers struct {
-	m      *corev3.HeaderMap
-	served string
+	m             *corev3.HeaderMap
+	served        string
+	connectFailed bool
+}
+
+// ResponseFlagsAttribute is the Envoy attribute that tells a local reply
+// for a failed connection from a backend's own answer: the ext_proc
+// filters send it with the response headers when their response_attributes
+// list it (deploy/envoy.yaml). It is Envoy's response flags as a bit
+// vector, computed by Envoy: neither the client nor a backend can set it.
+const ResponseFlagsAttribute = "response.flags"
+
+// upstreamConnectionFailure is response flag UF's bit in
+// ResponseFlagsAttribute: Envoy could not connect to the host (refused,
+// unreachable or timed out), and answered the client itself, with a 503.
+const upstreamConnectionFailure = 1 << 5
+
+// ConnectFailed says that Envoy reported it could not connect to the host
+// the request went to (response flag UF): the response is Envoy's own,
+// and no backend answered.
+func (h Headers) ConnectFailed() bool { return h.connectFailed }
+
+// connectFailed reads ResponseFlagsAttribute from the attributes Envoy
+// sent with a message. Envoy keys them by its ext_proc filter's type name
+// (envoy.filters.http.ext_proc), whatever the filter's own name; any key
+// is read, which a newer Envoy may change.
+func connectFailed(attrs map[string]*structpb.Struct) bool {
+	for _, a := range attrs {
+		v, ok := a.GetFields()[ResponseFlagsAttribute]
+		if !ok {
+			continue
+		}
+		if f := v.GetNumberValue(); f > 0 && f < 1<<53 && uint64(f)&upstreamConnectionFailure != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // ServedKey is where the Endpoint Picker Protocol has the data plane say,

@@ -310,7 +310,7 @@ func (rs *routingStream) handle(req *extprocv3.ProcessingRequest) (done bool, er
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return rs.requestTrailers()
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
-		rs.responseHeaders(r.ResponseHeaders)
+		rs.responseHeaders(r.ResponseHeaders, connectFailed(req.GetAttributes()))
 		// With an observer following a response that Envoy does not send
 		// this stream, the stream is done: end it, so that the response no
 		// longer depends on it.
@@ -480,13 +480,13 @@ func (rs *routingStream) sendChunks(body []byte) error {
 // does, the headers are the last thing seen of the response. With neither
 // an observer nor a response body sent to this stream, the Flight is told
 // that the body stays hidden.
-func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders) {
+func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders, connectFailed bool) {
 	f, s := rs.flight, rs.s
 	if f == nil || rs.observed {
 		return
 	}
 	eos := h.GetEndOfStream()
-	headers := Headers{h.GetHeaders(), rs.served}
+	headers := Headers{h.GetHeaders(), rs.served, connectFailed}
 	if !eos && rs.respMode == filterv3.ProcessingMode_NONE && s.cfg.Observer {
 		rs.observed = true
 		f.ResponseHeaders(headers, BodyShown)

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tokenlb/tokenlb/backend"
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/llmapi"
 	"github.com/tokenlb/tokenlb/picker"
@@ -69,6 +70,9 @@ type flight struct {
 	timer    *time.Timer
 	finished bool
 	reported bool // the status went to Config.ResponseStatus
+	// connectReported: Config.ResponseStatus was told that Envoy could not
+	// connect (backend.ConnectFailure).
+	connectReported bool
 	// movedFrom is the chosen host when the data plane served the request
 	// on another (Headers.Served): the lease moved there.
 	movedFrom string
@@ -127,11 +131,20 @@ func (f *flight) ResponseHeaders(h processor.Headers, next processor.Next) {
 	}
 }
 
-// report tells Config.ResponseStatus the response's status, once.
+// report tells Config.ResponseStatus the response's status, once, or
+// backend.ConnectFailure when Envoy says it could not connect to the host.
+// The two streams that may show the headers (routing and observer) may not
+// both carry Envoy's response flags: a connection failure that only the
+// second shows is reported then, after the status.
 func (f *flight) report(h processor.Headers) {
-	if f.status == 0 || f.reported || f.rt.cfg.ResponseStatus == nil {
+	if f.status == 0 || f.rt.cfg.ResponseStatus == nil {
 		return
 	}
+	connect := h.ConnectFailed()
+	if f.reported && (!connect || f.connectReported) {
+		return
+	}
+	again := f.reported
 	f.reported = true
 	attempts := 1
 	if v, ok := h.Lookup("x-envoy-attempt-count"); ok && f.movedFrom == "" {
@@ -142,9 +155,20 @@ func (f *flight) report(h processor.Headers) {
 	case attempts > 1:
 		// Envoy retried the request elsewhere (override_host's
 		// fallbacks): the chosen host failed it, whatever the answer.
-		f.rt.cfg.ResponseStatus(f.lease.Host(), 503)
+		// The response flags describe the last attempt, on a host not
+		// named here.
+		if !again {
+			f.rt.cfg.ResponseStatus(f.lease.Host(), 503)
+		}
 	case overloaded:
 		// Envoy's own circuit breaker, not the host.
+	case connect:
+		// Envoy's own 503: the host (where the lease is, which follows
+		// the endpoint the data plane reports serving) refused or did
+		// not answer the connection. Certain, unlike a 5xx of the
+		// host's own, so passive ejection acts on the first.
+		f.connectReported = true
+		f.rt.cfg.ResponseStatus(f.lease.Host(), backend.ConnectFailure)
 	default:
 		f.rt.cfg.ResponseStatus(f.lease.Host(), f.status)
 	}

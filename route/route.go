@@ -59,8 +59,10 @@ type Config struct {
 	// (picker.Request.Model), and answers 404 when none does.
 	ModelRouting bool
 	// ResponseStatus, when set, is told the status of each routed request's
-	// response, from its response headers: passive health checks
-	// (backend.Watcher.Observe) learn from it which hosts fail.
+	// response, from its response headers, or backend.ConnectFailure when
+	// Envoy says it could not connect to the host (processor.Headers
+	// ConnectFailed): passive health checks (backend.Watcher.Observe) learn
+	// from it which hosts fail.
 	ResponseStatus func(host string, status int)
 	// Logger receives per-request debug logs; nil discards them.
 	Logger *slog.Logger
