@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build run demo tools test vet soak bench bench-quick bench-backends bench-backends-table bench-tokenizer fuzz-tokenizer clean
+.PHONY: all build run demo tools test test-kube vet soak bench bench-quick bench-backends bench-backends-table bench-tokenizer fuzz-tokenizer clean
 
 all: build
 
@@ -36,6 +36,17 @@ vet:
 test: tools vet
 	envoy="$$(scripts/envoy.sh)" && helm="$$(scripts/helm.sh)" && \
 		ENVOY_BIN="$$envoy" HELM_BIN="$$helm" CI=true $(GO) test -race -count=1 ./...
+
+# The tests against a real Kubernetes API server (tag kube): kube-apiserver
+# and etcd built from their Go modules into .tools/ (scripts/kube.sh; the
+# first build takes about 10 minutes on 2 cores, which is why make test
+# runs the kubernetes source against client-go's fake client and objects
+# recorded from this API server instead), then tokenlb following an
+# InferencePool and a Service through Envoy while pods come and go.
+test-kube: tools
+	envoy="$$(scripts/envoy.sh)" && kube="$$(scripts/kube.sh)" && \
+		ENVOY_BIN="$$envoy" KUBE_TOOLS_DIR="$$kube" CI=true $(GO) test -race -count=1 -tags kube \
+		./internal/testkube ./discovery ./e2e -run 'Kube|Cluster|APIServer'
 
 # The soak: TestSoak's mixed load (aborts, bad inputs, slow clients, a
 # backend killed and back, tokenlb restarted) through real Envoy for

@@ -2,6 +2,8 @@ package discovery_test
 
 import (
 	"context"
+	"encoding/json"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -70,8 +72,15 @@ func fakeClient(objs ...runtime.Object) *dynamicfake.FakeDynamicClient {
 	scheme := runtime.NewScheme()
 	corev1.AddToScheme(scheme)
 	discoveryv1.AddToScheme(scheme)
+	return fakeClientWith(scheme, objs...)
+}
+
+// fakeClientWith is fakeClient with the scheme that turns typed objects
+// into unstructured ones (an empty one for unstructured objects).
+func fakeClientWith(scheme *runtime.Scheme, objs ...runtime.Object) *dynamicfake.FakeDynamicClient {
 	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(scheme,
-		map[schema.GroupVersionResource]string{discovery.InferencePoolResource: "InferencePoolList"}, objs...)
+		map[schema.GroupVersionResource]string{discovery.InferencePoolResource: "InferencePoolList",
+			podsResource: "PodList", {Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"}: "EndpointSliceList"}, objs...)
 }
 
 // unstructuredPod is p as the dynamic client takes it.
@@ -281,6 +290,87 @@ func TestKubernetesServiceEndpoints(t *testing.T) {
 			}
 			if eps[0].Pod != "vllm-0" || eps[0].Source != "kubernetes service llm/vllm" {
 				t.Fatalf("origin %+v", eps[0])
+			}
+		})
+	}
+}
+
+// The fleet TestKubernetesAPIServer creates on a real API server and
+// records (recordedFile), and TestKubernetesRecorded reads back into the
+// fake client.
+const recordedFile = "testdata/apiserver.json"
+
+var recordedPods = []podState{
+	{name: "vllm-0", ip: "10.0.0.1", labels: vllm, ready: true},
+	{name: "vllm-1", ip: "10.0.0.2", labels: vllm},                                           // not ready
+	{name: "vllm-2", ip: "10.0.0.3", labels: vllm, ready: true, terminating: true},           // terminating
+	{name: "vllm-3", labels: vllm, ready: true},                                              // no IP yet
+	{name: "other", ip: "10.0.0.5", labels: map[string]string{"app": "sglang"}, ready: true}, // another app
+}
+
+func recordedPool() *unstructured.Unstructured { return pool("pool", vllm, 8000, 8001) }
+
+func recordedSlices() []*discoveryv1.EndpointSlice {
+	yes, no := new(bool), new(bool)
+	*yes = true
+	http := []discoveryv1.EndpointPort{port("http", 8000)}
+	other := slice("other-abc", http, endpoint("10.9.9.9", "other", yes, nil))
+	other.Labels[discoveryv1.LabelServiceName] = "other"
+	return []*discoveryv1.EndpointSlice{
+		slice("vllm-abc", http,
+			endpoint("10.0.0.1", "vllm-0", yes, nil),
+			endpoint("10.0.0.2", "vllm-1", nil, nil), // ready unset: ready
+			endpoint("10.0.0.3", "vllm-2", no, nil),  // not ready
+			endpoint("10.0.0.4", "vllm-3", no, yes),  // terminating
+		),
+		slice("vllm-def", http, endpoint("10.0.0.5", "vllm-4", yes, nil)),
+		other,
+	}
+}
+
+var recordedCases = []struct {
+	name, serviceAccount, pool, service string
+	want                                []string
+}{
+	{"pool", "pool-reader", "pool", "", []string{"10.0.0.1:8000", "10.0.0.1:8001"}},
+	{"service", "service-reader", "", "vllm", []string{"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.5:8000"}},
+}
+
+// TestKubernetesRecorded runs the source on the objects a real API server
+// returned for recordedPods, recordedPool and recordedSlices (make
+// test-kube, with -record, writes them; TestKubernetesAPIServer checks the
+// same sets against the server itself).
+func TestKubernetesRecorded(t *testing.T) {
+	b, err := os.ReadFile(recordedFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var items []json.RawMessage
+	if err := json.Unmarshal(b, &items); err != nil {
+		t.Fatal(err)
+	}
+	var objs []runtime.Object
+	for _, raw := range items {
+		u := &unstructured.Unstructured{}
+		if err := u.UnmarshalJSON(raw); err != nil { // integers as int64, as the API machinery wants
+			t.Fatal(err)
+		}
+		objs = append(objs, u)
+	}
+	if len(objs) != len(recordedPods)+1+len(recordedSlices()) {
+		t.Fatalf("%s holds %d objects, want every pod, the pool and every slice", recordedFile, len(objs))
+	}
+	for _, tc := range recordedCases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			k := &discovery.Kubernetes{Client: fakeClientWith(runtime.NewScheme(), objs...), Namespace: ns, InferencePool: tc.pool, Service: tc.service}
+			eps, err := k.Start(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := addresses(eps); !slices.Equal(got, tc.want) {
+				t.Fatalf("endpoints %v, want %v", got, tc.want)
 			}
 		})
 	}

@@ -168,7 +168,11 @@ type hostLoad struct {
 		Down   bool   `json:"down"`
 		Reason string `json:"reason"`
 	} `json:"health"`
-	Models []string `json:"models"`
+	Models    []string `json:"models"`
+	Removed   bool     `json:"removed"`
+	Source    string   `json:"source"`
+	Namespace string   `json:"namespace"`
+	Pod       string   `json:"pod"`
 }
 
 // host returns addr's entry of /debug/hosts.
@@ -337,7 +341,13 @@ type received struct {
 // model chatBody asks for).
 func startBackend(t testing.TB, models ...string) *backend {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return startBackendOn(t, "127.0.0.1:0", models...)
+}
+
+// startBackendOn starts a backend listening on addr (a pod's address, say).
+func startBackendOn(t testing.TB, addr string, models ...string) *backend {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
