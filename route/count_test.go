@@ -2,9 +2,13 @@ package route
 
 import (
 	"encoding/json"
+	"fmt"
+	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/tokenlb/tokenlb/prefix"
 	"github.com/tokenlb/tokenlb/tokenizer"
@@ -72,6 +76,76 @@ func BenchmarkCountBody(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				if _, err := rt.countBody("/v1/chat/completions", raw); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// largeText is about n bytes of the tokenizer corpus's prose, code and
+// mixed text, in turn: a long document pasted into a prompt.
+func largeText(t testing.TB, n int) string {
+	t.Helper()
+	var parts []string
+	for _, f := range []string{"prose.md", "code.go.txt", "mixed.txt", "cjk.txt"} {
+		b, err := os.ReadFile(filepath.Join("..", "tokenizer", "testdata", "corpus", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		parts = append(parts, string(b))
+	}
+	var sb strings.Builder
+	for i := 0; sb.Len() < n; i++ {
+		sb.WriteString(parts[i%len(parts)])
+	}
+	return sb.String()[:n]
+}
+
+// TestLargePromptUnderTimeLimit: an 820 KB prompt whose exact count the
+// time limit cuts short is estimated from parts of its own text counted
+// exactly, within 3% of its exact count, whatever share of it the clock
+// let through (the decoding of the body is not on that clock).
+func TestLargePromptUnderTimeLimit(t *testing.T) {
+	body := chatBody(t, "You are a helpful assistant.", largeText(t, 820<<10))
+	exact, err := newRouter(t, tokenizer.Options{CacheEntries: -1, TimeLimit: time.Hour}, prefix.Hashing{}).countBody("/v1/chat/completions", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, limit := range []time.Duration{time.Microsecond, time.Millisecond, 5 * time.Millisecond} {
+		tok, err := tokenizer.New(tokenizer.Options{CacheEntries: -1, TimeLimit: limit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := New(Config{Tokenizer: tok}).countBody("/v1/chat/completions", body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if limit == time.Microsecond && tok.Stats().EstimatedTime == 0 {
+			t.Fatal("an 820 KB prompt was counted whole within 1µs: the time limit did not apply")
+		}
+		if e := math.Abs(float64(p.Tokens-exact.Tokens)) / float64(exact.Tokens); e > 0.03 {
+			t.Fatalf("time limit %v: %d tokens estimated, %d exact: %.1f%% off, want within 3%%", limit, p.Tokens, exact.Tokens, 100*e)
+		}
+	}
+}
+
+// BenchmarkCountLargePrompt counts chat bodies of about 4k, 32k and 200k
+// tokens whole (decoding included), with no time limit: what tokenlb adds
+// to a large prompt before it can route it.
+func BenchmarkCountLargePrompt(b *testing.B) {
+	for _, kb := range []int{16, 128, 800} {
+		body := chatBody(b, "You are a helpful assistant.", largeText(b, kb<<10))
+		rt := newRouter(b, tokenizer.Options{CacheEntries: -1, TimeLimit: time.Hour}, prefix.Hashing{Blocks: 16, BlockBytes: 256})
+		p, err := rt.countBody("/v1/chat/completions", body)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(fmt.Sprintf("tokens=%dk", p.Tokens/1000), func(b *testing.B) {
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := rt.countBody("/v1/chat/completions", body); err != nil {
 					b.Fatal(err)
 				}
 			}
