@@ -9,7 +9,8 @@ RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/ ./cmd/tokenlb ./c
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/tokenlb /out/llmsim /
 COPY deploy/tokenlb.yaml /etc/tokenlb/tokenlb.yaml
-USER nonroot:nonroot
+# Numeric, so that Kubernetes can check runAsNonRoot (distroless nonroot is 65532).
+USER 65532:65532
 EXPOSE 9002 9090
 ENTRYPOINT ["/tokenlb"]
 CMD ["--config", "/etc/tokenlb/tokenlb.yaml"]

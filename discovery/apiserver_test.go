@@ -84,6 +84,7 @@ func TestKubernetesAPIServer(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
+		k.Stop()
 		if got := addresses(eps); !slices.Equal(got, tc.want) {
 			t.Fatalf("%s: endpoints %v, want %v", tc.name, got, tc.want)
 		}

@@ -60,7 +60,9 @@ type Kubernetes struct {
 	Errors prometheus.Counter
 
 	once    sync.Once
-	changed chan struct{} // a watched object changed
+	stop    context.CancelFunc // ends the informers (Stop)
+	running sync.WaitGroup     // the informers' goroutines
+	changed chan struct{}      // a watched object changed
 	pods    cache.SharedIndexInformer
 	pools   cache.SharedIndexInformer
 	slices  cache.SharedIndexInformer
@@ -178,13 +180,22 @@ func (k *Kubernetes) notify() {
 
 // Start starts the informers and waits until they have listed everything
 // and the set has an endpoint (or ctx ends), logging why while it waits.
-// It returns that first set; Run then follows it.
-func (k *Kubernetes) Start(ctx context.Context) ([]Endpoint, error) {
+// It returns that first set; Run then follows it. The informers outlive
+// ctx: they run until Run returns, or Stop (Start stops them itself when
+// it fails).
+func (k *Kubernetes) Start(ctx context.Context) (eps []Endpoint, err error) {
 	k.init()
+	informers, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	k.stop = cancel
+	defer func() {
+		if err != nil {
+			k.Stop()
+		}
+	}()
 	var synced []cache.InformerSynced
 	for _, i := range []cache.SharedIndexInformer{k.pods, k.pools, k.slices} {
 		if i != nil {
-			go i.RunWithContext(ctx)
+			k.running.Go(func() { i.RunWithContext(informers) })
 			synced = append(synced, i.HasSynced)
 		}
 	}
@@ -207,8 +218,18 @@ func (k *Kubernetes) Start(ctx context.Context) ([]Endpoint, error) {
 	}
 }
 
-// Run reports each new set until ctx is done. Start must have returned.
+// Stop ends the informers that Start started and waits for them.
+func (k *Kubernetes) Stop() {
+	if k.stop != nil {
+		k.stop()
+	}
+	k.running.Wait()
+}
+
+// Run reports each new set until ctx is done, then stops the informers.
+// Start must have returned.
 func (k *Kubernetes) Run(ctx context.Context, initial []Endpoint, update func([]Endpoint)) {
+	defer k.Stop()
 	log := k.logger()
 	last := slices.Clone(initial)
 	for {
@@ -332,7 +353,13 @@ func readyPodIP(p *corev1.Pod) (string, bool) {
 
 func (k *Kubernetes) serviceEndpoints() ([]Endpoint, error) {
 	var out []Endpoint
-	for _, obj := range k.slices.GetStore().List() {
+	seen := map[string]bool{} // pods already listed: a dual-stack Service lists each in two slices
+	all := k.slices.GetStore().List()
+	slices.SortFunc(all, func(a, b any) int { // IPv4 first, then by name: one family per pod, the same each time
+		x, y := a.(*discoveryv1.EndpointSlice), b.(*discoveryv1.EndpointSlice)
+		return strings.Compare(string(x.AddressType)+"/"+x.Name, string(y.AddressType)+"/"+y.Name)
+	})
+	for _, obj := range all {
 		s := obj.(*discoveryv1.EndpointSlice)
 		if s.AddressType != discoveryv1.AddressTypeIPv4 && s.AddressType != discoveryv1.AddressTypeIPv6 {
 			continue
@@ -345,14 +372,16 @@ func (k *Kubernetes) serviceEndpoints() ([]Endpoint, error) {
 			continue
 		}
 		for _, e := range s.Endpoints {
-			// Ready unset means ready (the API's rule); a terminating
-			// endpoint is not ready, so it gets no new request.
-			if e.Conditions.Ready != nil && !*e.Conditions.Ready || e.Conditions.Terminating != nil && *e.Conditions.Terminating {
+			if !serving(e.Conditions) {
 				continue
 			}
 			ep := Endpoint{Source: k.Name(), Namespace: s.Namespace}
 			if r := e.TargetRef; r != nil && r.Kind == "Pod" {
+				if seen[r.Name] {
+					continue
+				}
 				ep.Pod = r.Name
+				seen[r.Name] = true
 			}
 			for _, a := range e.Addresses {
 				if _, err := netip.ParseAddr(a); err == nil {
@@ -363,6 +392,21 @@ func (k *Kubernetes) serviceEndpoints() ([]Endpoint, error) {
 		}
 	}
 	return out, nil
+}
+
+// serving reports whether an EndpointSlice endpoint may take new requests:
+// its pod is ready (serving, which stays true to readiness even where a
+// Service publishes unready addresses and so marks every endpoint ready;
+// ready when serving is not reported; unset means ready, the API's rule)
+// and it is not terminating.
+func serving(c discoveryv1.EndpointConditions) bool {
+	if c.Terminating != nil && *c.Terminating {
+		return false
+	}
+	if c.Serving != nil {
+		return *c.Serving
+	}
+	return c.Ready == nil || *c.Ready
 }
 
 // slicePort returns the port of s that Port names (0: s has none of that

@@ -124,6 +124,7 @@ func TestKubernetesPoolEndpoints(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer k.Stop()
 	want := []string{"10.0.0.1:8000", "10.0.0.1:8001", "[fd00::4]:8000", "[fd00::4]:8001"}
 	if got := addresses(eps); !slices.Equal(got, want) {
 		t.Fatalf("endpoints %v, want %v (each ready, running pod of the selector, on each target port)", got, want)
@@ -233,6 +234,16 @@ func endpoint(ip, pod string, ready, terminating *bool) discoveryv1.Endpoint {
 		TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: pod, Namespace: ns}}
 }
 
+func withServing(e discoveryv1.Endpoint, serving bool) discoveryv1.Endpoint {
+	e.Conditions.Serving = &serving
+	return e
+}
+
+func ipv6(s *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
+	s.AddressType = discoveryv1.AddressTypeIPv6
+	return s
+}
+
 func port(name string, n int32) discoveryv1.EndpointPort {
 	return discoveryv1.EndpointPort{Name: &name, Port: &n}
 }
@@ -266,6 +277,13 @@ func TestKubernetesServiceEndpoints(t *testing.T) {
 		{name: "port by number", objs: []runtime.Object{slice("vllm-abc", two, endpoint("10.0.0.1", "vllm-0", yes, nil))}, port: "9100", want: []string{"10.0.0.1:9100"}},
 		{name: "two ports, none named", objs: []runtime.Object{slice("vllm-abc", two, endpoint("10.0.0.1", "vllm-0", yes, nil))}, wantErr: true},
 		{name: "no port of that name", objs: objs, port: "grpc", wantErr: true},
+		{name: "unready addresses published: serving decides", objs: []runtime.Object{slice("vllm-abc", one,
+			endpoint("10.0.0.1", "vllm-0", yes, nil), withServing(endpoint("10.0.0.2", "vllm-1", yes, nil), false))},
+			want: []string{"10.0.0.1:8000"}},
+		{name: "dual stack: one address per pod", objs: []runtime.Object{
+			slice("vllm-abc", one, endpoint("10.0.0.1", "vllm-0", yes, nil)),
+			ipv6(slice("vllm-v6", one, endpoint("fd00::1", "vllm-0", yes, nil), endpoint("fd00::2", "vllm-6", yes, nil)))},
+			want: []string{"10.0.0.1:8000", "[fd00::2]:8000"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			k := &discovery.Kubernetes{Client: fakeClient(tc.objs...), Namespace: ns, Service: "vllm", Port: tc.port}
@@ -276,6 +294,7 @@ func TestKubernetesServiceEndpoints(t *testing.T) {
 				defer cancel()
 			}
 			eps, err := k.Start(ctx)
+			defer k.Stop()
 			if tc.wantErr {
 				if err == nil {
 					t.Fatalf("endpoints %v, want an error", addresses(eps))
@@ -369,6 +388,7 @@ func TestKubernetesRecorded(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			defer k.Stop()
 			if got := addresses(eps); !slices.Equal(got, tc.want) {
 				t.Fatalf("endpoints %v, want %v", got, tc.want)
 			}
