@@ -1,10 +1,12 @@
 // Package admin serves tokenlb's operations endpoints over HTTP: metrics,
-// liveness, readiness and a JSON view of each host's load.
+// liveness, readiness, a JSON view of each host's load and, when asked
+// for, Go's profiles.
 package admin
 
 import (
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -31,6 +33,15 @@ var (
 	_ SpeedReporter = (*cost.Estimator)(nil)
 )
 
+// Options are the admin mux's optional endpoints.
+type Options struct {
+	// Pprof serves net/http/pprof's profiles under /debug/pprof/. Off by
+	// default: they show the process's internals (its command line, its
+	// memory and every goroutine's stack) to whoever reaches the admin
+	// port, and a CPU profile or trace costs CPU while it runs.
+	Pprof bool
+}
+
 // Handler returns the admin mux:
 //
 //	/metrics      Prometheus metrics from metrics
@@ -40,8 +51,22 @@ var (
 //	/debug/hosts  JSON: each host's in-flight tokens, load and requests (from
 //	              hosts), and what the cost model believes of its speed (from
 //	              speeds)
-func Handler(hosts HostLister, speeds SpeedReporter, metrics prometheus.Gatherer, ready func() bool) http.Handler {
+//	/debug/pprof/ net/http/pprof's index and profiles, only with opts.Pprof
+//	              (404 without)
+//
+// The profiles are registered on this mux alone; the handlers net/http/pprof
+// puts on http.DefaultServeMux when imported are served by nothing in
+// tokenlb.
+func Handler(hosts HostLister, speeds SpeedReporter, metrics prometheus.Gatherer, ready func() bool, opts Options) http.Handler {
 	mux := http.NewServeMux()
+	if opts.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index) // and the named profiles: heap, goroutine, allocs, ...
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("POST /debug/pprof/symbol", pprof.Symbol) // as go tool pprof asks
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))

@@ -1,6 +1,8 @@
 package admin
 
 import (
+	"bytes"
+	"compress/gzip"
 	"encoding/json"
 	"io"
 	"net"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
@@ -26,7 +29,7 @@ func TestHandler(t *testing.T) {
 	reg.MustRegister(p.Collector())
 	var ready atomic.Bool
 	ready.Store(true)
-	srv := httptest.NewServer(Handler(p, cost.New(cost.Options{}), reg, ready.Load))
+	srv := httptest.NewServer(Handler(p, cost.New(cost.Options{}), reg, ready.Load, Options{}))
 	defer srv.Close()
 
 	get := func(path string) (int, string) {
@@ -114,5 +117,84 @@ func TestServerTimeouts(t *testing.T) {
 				t.Fatalf("connection not closed by the server: %v", err)
 			}
 		})
+	}
+}
+
+// TestPprof: /debug/pprof/ is not served unless Options.Pprof says so, and
+// then serves the index and profiles in pprof's format (gzipped protocol
+// buffers), through the admin server with its timeouts.
+func TestPprof(t *testing.T) {
+	p, err := picker.New([]string{"127.0.0.1:8001"}, picker.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve := func(opts Options) string {
+		srv := httptest.NewUnstartedServer(nil)
+		srv.Config = NewServer(Handler(p, cost.New(cost.Options{}), prometheus.NewRegistry(), func() bool { return true }, opts), DefaultTimeouts())
+		srv.Start()
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+	get := func(url string) (int, []byte) {
+		t.Helper()
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, b
+	}
+	// isProfile reports whether b is a gzipped profile.proto: well-formed
+	// protocol buffer fields, sample_type (1, length-delimited) among them.
+	isProfile := func(b []byte) bool {
+		zr, err := gzip.NewReader(bytes.NewReader(b))
+		if err != nil {
+			return false
+		}
+		raw, err := io.ReadAll(zr)
+		if err != nil {
+			return false
+		}
+		sampleType := false
+		for len(raw) > 0 {
+			num, typ, n := protowire.ConsumeField(raw)
+			if n < 0 {
+				return false
+			}
+			sampleType = sampleType || num == 1 && typ == protowire.BytesType
+			raw = raw[n:]
+		}
+		return sampleType
+	}
+
+	off := serve(Options{})
+	for _, path := range []string{"/debug/pprof/", "/debug/pprof/heap", "/debug/pprof/profile?seconds=1", "/debug/pprof/cmdline", "/debug/pprof/trace"} {
+		if code, _ := get(off + path); code != http.StatusNotFound {
+			t.Errorf("pprof off: %s answered %d, want 404", path, code)
+		}
+	}
+	if code, _ := get(off + "/healthz"); code != 200 {
+		t.Errorf("pprof off: /healthz %d", code)
+	}
+
+	on := serve(Options{Pprof: true})
+	if code, b := get(on + "/debug/pprof/"); code != 200 || !strings.Contains(string(b), "goroutine") {
+		t.Fatalf("pprof on: index %d:\n%s", code, b)
+	}
+	if code, b := get(on + "/debug/pprof/heap"); code != 200 || !isProfile(b) {
+		t.Errorf("pprof on: heap profile %d, %d bytes, not a profile", code, len(b))
+	}
+	if code, b := get(on + "/debug/pprof/profile?seconds=1"); code != 200 || !isProfile(b) {
+		t.Errorf("pprof on: CPU profile %d, %d bytes, not a profile: %.200q", code, len(b), b)
+	}
+	if code, b := get(on + "/debug/pprof/cmdline"); code != 200 || len(b) == 0 {
+		t.Errorf("pprof on: cmdline %d %q", code, b)
+	}
+	if code, _ := get(on + "/metrics"); code != 200 {
+		t.Errorf("pprof on: /metrics %d", code)
 	}
 }

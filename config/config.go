@@ -33,6 +33,10 @@ type Config struct {
 	// Admin is the HTTP address of /metrics, /healthz, /readyz and
 	// /debug/hosts.
 	Admin string `yaml:"admin"`
+	// AdminPprof serves Go's profiles (net/http/pprof) under /debug/pprof/
+	// on the admin address. Off by default: they expose the process's
+	// internals, and a CPU profile or trace costs CPU while it runs.
+	AdminPprof bool `yaml:"admin_pprof"`
 	// Hosts are the backends, each a literal ip:port.
 	Hosts []Host `yaml:"hosts"`
 	// Discovery says where the hosts come from as they change.

@@ -108,7 +108,7 @@ func TestValidateNamesTheField(t *testing.T) {
 // flagFields names the field (by its path in the YAML file) that each flag
 // sets.
 var flagFields = map[string]string{
-	"listen": "listen", "admin": "admin", "hosts": "hosts", "encoding": "encoding",
+	"listen": "listen", "admin": "admin", "admin-pprof": "admin_pprof", "hosts": "hosts", "encoding": "encoding",
 	"tls-cert-file": "tls.cert_file", "tls-key-file": "tls.key_file", "tls-client-ca-file": "tls.client_ca_file",
 	"tls-allow-plaintext": "tls.allow_plaintext", "tls-self-signed": "tls.self_signed",
 	"destination-list": "destination_list",

@@ -86,6 +86,7 @@ func bind(fs *flag.FlagSet, c *Config) {
 	fs.BoolVar(&c.TLS.SelfSigned, "tls-self-signed", c.TLS.SelfSigned, "serve the ext_proc listener's TLS with a certificate generated at start (clients skip verifying it)")
 	fs.BoolVar(&c.TLS.AllowPlaintext, "tls-allow-plaintext", c.TLS.AllowPlaintext, "serve the ext_proc listener without TLS on a non-loopback address")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP listen address (/metrics, /healthz, /readyz, /debug/hosts)")
+	fs.BoolVar(&c.AdminPprof, "admin-pprof", c.AdminPprof, "serve Go's profiles (net/http/pprof) under /debug/pprof/ on the admin address; they expose internals and cost CPU when used")
 	fs.Var((*hostList)(&c.Hosts), "hosts", "comma-separated backend `ip:port` list (replaces the file's hosts)")
 	fs.StringVar(&c.Encoding, "encoding", c.Encoding, "tiktoken encoding: "+strings.Join(tokenizer.Encodings, " or "))
 	bindTokenizer(fs, &c.Tokenizer)

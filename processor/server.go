@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -534,12 +535,49 @@ func (rs *routingStream) reject(r *Rejection) (bool, error) {
 	return true, err
 }
 
-// GRPCServerOptions returns the gRPC server options a Server needs: a
-// receive limit above maxBodyBytes, since Envoy sends a buffered body as one
-// message and grpc-go refuses messages over 4 MiB by default.
+// HTTP/2 flow-control windows of the ext_proc listener: fixed, so that
+// grpc-go does not estimate the bandwidth-delay product (BDP), which costs a
+// PING, and a connection WINDOW_UPDATE ahead of it, for nearly every DATA
+// frame Envoy sends when requests are small and the link is loopback.
+//
+// A window bounds only what Envoy may send ahead of tokenlb's reading, never
+// the size of a message: when tokenlb starts reading a message larger than
+// the stream's window (an 8 MiB BUFFERED body), grpc-go opens the window by
+// the whole message at once, so a larger body costs one WINDOW_UPDATE, not a
+// stall. StreamWindowBytes (1 MiB) holds a prompt of about 250,000 tokens,
+// so that only the longest requests' bodies wait for one; it is also the
+// most unread data one stream can leave in tokenlb's memory. ConnWindowBytes (16 MiB, grpc-go's own ceiling for the estimated
+// window) is what all of a connection's streams together may have in flight;
+// grpc-go acknowledges it as data arrives, whether or not a stream reads,
+// every quarter of it.
+const (
+	StreamWindowBytes = 1 << 20
+	ConnWindowBytes   = 16 << 20
+)
+
+// GRPCServerOptions returns the gRPC server options a Server needs:
+//   - a receive limit above maxBodyBytes, since Envoy sends a buffered body
+//     as one message and grpc-go refuses messages over 4 MiB by default;
+//   - static flow-control windows (StreamWindowBytes, ConnWindowBytes);
+//   - as many stream workers as GOMAXPROCS: a new stream runs on an idle
+//     worker goroutine, whose stack has already grown, instead of a new
+//     goroutine. A worker is busy for as long as its stream (a response's
+//     length), and a stream that finds none idle gets a new goroutine, as
+//     without workers.
+//
+// BenchmarkServe measures the last two against grpc-go's defaults: the
+// windows remove the server's PINGs and WINDOW_UPDATEs (2.4 and 2.2 a
+// request with two streams open, 0.18 and 0.27 with 32); with two streams
+// the windows take 5% off the server's CPU a request and the workers 6%
+// more (11% in all); with 32, the difference is within the noise.
 func GRPCServerOptions(maxBodyBytes int64) []grpc.ServerOption {
 	if maxBodyBytes <= 0 {
 		maxBodyBytes = DefaultMaxBodyBytes
 	}
-	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(maxBodyBytes) + 1<<20)}
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(int(maxBodyBytes) + 1<<20),
+		grpc.InitialWindowSize(StreamWindowBytes),
+		grpc.InitialConnWindowSize(ConnWindowBytes),
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+	}
 }

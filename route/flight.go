@@ -1,6 +1,8 @@
 package route
 
 import (
+	"context"
+	"log/slog"
 	"math"
 	"strconv"
 	"sync"
@@ -249,7 +251,9 @@ func (f *flight) learn(cause picker.Cause) {
 		rt.m.predictionError.WithLabelValues(o.Host).Observe(math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds())
 	}
 	rt.cfg.Cost.Learn(o)
-	rt.log.Debug("response ended", "host", o.Host, "cause", cause, "ttft", o.TTFT, "duration", o.Duration,
-		"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "cached_tokens", o.CachedTokens,
-		"predicted_ttft", o.Predicted, "ahead", o.State.PrefillingTokens, "tokens", f.req.PromptTokens)
+	if rt.log.Enabled(context.Background(), slog.LevelDebug) { // the attributes cost allocations even when dropped
+		rt.log.Debug("response ended", "host", o.Host, "cause", cause, "ttft", o.TTFT, "duration", o.Duration,
+			"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "cached_tokens", o.CachedTokens,
+			"predicted_ttft", o.Predicted, "ahead", o.State.PrefillingTokens, "tokens", f.req.PromptTokens)
+	}
 }

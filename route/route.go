@@ -18,6 +18,7 @@
 package route
 
 import (
+	"context"
 	"errors"
 	"hash/maphash"
 	"log/slog"
@@ -144,7 +145,9 @@ func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *proce
 	}
 	f := newFlight(rt, lease, req)
 	rt.m.outputTokens.Observe(float64(output))
-	rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", p.API, "model", p.Model,
-		"tokens", p.Tokens, "expected_output", output, "host", lease.Host())
+	if rt.log.Enabled(context.Background(), slog.LevelDebug) { // the attributes cost allocations even when dropped
+		rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", p.API, "model", p.Model,
+			"tokens", p.Tokens, "expected_output", output, "host", lease.Host())
+	}
 	return f, nil
 }

@@ -11,12 +11,21 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/tokenlb/tokenlb/internal/bench"
 )
 
 func main() {
+	// The overhead measurement's floor arm runs this program again as a
+	// do-nothing ext_proc server (internal/bench/floor.go): a hidden mode.
+	if len(os.Args) == 4 && os.Args[1] == bench.FloorFlag {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		check(bench.ServeFloor(ctx, os.Args[2], strings.Split(os.Args[3], ",")))
+		return
+	}
 	var cmd bench.Command
 	cmd.SetFlags(flag.CommandLine)
 	flag.Parse()

@@ -183,7 +183,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	a.healthServer.SetServingStatus("liveness", healthpb.HealthCheckResponse_SERVING)
 	a.setReadiness(healthpb.HealthCheckResponse_NOT_SERVING)
 	isReady := func() bool { return a.state.Load() == ready }
-	a.adminServer = admin.NewServer(admin.Handler(a.picker, est, reg, isReady), admin.DefaultTimeouts())
+	a.adminServer = admin.NewServer(admin.Handler(a.picker, est, reg, isReady, admin.Options{Pprof: cfg.AdminPprof}), admin.DefaultTimeouts())
 	return a, nil
 }
 
