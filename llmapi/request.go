@@ -14,6 +14,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // API names the request shape a path carries.
@@ -329,8 +330,8 @@ func (t walker) countContent(raw json.RawMessage) (int, error) {
 	case 0:
 		return 0, nil
 	case '"':
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
+		s, err := jsonString(raw)
+		if err != nil {
 			return 0, fmt.Errorf("%w: content: %v", ErrInvalidJSON, err)
 		}
 		return t.text(s), nil
@@ -559,4 +560,54 @@ func (f *flexInt) UnmarshalJSON(b []byte) error {
 		*f = flexInt(v)
 	}
 	return nil
+}
+
+// jsonString decodes raw, a JSON string literal inside a body that
+// json.Unmarshal has already validated, without validating it again: the
+// common escapes are decoded here; a \u escape or bytes that are not UTF-8
+// (which encoding/json turns into U+FFFD) go through json.Unmarshal, so the
+// result is always what it would give.
+func jsonString(raw []byte) (string, error) {
+	slow := func() (string, error) {
+		var s string
+		err := json.Unmarshal(raw, &s)
+		return s, err
+	}
+	if len(raw) < 2 || raw[0] != '"' || raw[len(raw)-1] != '"' {
+		return slow()
+	}
+	in := raw[1 : len(raw)-1]
+	if !utf8.Valid(in) {
+		return slow()
+	}
+	i := bytes.IndexByte(in, '\\')
+	if i < 0 {
+		return string(in), nil
+	}
+	out := make([]byte, 0, len(in))
+	for i >= 0 {
+		out = append(out, in[:i]...)
+		if i+1 >= len(in) {
+			return slow()
+		}
+		switch c := in[i+1]; c {
+		case '"', '\\', '/':
+			out = append(out, c)
+		case 'n':
+			out = append(out, '\n')
+		case 't':
+			out = append(out, '\t')
+		case 'r':
+			out = append(out, '\r')
+		case 'b':
+			out = append(out, '\b')
+		case 'f':
+			out = append(out, '\f')
+		default: // \u, or not valid JSON
+			return slow()
+		}
+		in = in[i+2:]
+		i = bytes.IndexByte(in, '\\')
+	}
+	return string(append(out, in...)), nil
 }

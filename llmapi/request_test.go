@@ -1,6 +1,7 @@
 package llmapi
 
 import (
+	"encoding/json"
 	"errors"
 	"reflect"
 	"strings"
@@ -306,4 +307,22 @@ func TestAPIFor(t *testing.T) {
 			t.Errorf("APIFor(%q) = %q, want %q", path, got, want)
 		}
 	}
+}
+
+// FuzzJSONString: jsonString decodes every valid JSON string literal as
+// json.Unmarshal does, escapes, \u sequences and invalid UTF-8 included.
+func FuzzJSONString(f *testing.F) {
+	for _, s := range []string{`"plain"`, `"a\nb\t\"c\"\\d\/e"`, `"\u00e9\ud83d\ude00"`, `"\ud800"`, "\"\xff\xfe\"", `"日本語\r\n"`, `""`, `"\\"`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		var want string
+		if err := json.Unmarshal(raw, &want); err != nil {
+			return // jsonString is only given valid literals
+		}
+		got, err := jsonString(raw)
+		if err != nil || got != want {
+			t.Fatalf("jsonString(%q) = %q, %v; json.Unmarshal gives %q", raw, got, err, want)
+		}
+	})
 }
