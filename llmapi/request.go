@@ -252,8 +252,8 @@ func (t walker) countResponses(r *request) (int, error) {
 	switch kind(r.Input) {
 	case 0:
 	case '"':
-		var s string
-		if err := json.Unmarshal(r.Input, &s); err != nil {
+		s, err := jsonString(r.Input)
+		if err != nil {
 			return 0, fmt.Errorf("%w: input: %v", ErrInvalidJSON, err)
 		}
 		n += MessageOverhead + t.text(s)
