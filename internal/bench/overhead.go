@@ -85,6 +85,8 @@ type OverheadReport struct {
 	Workload string                                `json:"workload"`
 	Runs     int                                   `json:"runs"`
 	Arms     map[string]map[string]*OverheadSample `json:"arms"`
+	// LargePrompts are the large-prompt rows (largeprompts.go), one round.
+	LargePrompts []LargePromptRow `json:"large_prompts,omitempty"`
 	// rounds are every round's samples, by arm and kind, for the table.
 	rounds map[string]map[string][]OverheadSample
 }
@@ -124,6 +126,11 @@ func Overhead(ctx context.Context, o Options, outDir string) error {
 		}
 	}
 	rep.Arms = medianSamples(rep.rounds)
+	lp, err := LargePrompts(ctx, o)
+	if err != nil {
+		return err
+	}
+	rep.LargePrompts = lp
 	for _, kinds := range rep.Arms {
 		for _, m := range kinds {
 			m.round()
@@ -307,6 +314,7 @@ func (r *OverheadReport) Table() string {
 			}
 		}
 	}
+	b.WriteString(largePromptTable(r.LargePrompts))
 	return b.String()
 }
 
