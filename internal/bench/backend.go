@@ -100,6 +100,12 @@ func startBackends(ctx context.Context, g *proc.Group, o Options) (*backends, er
 	if o.Backend.Kind == "llmd-sim" {
 		return startLLMDSims(ctx, g, o)
 	}
+	return startSims(ctx, o, nil)
+}
+
+// startSims starts o.Backends llmsim servers on loopback, each with
+// backendConfig changed by tune (nil: as it is).
+func startSims(ctx context.Context, o Options, tune func(*sim.Config)) (*backends, error) {
 	simCtx, stopSims := context.WithCancel(ctx)
 	b := &backends{stopSims: stopSims}
 	for i := range o.Backends {
@@ -108,7 +114,11 @@ func startBackends(ctx context.Context, g *proc.Group, o Options) (*backends, er
 			b.stop()
 			return nil, err
 		}
-		s := sim.New(backendConfig(o, i))
+		cfg := backendConfig(o, i)
+		if tune != nil {
+			tune(&cfg)
+		}
+		s := sim.New(cfg)
 		go s.Run(simCtx)
 		srv := &http.Server{Handler: s}
 		go srv.Serve(l)

@@ -322,13 +322,11 @@ type churnTraffic struct {
 // changes the fleet, checks the end state, then merges what the client,
 // the backends, Envoy and tokenlb saw into the measures.
 func Churn(ctx context.Context, o Options) (ChurnRun, error) {
-	dir, err := churnDir(o.LogDir)
+	dir, done, err := runDir(o.LogDir, "churn")
 	if err != nil {
 		return ChurnRun{}, err
 	}
-	if o.LogDir == "" {
-		defer os.RemoveAll(dir)
-	}
+	defer done()
 	r := &churnRun{o: o, g: &proc.Group{Dir: dir}, zone: &testdns.Zone{}, backends: map[string]*churnBackend{}, arrivals: map[string]churnArrival{}}
 	defer r.g.StopAll()
 	defer r.stopBackends()
@@ -354,18 +352,6 @@ func Churn(ctx context.Context, o Options) (ChurnRun, error) {
 	end := r.endState(ctx, traffic.lastEnd)
 	stopPolling()
 	return r.measure(ctx, traffic, end)
-}
-
-// churnDir makes the directory of a run (the processes' logs and
-// configurations, Envoy's access log) under logDir, where it is kept, or
-// under the system's temporary directory if logDir is "".
-func churnDir(logDir string) (string, error) {
-	if logDir != "" {
-		if err := os.MkdirAll(logDir, 0o755); err != nil {
-			return "", err
-		}
-	}
-	return os.MkdirTemp(logDir, "tokenlb-bench-churn-")
 }
 
 // setUp starts the first o.Backends backends, the DNS server that answers

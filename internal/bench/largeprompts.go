@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,9 +9,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -175,38 +172,21 @@ func (r *LargePromptRow) round() {
 // 200k-token prompt (KV cache and step budget) and prefill at next to no
 // cost.
 func largePromptBackends(ctx context.Context, o Options) (*backends, error) {
-	simCtx, stopSims := context.WithCancel(ctx)
-	b := &backends{stopSims: stopSims}
-	for i := range o.Backends {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			b.stop()
-			return nil, err
-		}
-		cfg := backendConfig(o, i)
+	return startSims(ctx, o, func(cfg *sim.Config) {
 		cfg.KVBlocks = 1 << 17 // 2M tokens of 16
 		cfg.MaxNumBatchedTokens = 1 << 18
 		cfg.PrefillTokenCost = time.Nanosecond
-		s := sim.New(cfg)
-		go s.Run(simCtx)
-		srv := &http.Server{Handler: s}
-		go srv.Serve(l)
-		b.servers = append(b.servers, srv)
-		b.hosts = append(b.hosts, l.Addr().String())
-	}
-	return b, nil
+	})
 }
 
 // largePromptArm starts the backends, Envoy (in mode) and the arm's
 // ext_proc server, and runs each size on them.
 func largePromptArm(ctx context.Context, o Options, arm, mode string, bodies map[int][][]byte) ([]LargePromptRow, error) {
-	dir, err := os.MkdirTemp(o.LogDir, "tokenlb-bench-large-"+arm+"-")
+	dir, done, err := runDir(o.LogDir, "large-"+arm)
 	if err != nil {
 		return nil, err
 	}
-	if o.LogDir == "" {
-		defer os.RemoveAll(dir)
-	}
+	defer done()
 	g := &proc.Group{Dir: dir}
 	defer g.StopAll()
 	b, err := largePromptBackends(ctx, o)
@@ -326,22 +306,7 @@ func largePromptLoad(ctx context.Context, client *http.Client, url string, bodie
 func sendLargePrompt(ctx context.Context, client *http.Client, url string, body []byte) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
-	req.Header.Set("content-type", "application/json")
-	start := time.Now()
-	resp, err := client.Do(req)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	rb, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	if resp.StatusCode != 200 || !bytes.Contains(rb, []byte(`"usage"`)) {
-		return 0, fmt.Errorf("status %d: %.200s", resp.StatusCode, rb)
-	}
-	return time.Since(start), nil
+	return postWhole(ctx, client, url, body)
 }
 
 // estimatedRequests reads tokenlb's tokenlb_tokenizer_estimated_requests_total

@@ -98,7 +98,7 @@ func Overhead(ctx context.Context, o Options, outDir string) error {
 	o.TimeScale = overheadTimeScale
 	o.Concurrency = 0
 	rep := &OverheadReport{
-		Command: strings.Join(os.Args, " "), Machine: machine(o.Envoy), Date: began.UTC().Format(time.RFC3339),
+		Command: commandLine(os.Args), Machine: machine(o.Envoy), Date: began.UTC().Format(time.RFC3339),
 		Workload: fmt.Sprintf("%d chat requests of %d prompt tokens per arm, kind and round at %.0f/s (Poisson), after %d unmeasured; "+
 			"llmsim backends (%d) at time scale %g (a decode step of about 1 ms); non-streamed: stream false, max_tokens 8; "+
 			"sse-200: stream true, max_tokens 200, include_usage (200 token chunks, a usage chunk, [DONE])",
@@ -322,13 +322,11 @@ func (r *OverheadReport) Table() string {
 // runs each kind of response in turn on them, and returns each kind's
 // sample.
 func overheadArm(ctx context.Context, o Options, arm string, round int) (map[string]OverheadSample, error) {
-	dir, err := os.MkdirTemp(o.LogDir, "tokenlb-bench-overhead-"+arm+"-")
+	dir, done, err := runDir(o.LogDir, "overhead-"+arm)
 	if err != nil {
 		return nil, err
 	}
-	if o.LogDir == "" {
-		defer os.RemoveAll(dir)
-	}
+	defer done()
 	g := &proc.Group{Dir: dir}
 	defer g.StopAll()
 	b, err := startBackends(ctx, g, o)
@@ -454,12 +452,20 @@ func sendOverhead(ctx context.Context, client *http.Client, url string, r Reques
 	b, _ := json.Marshal(body)
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(b))
-	req.Header.Set("content-type", "application/json")
 	if k.Stream {
+		req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(b))
+		req.Header.Set("content-type", "application/json")
 		s := sendRequest(client, req)
 		return s.e2e, s.err
 	}
+	return postWhole(ctx, client, url, b)
+}
+
+// postWhole posts a non-streamed request and returns how long its whole
+// answer took, or why it was not a 200 with usage.
+func postWhole(ctx context.Context, client *http.Client, url string, body []byte) (time.Duration, error) {
+	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(body))
+	req.Header.Set("content-type", "application/json")
 	start := time.Now()
 	resp, err := client.Do(req)
 	if err != nil {
@@ -590,3 +596,24 @@ func statSeconds(pid int) float64 {
 }
 
 func rngFor(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 0x0e4d)) }
+
+// commandLine is args as a report records them: a path inside the working
+// folder relative to it, a program's path elsewhere (the Envoy binary, an
+// output folder) by its base name, so that a report names no machine's
+// folders.
+func commandLine(args []string) string {
+	wd, _ := os.Getwd()
+	out := make([]string, len(args))
+	for i, a := range args {
+		out[i] = a
+		if !filepath.IsAbs(a) {
+			continue
+		}
+		if rel, err := filepath.Rel(wd, a); err == nil && !strings.HasPrefix(rel, "..") {
+			out[i] = rel
+		} else {
+			out[i] = filepath.Base(a)
+		}
+	}
+	return strings.Join(out, " ")
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"math"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -145,5 +147,16 @@ func TestFloorServer(t *testing.T) {
 	s.CloseSend()
 	if resp, err := s.Recv(); err == nil {
 		t.Fatalf("observer stream answered: %v", resp)
+	}
+}
+
+func TestCommandLine(t *testing.T) {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := commandLine([]string{"./bin/tokenlb-bench", "--envoy", "/opt/somewhere/envoy", "--out", filepath.Join(wd, "out"), "--overhead"})
+	if want := "./bin/tokenlb-bench --envoy envoy --out out --overhead"; got != want {
+		t.Fatalf("commandLine = %q, want %q", got, want)
 	}
 }

@@ -187,22 +187,32 @@ func Rate(reqs []Request, backends float64, utilization, timeScale float64) floa
 	return utilization * backends / mean
 }
 
+// runDir makes the folder of one run's processes (logs, configurations):
+// under logDir, kept, or a temporary one that done removes.
+func runDir(logDir, name string) (dir string, done func(), err error) {
+	if logDir != "" {
+		if err := os.MkdirAll(logDir, 0o755); err != nil {
+			return "", nil, err
+		}
+	}
+	if dir, err = os.MkdirTemp(logDir, "tokenlb-bench-"+name+"-"); err != nil {
+		return "", nil, err
+	}
+	if logDir != "" {
+		return dir, func() {}, nil
+	}
+	return dir, func() { os.RemoveAll(dir) }, nil
+}
+
 // RunArm starts llmsim backends, Envoy and (for the tokenlb arm) tokenlb on
 // loopback, replays reqs, and stops everything.
 func RunArm(ctx context.Context, o Options, arm string, reqs []Request) (Result, error) {
 	res := Result{Arm: arm, Requests: len(reqs), HostShare: map[string]float64{}}
-	if o.LogDir != "" {
-		if err := os.MkdirAll(o.LogDir, 0o755); err != nil {
-			return res, err
-		}
-	}
-	dir, err := os.MkdirTemp(o.LogDir, "tokenlb-bench-"+arm+"-")
+	dir, done, err := runDir(o.LogDir, arm)
 	if err != nil {
 		return res, err
 	}
-	if o.LogDir == "" {
-		defer os.RemoveAll(dir)
-	}
+	defer done()
 	g := &proc.Group{Dir: dir}
 	defer g.StopAll()
 
