@@ -75,8 +75,7 @@ func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error
 				if r.ResponseHeaders.GetEndOfStream() {
 					next = NoBody
 				}
-				f.ResponseHeaders(Headers{r.ResponseHeaders.GetHeaders(), served(req.GetMetadataContext(), s.cfg.MetadataNamespace),
-					connectFailed(req.GetAttributes())}, next)
+				f.ResponseHeaders(responseHeaders(req, s.cfg.MetadataNamespace), next)
 			}
 		case *extprocv3.ProcessingRequest_ResponseBody:
 			if f != nil {

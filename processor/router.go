@@ -5,6 +5,7 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -142,6 +143,13 @@ const ServedKey = "x-gateway-destination-endpoint-served"
 // Served returns the endpoint the data plane reports served the request
 // (ServedKey), or "" when it reported none.
 func (h Headers) Served() string { return h.served }
+
+// responseHeaders is a response headers message as the Router sees it:
+// the headers, the endpoint the data plane reports serving them (ServedKey
+// in the metadata namespace ns) and whether Envoy could not connect.
+func responseHeaders(req *extprocv3.ProcessingRequest, ns string) Headers {
+	return Headers{req.GetResponseHeaders().GetHeaders(), served(req.GetMetadataContext(), ns), connectFailed(req.GetAttributes())}
+}
 
 // served reads ServedKey from the metadata Envoy forwarded with a message.
 func served(md *corev3.Metadata, namespace string) string {

@@ -166,9 +166,6 @@ func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 		if sub, ok := subsetHint(req.GetMetadataContext()); ok && !rs.decided {
 			rs.req.Subset = sub
 		}
-		if sv := served(req.GetMetadataContext(), s.cfg.MetadataNamespace); sv != "" {
-			rs.served = sv
-		}
 		done, err := rs.handle(req)
 		if err != nil {
 			if isStreamEnd(stream.Context(), err) {
@@ -289,7 +286,6 @@ type routingStream struct {
 	decided  bool       // the request has been routed or rejected
 	flight   *claimable // nil until routed
 	observed bool       // an observer stream follows the response
-	served   string     // the endpoint the data plane reports served the request
 }
 
 // end runs when the stream ends: unless an observer took the response over,
@@ -311,7 +307,7 @@ func (rs *routingStream) handle(req *extprocv3.ProcessingRequest) (done bool, er
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return rs.requestTrailers()
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
-		rs.responseHeaders(r.ResponseHeaders, connectFailed(req.GetAttributes()))
+		rs.responseHeaders(r.ResponseHeaders, responseHeaders(req, rs.s.cfg.MetadataNamespace))
 		// With an observer following a response that Envoy does not send
 		// this stream, the stream is done: end it, so that the response no
 		// longer depends on it.
@@ -481,13 +477,12 @@ func (rs *routingStream) sendChunks(body []byte) error {
 // does, the headers are the last thing seen of the response. With neither
 // an observer nor a response body sent to this stream, the Flight is told
 // that the body stays hidden.
-func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders, connectFailed bool) {
+func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders, headers Headers) {
 	f, s := rs.flight, rs.s
 	if f == nil || rs.observed {
 		return
 	}
 	eos := h.GetEndOfStream()
-	headers := Headers{h.GetHeaders(), rs.served, connectFailed}
 	if !eos && rs.respMode == filterv3.ProcessingMode_NONE && s.cfg.Observer {
 		rs.observed = true
 		f.ResponseHeaders(headers, BodyShown)
