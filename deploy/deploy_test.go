@@ -310,7 +310,7 @@ func TestIstioEnvoyFilter(t *testing.T) {
 		} `json:"spec"`
 	}
 	decodeStrict(t, b, &ef)
-	if ef.APIVersion != "networking.istio.io/v1alpha3" || ef.Kind != "EnvoyFilter" || len(ef.Spec.ConfigPatches) != 5 {
+	if ef.APIVersion != "networking.istio.io/v1alpha3" || ef.Kind != "EnvoyFilter" || len(ef.Spec.ConfigPatches) != 6 {
 		t.Fatalf("EnvoyFilter header or patch count wrong: %s %s %d", ef.APIVersion, ef.Kind, len(ef.Spec.ConfigPatches))
 	}
 	// Each patch value must be a valid Envoy message of its kind: protojson

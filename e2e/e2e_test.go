@@ -109,7 +109,7 @@ func TestBodyIntegrity(t *testing.T) {
 			if tc.duplex && sent <= 9 || !tc.duplex && sent != 9 {
 				t.Fatalf("envoy sent tokenlb %d messages for 3 requests (duplex %v)", sent, tc.duplex)
 			}
-			if got := s.tokenlb.metric(`tokenlb_observer_claims_total{result="claimed"}`); got != 3 {
+			if got := s.tokenlb.metric(`tokenlb_observer_claims_total{result="claimed",role="observer"}`); got != 3 {
 				t.Fatalf("observer claimed %v requests, want 3", got)
 			}
 		})

@@ -486,6 +486,19 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	// x-e2e-events: this many more events, each written and flushed on
+	// its own, 1 ms apart (as a server paces its tokens), so that Envoy
+	// sees each as a chunk of its own.
+	n, _ := strconv.Atoi(r.Header.Get("x-e2e-events"))
+	for range n {
+		select {
+		case <-time.After(time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+		fmt.Fprintf(w, "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n")
+		fl.Flush()
+	}
 	fmt.Fprintf(w, "data: {\"last\":true}\n\ndata: [DONE]\n\n")
 	fl.Flush()
 }

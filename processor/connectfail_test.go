@@ -120,7 +120,7 @@ func TestConnectFailureOnEitherStream(t *testing.T) {
 			host := out.headers[processor.DefaultDestinationHeader]
 			o := env.openObserver(t)
 			o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
-			eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+			eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
 			routing := func() { step(t, f, flagged(status503, key, tc.routingFlags, false)) }
 			observer := func(n int) {
 				o.send(flagged(status503, key, tc.obFlags, false))

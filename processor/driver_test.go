@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -40,6 +41,7 @@ type Config struct {
 	Cost               *cost.Estimator
 	Fallbacks          int
 	EstimateFirstToken bool
+	FollowOneIn        int
 	ModelRouting       bool
 	ResponseStatus     func(host string, status int)
 	DestinationList    bool
@@ -89,7 +91,7 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 	}
 	routeMetrics := route.NewMetrics()
 	router := route.New(route.Config{Picker: p, Tokenizer: testTokenizer(t), Cost: cfg.Cost, Fallbacks: cfg.Fallbacks,
-		EstimateFirstToken: cfg.EstimateFirstToken, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
+		EstimateFirstToken: cfg.EstimateFirstToken, FollowOneIn: cfg.FollowOneIn, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
 		Metrics: routeMetrics})
 	metrics := processor.NewMetrics()
 	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, DestinationList: cfg.DestinationList, MaxBodyBytes: cfg.MaxBodyBytes,
@@ -115,8 +117,9 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 }
 
 // counter returns the value of the processor's or router's counter name
-// with the one label value given, or for a histogram its count.
-func (e *testEnv) counter(t testing.TB, name, label string) float64 {
+// with the label values given (joined by "/", in any order), or for a
+// histogram its count.
+func (e *testEnv) counter(t testing.TB, name, labels string) float64 {
 	t.Helper()
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(e.metrics.Collectors()...)
@@ -130,7 +133,17 @@ func (e *testEnv) counter(t testing.TB, name, label string) float64 {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
-			if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == label {
+			var values []string
+			for _, l := range m.GetLabel() {
+				values = append(values, l.GetValue())
+			}
+			var want []string
+			if labels != "" {
+				want = strings.Split(labels, "/")
+			}
+			slices.Sort(values)
+			slices.Sort(want)
+			if slices.Equal(values, want) {
 				if h := m.GetHistogram(); h != nil {
 					return float64(h.GetSampleCount())
 				}

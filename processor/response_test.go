@@ -166,7 +166,7 @@ func TestObserverFollowsResponse(t *testing.T) {
 	full := env.ledger()
 	o := env.openObserver(t)
 	o.send(observerHeaders(lease))
-	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
 	if err := f.respond200Streaming(); err != nil {
 		t.Fatal(err)
 	}
@@ -209,7 +209,7 @@ func TestObserverAbort(t *testing.T) {
 	out := routed(t, f, post(chat(100)))
 	o := env.openObserver(t)
 	o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
-	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
 	f.respond200Streaming()
 	f.close()
 	o.abort()
@@ -235,7 +235,7 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	}
 	o := env.openObserver(t)
 	o.send(observerHeaders("guessed"))
-	eventually(t, "the unknown claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "unknown") == 1 })
+	eventually(t, "the unknown claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/unknown") == 1 })
 	f.respond200Streaming()
 	if _, err := f.stream.Recv(); err != io.EOF {
 		t.Fatalf("routing stream after the response headers: %v, want its end (io.EOF)", err)
@@ -247,7 +247,7 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	// The real id, after the response headers: the observer takes over.
 	late := env.openObserver(t)
 	late.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
-	eventually(t, "the late claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+	eventually(t, "the late claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
 	late.send(respBody(usageChunk, true))
 	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
 
@@ -257,7 +257,7 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	f.respond200Streaming()
 	f.close()
 	eventually(t, "the release after the grace period", func() bool { return env.ledger() == ledgerSum{} })
-	if got := env.counter(t, "tokenlb_observer_claims_total", "none"); got != 1 {
+	if got := env.counter(t, "tokenlb_observer_claims_total", "observer/none"); got != 1 {
 		t.Fatalf("unclaimed requests counted: %v", got)
 	}
 	if got := env.picker.Stats().Releases[route.ReleasedAtHeaders]; got != 1 {
@@ -421,7 +421,7 @@ func TestDrain(t *testing.T) {
 	out := routed(t, f, post(chat(100)))
 	o := env.openObserver(t)
 	o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
-	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
 
 	drained := make(chan error, 1)
 	go func() { drained <- env.server.Drain(context.Background()) }()
@@ -486,7 +486,7 @@ func TestObserverClaimedStreamedStaysOpen(t *testing.T) {
 	out := routed(t, f, post(chat(100)))
 	o := env.openObserver(t)
 	o.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
-	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "claimed") == 1 })
+	eventually(t, "the observer's claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
 	if err := f.respond200Streaming(); err != nil {
 		t.Fatal(err)
 	}

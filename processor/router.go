@@ -41,9 +41,10 @@ type Request struct {
 }
 
 // Flight is a routed request, from the routing decision to the end of its
-// response. Its methods are called from two streams, possibly at once (the
-// routing stream hands the response headers over while the observer stream
-// that claimed the request shows the response; either may end first): a
+// response. Its methods are called from up to three streams, possibly at
+// once (the routing stream hands the response headers over while the
+// observer stream that claimed the request shows the response, and the end
+// stream reports the request's end; any may end first): a
 // Flight must be safe for concurrent use, and end once, whichever End (or
 // ending ResponseHeaders or ResponseBody) comes first.
 type Flight interface {
@@ -56,8 +57,11 @@ type Flight interface {
 	// in either order.
 	ResponseHeaders(h Headers, next Next)
 	// ResponseBody delivers a chunk of the response body; end says it is
-	// the last.
-	ResponseBody(chunk []byte, end bool)
+	// the last. more says whether the Flight needs the rest of the body
+	// (false: only its end); the Server then stops showing it when an end
+	// stream will report the end (see Server's doc). A Flight shown more
+	// than it asked for ignores it, and ends at the body's end as before.
+	ResponseBody(chunk []byte, end bool) (more bool)
 	// End says the response is over, or that nothing more of it will be
 	// seen, and how.
 	End(how Ending)
@@ -91,6 +95,9 @@ const (
 	StreamEnded
 	// Rejected: tokenlb answered the client itself.
 	Rejected
+	// Closed: the end stream closed, which Envoy does once the request is
+	// over (its response ended, or it was abandoned): nobody saw which.
+	Closed
 )
 
 // Headers are an HTTP message's headers as Envoy sent them, with what Envoy

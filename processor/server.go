@@ -47,7 +47,9 @@ const (
 	DefaultLeaseHeader       = "x-tokenlb-lease"
 	DefaultObserverGrace     = 2 * time.Second
 	// ObserverMetadata is the gRPC initial metadata key that marks a stream
-	// from the observability-mode filter; its value is "observer".
+	// from one of the observability-mode filters: its value is "observer"
+	// (shown the response) or "end" (shown the request headers; its close
+	// is the request's end).
 	ObserverMetadata = "x-tokenlb-role"
 	// ChunkBytes is the largest body chunk streamed back in
 	// FULL_DUPLEX_STREAMED mode; Envoy advises staying below 64 KiB.
@@ -141,8 +143,13 @@ func New(router Router, cfg Config) *Server {
 // flowing never depends on this process staying up. On the way out it ends
 // the request's Flight unless an observer stream follows it.
 func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
-	if md, _ := metadata.FromIncomingContext(stream.Context()); slices.Contains(md.Get(ObserverMetadata), "observer") {
-		return s.observe(stream)
+	if md, _ := metadata.FromIncomingContext(stream.Context()); len(md.Get(ObserverMetadata)) > 0 {
+		switch role := md.Get(ObserverMetadata); {
+		case slices.Contains(role, "observer"):
+			return s.observe(stream)
+		case slices.Contains(role, "end"):
+			return s.watchEnd(stream)
+		}
 	}
 	if !s.routingStarted() {
 		return status.Error(codes.Unavailable, "tokenlb is shutting down")
@@ -495,7 +502,7 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders, headers Heade
 				return
 			}
 			s.forget(f)
-			s.m.observerClaims.WithLabelValues("none").Inc()
+			s.m.observerClaims.WithLabelValues("observer", "none").Inc()
 			s.log.Warn("no observer stream claimed a routed request; is the observer filter configured?",
 				"request_id", requestID, "grace", s.cfg.ObserverGrace)
 			f.End(HeadersOnly)

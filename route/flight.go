@@ -26,11 +26,12 @@ const (
 	ReleasedAtEnd     picker.Cause = "response_end"       // the response body (or its trailers) ended
 	ReleasedStreamEnd picker.Cause = "stream_end"         // the stream ended first (client abort, reset, error)
 	ReleasedRejected  picker.Cause = "immediate_response" // tokenlb answered the client itself
+	ReleasedClosed    picker.Cause = "request_closed"     // the end stream closed: the response ended (or was abandoned) past its first token
 )
 
 // Causes lists every release cause, for metrics that show each from the
 // start.
-var Causes = []picker.Cause{ReleasedAtHeaders, ReleasedAtEnd, ReleasedStreamEnd, ReleasedRejected, picker.Swept}
+var Causes = []picker.Cause{ReleasedAtHeaders, ReleasedAtEnd, ReleasedStreamEnd, ReleasedRejected, ReleasedClosed, picker.Swept}
 
 // causeOf names the release cause of each way a response ends, and says
 // whether the response was seen as far as anyone will see it (its end, or
@@ -44,6 +45,8 @@ func causeOf(how processor.Ending) (cause picker.Cause, seen bool) {
 		return ReleasedAtHeaders, true
 	case processor.Rejected:
 		return ReleasedRejected, false
+	case processor.Closed:
+		return ReleasedClosed, false
 	}
 	return ReleasedStreamEnd, false
 }
@@ -69,9 +72,12 @@ type flight struct {
 	ttft     time.Duration
 	events   int    // data events seen
 	tail     []byte // the response body's last tailBytes
-	timer    *time.Timer
-	finished bool
-	reported bool // the status went to Config.ResponseStatus
+	// unfollowed: past its first token, the response is not followed; it
+	// taught its time to first token then, and its end teaches nothing.
+	unfollowed bool
+	timer      *time.Timer
+	finished   bool
+	reported   bool // the status went to Config.ResponseStatus
 	// connectReported: Config.ResponseStatus was told that Envoy could not
 	// connect (backend.ConnectFailure).
 	connectReported bool
@@ -178,24 +184,39 @@ func (f *flight) report(h processor.Headers) {
 
 // ResponseBody notes a chunk of the response body: the first bytes are the
 // first token (a streamed response's first event; a whole response
-// otherwise).
-func (f *flight) ResponseBody(b []byte, end bool) {
+// otherwise). At a successful streamed response's first token it decides
+// whether to follow the response to its end (Config.FollowOneIn); one it
+// does not follow teaches its time to first token at once, and more says
+// that nothing but its end is needed.
+func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if len(b) > 0 {
+	if len(b) > 0 && !f.unfollowed {
 		if f.ttft == 0 && f.ok() {
 			f.ttft = time.Since(f.lease.Start())
 			f.lease.FirstToken()
+			if f.streamed && !end && !f.finished {
+				f.unfollowed = !f.rt.follow()
+				if f.unfollowed {
+					f.rt.m.followed.WithLabelValues("first_token").Inc()
+					f.learnFirstToken()
+				} else {
+					f.rt.m.followed.WithLabelValues("end").Inc()
+				}
+			}
 		}
-		f.events += llmapi.CountEvents(b)
-		f.tail = append(f.tail, b...)
-		if n := len(f.tail); n > tailBytes {
-			f.tail = append(f.tail[:0], f.tail[n-tailBytes:]...)
+		if !f.unfollowed {
+			f.events += llmapi.CountEvents(b)
+			f.tail = append(f.tail, b...)
+			if n := len(f.tail); n > tailBytes {
+				f.tail = append(f.tail[:0], f.tail[n-tailBytes:]...)
+			}
 		}
 	}
 	if end {
 		f.finishLocked(ReleasedAtEnd, true)
 	}
+	return !f.unfollowed && !f.finished
 }
 
 func (f *flight) ok() bool { return f.status == 0 || f.status/100 == 2 }
@@ -222,10 +243,22 @@ func (f *flight) finishLocked(cause picker.Cause, seen bool) {
 	if !f.lease.Release(cause) {
 		return
 	}
-	if !seen || !f.ok() {
+	if !seen || !f.ok() || f.unfollowed {
 		return
 	}
 	f.learn(cause)
+}
+
+// learnFirstToken teaches the cost estimator the time to first token of a
+// response it will not see the end of.
+func (f *flight) learnFirstToken() {
+	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, State: f.lease.State(),
+		Predicted: time.Duration(f.lease.Charge().Wait) * time.Microsecond, TTFT: f.ttft, Duration: f.ttft,
+		CachedTokens: -1}
+	if o.Predicted > 0 {
+		f.rt.m.predictionError.WithLabelValues(o.Host).Observe(math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds())
+	}
+	f.rt.cfg.Cost.Learn(o)
 }
 
 // learn teaches the cost estimator what a successful response showed.

@@ -12,6 +12,7 @@ type Metrics struct {
 	usageSeen       *prometheus.CounterVec
 	predictionError *prometheus.HistogramVec
 	moved           prometheus.Counter
+	followed        *prometheus.CounterVec
 }
 
 // NewMetrics returns unregistered metrics.
@@ -39,11 +40,15 @@ func NewMetrics() *Metrics {
 		moved: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tokenlb_requests_served_elsewhere_total",
 			Help: "Requests the data plane reports it served on another host than the chosen one (a retry on a fallback); their charge moved there."}),
+		followed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenlb_streamed_responses_followed_total",
+			Help: "Successful streamed responses at their first token, by how far tokenlb follows them: to the end (for usage), or no further (follow_one_in)."},
+			[]string{"to"}),
 	}
 }
 
 // Collectors returns the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.outputTokens, m.usageSeen,
-		m.predictionError, m.moved}
+		m.predictionError, m.moved, m.followed}
 }

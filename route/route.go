@@ -22,6 +22,7 @@ import (
 	"errors"
 	"hash/maphash"
 	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"github.com/tokenlb/tokenlb/cost"
@@ -32,8 +33,14 @@ import (
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
-// DefaultRetryAfter is Config.RetryAfter's default.
-const DefaultRetryAfter = time.Second
+// Defaults for Config fields left empty.
+const (
+	// DefaultRetryAfter is Config.RetryAfter's default.
+	DefaultRetryAfter = time.Second
+	// DefaultFollowOneIn is the configuration's default for
+	// Config.FollowOneIn (whose zero value follows every response).
+	DefaultFollowOneIn = 8
+)
 
 // Config configures a Router.
 type Config struct {
@@ -56,6 +63,14 @@ type Config struct {
 	// have prefilled the request, by the cost estimator's speed, instead
 	// of waiting to see the first token (for responses tokenlb never sees).
 	EstimateFirstToken bool
+	// FollowOneIn: a successful streamed response is followed past its
+	// first token to its end, for what only the end shows (usage: output
+	// length, decode speed, the host's prompt count), one time in
+	// FollowOneIn, at random; the others teach their time to first token,
+	// and the Flight asks for no more of their body, which spares a
+	// message a chunk where an end stream reports the end
+	// (processor.Flight.ResponseBody). 0 or 1 follows every response.
+	FollowOneIn int
 	// ModelRouting sends each request only to hosts that serve its model
 	// (picker.Request.Model), and answers 404 when none does.
 	ModelRouting bool
@@ -99,6 +114,13 @@ func New(cfg Config) *Router {
 		m = NewMetrics()
 	}
 	return &Router{cfg: cfg, log: log, m: m}
+}
+
+// follow says whether to follow a streamed response to its end: one time
+// in Config.FollowOneIn, at random, so that no periodic pattern in the
+// traffic decides which responses teach.
+func (rt *Router) follow() bool {
+	return rt.cfg.FollowOneIn <= 1 || rand.IntN(rt.cfg.FollowOneIn) == 0
 }
 
 // Admit refuses, before its body is read, a request to an API path whose

@@ -33,8 +33,10 @@ import (
 // body and trailers with an empty reply, and the response headers with an
 // empty reply, after which it ends the stream, as tokenlb does when an
 // observer follows the response (proto-notes.md, "Who ends the routing
-// stream"). The observer filter's stream (observability mode: Envoy never
-// waits for an answer) it reads and answers nothing, as tokenlb does.
+// stream"). The observer and end filters' streams (observability mode:
+// Envoy never waits for an answer) it reads and answers nothing, as tokenlb
+// does; it ends the observer's at the first body chunk, as tokenlb does for
+// a response it does not follow to its end.
 
 // FloorFlag is the hidden first argument that makes tokenlb-bench serve the
 // floor instead: tokenlb-bench --floor-server ADDR HOST,HOST,... The
@@ -64,7 +66,13 @@ func (f *floor) Process(s extprocv3.ExternalProcessor_ProcessServer) error {
 			return err
 		}
 		if req.GetObservabilityMode() {
-			continue // Envoy ignores any answer
+			// Envoy ignores any answer. The observer's stream ends at the
+			// first body chunk, as tokenlb's does for a response it does
+			// not follow; the end filter's is read to its close.
+			if req.GetResponseBody() != nil {
+				return nil
+			}
+			continue
 		}
 		resp, last := f.reply(req)
 		if resp == nil {

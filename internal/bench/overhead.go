@@ -26,7 +26,10 @@ import (
 // The overhead measurement: what tokenlb adds to a request, against Envoy
 // alone (round robin, deploy/envoy-override-host.yaml without tokenlb's
 // filters) and against the floor (floor.go: a do-nothing ext_proc server
-// behind the same deploy/envoy.yaml as tokenlb, both filters), in front of
+// behind the same deploy/envoy.yaml as tokenlb, all three filters), and
+// tokenlb-to-end, tokenlb behind deploy/envoy.yaml without its end filter
+// (the observer follows every response to its end, as before the end
+// filter existed: what the end filter saves), in front of
 // llmsim backends that answer at once. Every arm runs two kinds of
 // response in the same run, one after the other on the same processes: a
 // non-streamed JSON answer of 8 tokens, and a server-sent event stream of
@@ -34,7 +37,7 @@ import (
 // round; the report gives the median of each number over the rounds.
 
 // OverheadArms are the overhead measurement's arms.
-var OverheadArms = []string{"envoy", "floor", "tokenlb"}
+var OverheadArms = []string{"envoy", "floor", "tokenlb", "tokenlb-to-end"}
 
 // overheadKind is a kind of response: streamed or not, of so many tokens.
 type overheadKind struct {
@@ -343,7 +346,9 @@ func overheadArm(ctx context.Context, o Options, arm string, round int) (map[str
 		if eo.TokenlbPort, err = startFloor(ctx, g, b.hosts); err != nil {
 			return nil, err
 		}
-	case "tokenlb":
+	case "tokenlb", "tokenlb-to-end":
+		server = "tokenlb"
+		eo.WithoutEnd = arm == "tokenlb-to-end"
 		if eo.TokenlbPort, _, err = startTokenlb(ctx, g, o, "tokenlb", Variants["tokenlb"], b.hosts); err != nil {
 			return nil, err
 		}

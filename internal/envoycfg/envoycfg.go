@@ -34,6 +34,9 @@ type Options struct {
 	// keep the stream open until then); "headers" drops the observer and
 	// shows only the response headers.
 	Response string
+	// WithoutEnd drops tokenlb's end filter, as configurations from before
+	// it had none: the observer then follows every response to its end.
+	WithoutEnd bool
 	// Unsanitised drops the filter that strips a client's destination
 	// header, leaving tokenlb's overwrite as the only defence.
 	Unsanitised bool
@@ -221,8 +224,9 @@ func renderFilters(hcm map[string]any, o Options) error {
 }
 
 // renderFilter applies o to HTTP filter f. It drops (keep false) tokenlb's
-// ext_proc filters for an Envoy-only baseline (o.Policy), the observer for
-// another o.Response, and the header sanitiser when o.Unsanitised; it sets
+// ext_proc filters for an Envoy-only baseline (o.Policy), the observer and
+// end filters for another o.Response, the end filter for o.WithoutEnd, and
+// the header sanitiser when o.Unsanitised; it sets
 // the routing filter's processing mode.
 func renderFilter(f map[string]any, o Options) (keep bool, err error) {
 	name := f["name"]
@@ -236,7 +240,7 @@ func renderFilter(f map[string]any, o Options) (keep bool, err error) {
 		}
 		tc := get(f, "typed_config").(map[string]any)
 		if tc["observability_mode"] == true {
-			return o.Response == "", nil
+			return o.Response == "" && !(o.WithoutEnd && f["name"] == "tokenlb.end"), nil
 		}
 		pm := get(f, "typed_config", "processing_mode").(map[string]any)
 		return true, setProcessingMode(pm, o)

@@ -12,7 +12,8 @@ func TestExtProcFilters(t *testing.T) {
 		o    Options
 		want int
 	}{
-		{"as shipped: routing and observer", "../../deploy/envoy.yaml", Options{}, 2},
+		{"as shipped: routing, observer and end", "../../deploy/envoy.yaml", Options{}, 3},
+		{"without the end filter: routing and observer", "../../deploy/envoy.yaml", Options{WithoutEnd: true}, 2},
 		{"streamed responses: routing only", "../../deploy/envoy.yaml", Options{Response: "streamed"}, 1},
 		{"estimate: routing only", "../../deploy/envoy.yaml", Options{Response: "estimate"}, 1},
 		{"Envoy-only baseline: none", "../../deploy/envoy-override-host.yaml", Options{Policy: "LEAST_REQUEST"}, 0},

@@ -1,0 +1,80 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenlb/tokenlb/internal/envoycfg"
+)
+
+// TestStreamedResponseObservedCheaply: with deploy/envoy.yaml's three
+// filters, a streamed response tokenlb does not follow to its end costs the
+// observer stream three messages however long the response (request
+// headers, response headers, first chunk: tokenlb then ends the stream and
+// Envoy sends no more), and the end filter's stream one; the first token
+// releases the prefill part and the end filter's close the rest. A response
+// tokenlb follows (follow_one_in 1), or any response without the end filter
+// (a configuration from before it), costs a message a chunk and ends with
+// its body.
+func TestStreamedResponseObservedCheaply(t *testing.T) {
+	const events = 40
+	for _, tc := range []struct {
+		name       string
+		followOne  string
+		withoutEnd bool
+		cause      string
+		cheap      bool
+	}{
+		{"first token only", "1000000000", false, "request_closed", true},
+		{"followed to the end", "1", false, "response_end", false},
+		{"without the end filter", "1000000000", true, "response_end", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: []string{"--follow-one-in=" + tc.followOne},
+				Options: envoycfg.Options{WithoutEnd: tc.withoutEnd}})
+			resp, err := s.send(context.Background(), chatBody(50, true), "sse", map[string]string{"x-e2e-events": "40"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b := s.arrival(t, "sse")
+			r := bufio.NewReader(resp.Body)
+			if first, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(first, "data: {") {
+				t.Fatalf("first event %q, %v", first, err)
+			}
+			waitFor(t, 5*time.Second, "the prefill part released", func() bool {
+				var prefilling int64
+				for _, h := range s.tokenlb.hostLoads() {
+					prefilling += h.PrefillingTokens
+				}
+				return prefilling == 0
+			})
+			if s.tokenlb.idle() {
+				t.Fatal("charge released while the stream is still running")
+			}
+			b.release("sse")
+			rest, _ := io.ReadAll(r)
+			if got := strings.Count(string(rest), "data: "); got != events+2 {
+				t.Fatalf("%d more events reached the client, want %d", got, events+2)
+			}
+			s.tokenlb.waitIdle()
+			if n := s.tokenlb.metric(`tokenlb_releases_total{cause="` + tc.cause + `"}`); n != 1 {
+				t.Fatalf("releases by %s: %v, want 1", tc.cause, n)
+			}
+			observer := s.envoy.stat(t, "http.llm.ext_proc.tokenlb_observer.stream_msgs_sent")
+			if tc.cheap && observer != 3 {
+				t.Fatalf("the observer stream was sent %d messages, want 3 (request headers, response headers, first chunk)", observer)
+			}
+			if !tc.cheap && observer < events/2 {
+				t.Fatalf("the observer stream was sent %d messages for %d paced events, want about one an event", observer, events)
+			}
+			if end := s.envoy.stat(t, "http.llm.ext_proc.tokenlb_end.stream_msgs_sent"); !tc.withoutEnd && end != 1 {
+				t.Fatalf("the end stream was sent %d messages, want 1 (request headers)", end)
+			}
+		})
+	}
+}
