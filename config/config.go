@@ -212,10 +212,11 @@ type Response struct {
 	// ObserverGrace is how long a request waits, after its response
 	// headers, for the observer to claim it before it is released.
 	ObserverGrace time.Duration `yaml:"observer_grace"`
-	// FollowOneIn: one successful streamed response in FollowOneIn, at
-	// random, is followed past its first token to its end, for its usage
-	// (route.Config.FollowOneIn); 1 follows every one.
-	FollowOneIn int `yaml:"follow_one_in"`
+	// FollowInterval: a successful streamed response is followed past its
+	// first token to its end, for its usage, when its host had none
+	// followed within FollowInterval (route.Config.FollowInterval); 0
+	// follows every one, a negative interval none.
+	FollowInterval time.Duration `yaml:"follow_interval"`
 	// EstimateFirstToken releases the prefill load when the host should
 	// have prefilled the request, without seeing the first token.
 	EstimateFirstToken bool `yaml:"estimate_first_token"`
@@ -297,7 +298,7 @@ func Default() Config {
 			OutputTokens: cost.DefaultOutputTokens, PrefillTokensPerSecond: cost.DefaultPrefillTokensPerSecond,
 			DecodeTokensPerSecond: cost.DefaultDecodeTokensPerSecond},
 		Response: Response{Observer: true, LeaseHeader: processor.DefaultLeaseHeader,
-			ObserverGrace: processor.DefaultObserverGrace, FollowOneIn: route.DefaultFollowOneIn},
+			ObserverGrace: processor.DefaultObserverGrace, FollowInterval: route.DefaultFollowInterval},
 		HealthCheck: HealthCheck(backend.DefaultHealth),
 		OutlierDetection: OutlierDetection{Consecutive5xx: backend.DefaultOutlier.ConsecutiveFailures,
 			BaseEjectionTime: backend.DefaultOutlier.BaseEjection, MaxEjectionTime: backend.DefaultOutlier.MaxEjection,

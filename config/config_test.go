@@ -127,7 +127,7 @@ var flagFields = map[string]string{
 	"output-tokens": "cost.output_tokens", "prefill-tokens-per-second": "cost.prefill_tokens_per_second",
 	"decode-tokens-per-second": "cost.decode_tokens_per_second", "observer": "response.observer",
 	"lease-header": "response.lease_header", "observer-grace": "response.observer_grace",
-	"follow-one-in":        "response.follow_one_in",
+	"follow-interval":      "response.follow_interval",
 	"estimate-first-token": "response.estimate_first_token", "health-check-path": "health_check.path",
 	"health-check-interval": "health_check.interval", "health-check-timeout": "health_check.timeout",
 	"unhealthy-threshold": "health_check.unhealthy_threshold", "healthy-threshold": "health_check.healthy_threshold",

@@ -78,7 +78,7 @@ func (c *Config) Processor() processor.Config {
 // Prompts are hashed for prefix affinity only when it is on.
 func (c *Config) Route() route.Config {
 	rc := route.Config{RetryAfter: c.RetryAfter, Fallbacks: c.FallbackHosts,
-		EstimateFirstToken: c.Response.EstimateFirstToken, FollowOneIn: c.Response.FollowOneIn, ModelRouting: c.Models.Routing}
+		EstimateFirstToken: c.Response.EstimateFirstToken, FollowInterval: c.Response.FollowInterval, ModelRouting: c.Models.Routing}
 	if c.PrefixAffinity.MaxExtraLoad > 0 {
 		rc.Prefix = prefix.Hashing{Blocks: c.PrefixAffinity.Blocks, BlockBytes: c.PrefixAffinity.BlockBytes}
 	}

@@ -197,7 +197,6 @@ func (c *Config) validateRouting(p *problems) {
 	if h := c.Response.LeaseHeader; !settableHeader(h) || strings.EqualFold(h, c.DestinationHeader) {
 		p.add("response.lease_header", "%q cannot be set by an ext_proc server or clashes with destination_header", h)
 	}
-	p.atLeast("response.follow_one_in", c.Response.FollowOneIn, 1)
 	if c.FallbackHosts < 0 {
 		p.add("fallback_hosts", "must not be negative")
 	}

@@ -17,7 +17,7 @@ import (
 // headers, response headers, first chunk: tokenlb then ends the stream and
 // Envoy sends no more), and the end filter's stream one; the first token
 // releases the prefill part and the end filter's close the rest. A response
-// tokenlb follows (follow_one_in 1), or any response without the end filter
+// tokenlb follows (follow_interval 0), or any response without the end filter
 // (a configuration from before it), costs a message a chunk and ends with
 // its body.
 func TestStreamedResponseObservedCheaply(t *testing.T) {
@@ -29,12 +29,12 @@ func TestStreamedResponseObservedCheaply(t *testing.T) {
 		cause      string
 		cheap      bool
 	}{
-		{"first token only", "1000000000", false, "request_closed", true},
-		{"followed to the end", "1", false, "response_end", false},
-		{"without the end filter", "1000000000", true, "response_end", false},
+		{"first token only", "-1s", false, "request_closed", true},
+		{"followed to the end", "0", false, "response_end", false},
+		{"without the end filter", "-1s", true, "response_end", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: []string{"--follow-one-in=" + tc.followOne},
+			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: []string{"--follow-interval=" + tc.followOne},
 				Options: envoycfg.Options{WithoutEnd: tc.withoutEnd}})
 			resp, err := s.send(context.Background(), chatBody(50, true), "sse", map[string]string{"x-e2e-events": "40"})
 			if err != nil {

@@ -50,6 +50,7 @@ var (
 	ErrInvalidJSON = errors.New("request body is not valid JSON")
 	ErrTooDeep     = fmt.Errorf("request body nests JSON deeper than %d levels", MaxDepth)
 	ErrNoPrompt    = errors.New("request body has nothing to count")
+	ErrNotObject   = errors.New("request body is not a JSON object")
 )
 
 // Prompt is what a request body says of the prompt and its answer.
@@ -160,11 +161,17 @@ func Parse(path string, body []byte, c Counter) (Prompt, error) {
 	}
 	// Unmarshal checks the whole body is valid JSON before decoding it.
 	var r request
-	if err := json.Unmarshal(body, &r); err != nil {
-		var syntax *json.SyntaxError
-		if errors.As(err, &syntax) {
-			return p, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
-		}
+	err := json.Unmarshal(body, &r)
+	var syntax *json.SyntaxError
+	if errors.As(err, &syntax) {
+		return p, fmt.Errorf("%w: %v", ErrInvalidJSON, err)
+	}
+	if b := bytes.TrimLeft(body, " \t\r\n"); b[0] != '{' {
+		// Valid JSON, but an array, a string, a number or null: no API
+		// tokenlb knows takes one, and a backend would refuse it too.
+		return p, fmt.Errorf("%w: it starts with %q", ErrNotObject, b[0])
+	}
+	if err != nil {
 		// Valid JSON of an unexpected shape (a field of another type than
 		// the API documents): count its string values rather than refuse.
 		n, err := t.countJSON(body, skipStructural)
@@ -174,7 +181,6 @@ func Parse(path string, body []byte, c Counter) (Prompt, error) {
 	p.Model, p.Stream = string(r.Model), bool(r.Stream)
 	p.MaxOutputTokens = firstPositive(int(r.MaxCompletionTokens), int(r.MaxTokens), int(r.MaxOutputTokens))
 
-	var err error
 	switch p.API {
 	case Chat:
 		p.Tokens, err = t.countChat(&r)

@@ -242,6 +242,12 @@ func TestParseErrors(t *testing.T) {
 		{"no responses input", "/v1/responses", `{"model":"m"}`, ErrNoPrompt},
 		{"content is a number", "/v1/chat/completions", `{"messages":[{"role":"user","content":5}]}`, ErrNoPrompt},
 		{"too deep", "/v1/completions", `{"prompt":` + deep + `}`, ErrTooDeep},
+		{"an array", "/v1/chat/completions", `[{"role":"user","content":"hi"}]`, ErrNotObject},
+		{"an empty array", "/v1/completions", ` [] `, ErrNotObject},
+		{"a number", "/v1/embeddings", `123`, ErrNotObject},
+		{"a string", "/v1/messages", `"text"`, ErrNotObject},
+		{"null", "/v1/responses", "\nnull", ErrNotObject},
+		{"true", "/v1/chat/completions", `true`, ErrNotObject},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

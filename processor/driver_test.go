@@ -41,7 +41,7 @@ type Config struct {
 	Cost               *cost.Estimator
 	Fallbacks          int
 	EstimateFirstToken bool
-	FollowOneIn        int
+	FollowInterval     time.Duration
 	ModelRouting       bool
 	ResponseStatus     func(host string, status int)
 	DestinationList    bool
@@ -91,7 +91,7 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 	}
 	routeMetrics := route.NewMetrics()
 	router := route.New(route.Config{Picker: p, Tokenizer: testTokenizer(t), Cost: cfg.Cost, Fallbacks: cfg.Fallbacks,
-		EstimateFirstToken: cfg.EstimateFirstToken, FollowOneIn: cfg.FollowOneIn, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
+		EstimateFirstToken: cfg.EstimateFirstToken, FollowInterval: cfg.FollowInterval, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
 		Metrics: routeMetrics})
 	metrics := processor.NewMetrics()
 	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, DestinationList: cfg.DestinationList, MaxBodyBytes: cfg.MaxBodyBytes,

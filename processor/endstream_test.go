@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/metadata"
 
@@ -14,8 +15,11 @@ import (
 )
 
 // neverFollow makes the Router follow no streamed response past its first
-// token (one in 2^62, at random).
-const neverFollow = 1 << 62
+// token; followAll, every one.
+const (
+	neverFollow = -time.Second
+	followAll   = 0
+)
 
 // openEnd opens a stream as the end filter does.
 func (e *testEnv) openEnd(t *testing.T) *fakeEnvoy {
@@ -71,7 +75,7 @@ func TestObserverStopsAtFirstToken(t *testing.T) {
 	opts := twoPhase
 	opts.Calibrate = true
 	model := cost.New(opts)
-	env := startEnv(t, threeHosts[:1], picker.Options{}, Config{Cost: model, Observer: true, FollowOneIn: neverFollow})
+	env := startEnv(t, threeHosts[:1], picker.Options{}, Config{Cost: model, Observer: true, FollowInterval: neverFollow})
 	host := threeHosts[0]
 	o, end, full := threeStreams(t, env)
 
@@ -127,7 +131,7 @@ func nonZero(m map[picker.Cause]uint64) map[picker.Cause]uint64 {
 // the body's end releases the rest and teaches its usage.
 func TestFollowedResponseEndsWithItsBody(t *testing.T) {
 	model := cost.New(twoPhase)
-	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: model, Observer: true, FollowOneIn: 1})
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: model, Observer: true, FollowInterval: followAll})
 	o, end, full := threeStreams(t, env)
 	o.send(respHeadersTyped("200", sseHeaders))
 	o.send(respBody(firstEvent, false))
@@ -155,7 +159,7 @@ func TestFollowedResponseEndsWithItsBody(t *testing.T) {
 // from before it), nothing else would report the end, so the observer
 // follows every response to its end even when the Router asks for no more.
 func TestObserverFollowsWithoutEndStream(t *testing.T) {
-	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true, FollowOneIn: neverFollow})
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true, FollowInterval: neverFollow})
 	f := env.open(t, buffered)
 	out := routed(t, f, post(chat(100)))
 	o := env.openObserver(t)
@@ -184,7 +188,7 @@ func TestObserverFollowsWithoutEndStream(t *testing.T) {
 // (the end stream closes first) stays with the observer, which still
 // follows it; the observer stream's end releases it, once.
 func TestEndStreamBeforeFirstToken(t *testing.T) {
-	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true, FollowOneIn: neverFollow})
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true, FollowInterval: neverFollow})
 	o, end, full := threeStreams(t, env)
 	o.send(respHeadersTyped("200", sseHeaders))
 	end.close()

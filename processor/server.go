@@ -336,21 +336,22 @@ func (rs *routingStream) handle(req *extprocv3.ProcessingRequest) (done bool, er
 
 func (rs *routingStream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	contentLength := int64(-1)
+	// Only the values read are copied out of the message: a request has a
+	// dozen headers or more, and each copy is an allocation.
 	for _, hv := range h.GetHeaders().GetHeaders() {
-		v := headerValue(hv)
 		switch strings.ToLower(hv.GetKey()) {
 		case ":path":
-			rs.req.Path = v
+			rs.req.Path = headerValue(hv)
 		case ":method":
-			rs.req.Method = v
+			rs.req.Method = headerValue(hv)
 		case "content-type":
-			rs.req.ContentType = v
+			rs.req.ContentType = headerValue(hv)
 		case "content-length":
-			if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			if n, err := strconv.ParseInt(headerValue(hv), 10, 64); err == nil {
 				contentLength = n
 			}
 		case "x-request-id":
-			rs.req.RequestID = v
+			rs.req.RequestID = headerValue(hv)
 		}
 	}
 	rs.req.HasBody = !h.GetEndOfStream()

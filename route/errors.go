@@ -23,6 +23,8 @@ func errPrompt(err error) *processor.Rejection {
 		code = "json_too_deep"
 	case errors.Is(err, llmapi.ErrInvalidJSON):
 		code = "invalid_json"
+	case errors.Is(err, llmapi.ErrNotObject):
+		code = "invalid_type"
 	}
 	return reject(400, code, llmapi.Error{Type: "invalid_request_error", Code: code, Message: err.Error()})
 }

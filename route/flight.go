@@ -185,7 +185,7 @@ func (f *flight) report(h processor.Headers) {
 // ResponseBody notes a chunk of the response body: the first bytes are the
 // first token (a streamed response's first event; a whole response
 // otherwise). At a successful streamed response's first token it decides
-// whether to follow the response to its end (Config.FollowOneIn); one it
+// whether to follow the response to its end (Config.FollowInterval); one it
 // does not follow teaches its time to first token at once, and more says
 // that nothing but its end is needed.
 func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
@@ -196,7 +196,7 @@ func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 			f.ttft = time.Since(f.lease.Start())
 			f.lease.FirstToken()
 			if f.streamed && !end && !f.finished {
-				f.unfollowed = !f.rt.follow()
+				f.unfollowed = !f.rt.follow(f.lease.Host(), time.Now())
 				if f.unfollowed {
 					f.rt.m.followed.WithLabelValues("first_token").Inc()
 					f.learnFirstToken()

@@ -42,7 +42,7 @@ func NewMetrics() *Metrics {
 			Help: "Requests the data plane reports it served on another host than the chosen one (a retry on a fallback); their charge moved there."}),
 		followed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenlb_streamed_responses_followed_total",
-			Help: "Successful streamed responses at their first token, by how far tokenlb follows them: to the end (for usage), or no further (follow_one_in)."},
+			Help: "Successful streamed responses at their first token, by how far tokenlb follows them: to the end (for usage), or no further (follow_interval)."},
 			[]string{"to"}),
 	}
 }

@@ -22,7 +22,7 @@ import (
 	"errors"
 	"hash/maphash"
 	"log/slog"
-	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/tokenlb/tokenlb/cost"
@@ -37,9 +37,9 @@ import (
 const (
 	// DefaultRetryAfter is Config.RetryAfter's default.
 	DefaultRetryAfter = time.Second
-	// DefaultFollowOneIn is the configuration's default for
-	// Config.FollowOneIn (whose zero value follows every response).
-	DefaultFollowOneIn = 8
+	// DefaultFollowInterval is the configuration's default for
+	// Config.FollowInterval (whose zero value follows every response).
+	DefaultFollowInterval = time.Second
 )
 
 // Config configures a Router.
@@ -63,14 +63,17 @@ type Config struct {
 	// have prefilled the request, by the cost estimator's speed, instead
 	// of waiting to see the first token (for responses tokenlb never sees).
 	EstimateFirstToken bool
-	// FollowOneIn: a successful streamed response is followed past its
+	// FollowInterval: a successful streamed response is followed past its
 	// first token to its end, for what only the end shows (usage: output
-	// length, decode speed, the host's prompt count), one time in
-	// FollowOneIn, at random; the others teach their time to first token,
-	// and the Flight asks for no more of their body, which spares a
-	// message a chunk where an end stream reports the end
-	// (processor.Flight.ResponseBody). 0 or 1 follows every response.
-	FollowOneIn int
+	// length, decode speed, the host's prompt count), when its host had no
+	// response followed within FollowInterval: one a host per interval at
+	// most, so that the cost of following (a message a chunk) stays bounded
+	// per host however busy, while a quiet host has every response
+	// followed. The others teach their time to first token, and the Flight
+	// asks for no more of their body, which spares a message a chunk where
+	// an end stream reports the end (processor.Flight.ResponseBody). 0
+	// follows every response, a negative interval none.
+	FollowInterval time.Duration
 	// ModelRouting sends each request only to hosts that serve its model
 	// (picker.Request.Model), and answers 404 when none does.
 	ModelRouting bool
@@ -92,6 +95,9 @@ type Router struct {
 	cfg Config
 	log *slog.Logger
 	m   *Metrics
+
+	mu       sync.Mutex
+	followed map[string]time.Time // when each host last had a response followed to its end
 }
 
 // New returns a Router.
@@ -113,14 +119,35 @@ func New(cfg Config) *Router {
 	if m == nil {
 		m = NewMetrics()
 	}
-	return &Router{cfg: cfg, log: log, m: m}
+	return &Router{cfg: cfg, log: log, m: m, followed: make(map[string]time.Time)}
 }
 
-// follow says whether to follow a streamed response to its end: one time
-// in Config.FollowOneIn, at random, so that no periodic pattern in the
-// traffic decides which responses teach.
-func (rt *Router) follow() bool {
-	return rt.cfg.FollowOneIn <= 1 || rand.IntN(rt.cfg.FollowOneIn) == 0
+// maxFollowed bounds Router.followed: past it, hosts whose last followed
+// response is older than a minute are dropped (removed hosts, as the fleet
+// changes).
+const maxFollowed = 4096
+
+// follow says whether to follow a streamed response on host to its end,
+// and if so notes it: when the host had none followed within
+// Config.FollowInterval.
+func (rt *Router) follow(host string, now time.Time) bool {
+	if rt.cfg.FollowInterval <= 0 {
+		return rt.cfg.FollowInterval == 0
+	}
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if last, ok := rt.followed[host]; ok && now.Sub(last) < rt.cfg.FollowInterval {
+		return false
+	}
+	if len(rt.followed) >= maxFollowed {
+		for h, last := range rt.followed {
+			if now.Sub(last) > time.Minute {
+				delete(rt.followed, h)
+			}
+		}
+	}
+	rt.followed[host] = now
+	return true
 }
 
 // Admit refuses, before its body is read, a request to an API path whose

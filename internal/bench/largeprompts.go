@@ -89,6 +89,15 @@ type LargePromptRow struct {
 	// partly (estimated), by reason; nil for the arms without tokenlb.
 	Estimated         *int64           `json:"estimated_requests"`
 	EstimatedByReason map[string]int64 `json:"estimated_by_reason,omitempty"`
+	// CountMs bounds tokenlb's own time to parse and count a request (its
+	// tokenlb_tokenize_duration_seconds histogram over the measured
+	// requests): the upper bound of the bucket that holds the quantile, in
+	// ms; nil for the arms without tokenlb. What tokenlb adds on the
+	// request path beyond what the floor adds (the body's transfer).
+	CountMs *struct {
+		P50 float64 `json:"p50_at_most"`
+		P99 float64 `json:"p99_at_most"`
+	} `json:"count_ms,omitempty"`
 }
 
 // largePromptBodies are each size's request bodies: warmup then measured,
@@ -231,9 +240,15 @@ func largePromptArm(ctx context.Context, o Options, arm, mode string, bodies map
 		if server != "" {
 			serverPID = g.PID(server)
 		}
-		var est0 map[string]int64
+		var (
+			est0   map[string]int64
+			count0 []bucket
+		)
 		if admin != "" {
 			if est0, err = estimatedRequests(admin); err != nil {
+				return nil, err
+			}
+			if count0, err = countBuckets(admin); err != nil {
 				return nil, err
 			}
 		}
@@ -248,6 +263,9 @@ func largePromptArm(ctx context.Context, o Options, arm, mode string, bodies map
 			EnvoyCPU: 1000 * (e1 - e0) / largePromptN, ServerCPU: 1000 * (s1 - s0) / largePromptN}
 		if admin != "" {
 			if err := row.setEstimated(admin, est0); err != nil {
+				return nil, err
+			}
+			if err := row.setCountMs(admin, count0); err != nil {
 				return nil, err
 			}
 		}
@@ -378,10 +396,15 @@ func largePromptTable(rows []LargePromptRow) string {
 		"The floor runs buffered only: its empty answer to a request body is not valid in FULL_DUPLEX_STREAMED " +
 		"(the server has to send the body back as StreamedBodyResponse chunks), so every duplex request through it fails. " +
 		"One round only (not medians): read these as rough numbers. " +
-		"Estimated: requests tokenlb counted only partly (tokenlb_tokenizer_estimated_requests_total, by reason).\n\n")
-	b.WriteString("| arm | mode | prompt tokens | errors | E2E p50 ms | E2E p99 ms | added p50 ms | added p99 ms | Envoy CPU ms/req | server CPU ms/req | estimated |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+		"Estimated: requests tokenlb counted only partly (tokenlb_tokenizer_estimated_requests_total, by reason). " +
+		"Parse and count: tokenlb's own time from the whole body to its count (tokenlb_tokenize_duration_seconds over the measured requests), " +
+		"as the upper bound of the histogram bucket that holds the quantile: what tokenlb adds to the request beyond the body's transfer, which the floor pays too.\n\n")
+	b.WriteString("| arm | mode | prompt tokens | errors | E2E p50 ms | E2E p99 ms | added p50 ms | added p99 ms | Envoy CPU ms/req | server CPU ms/req | estimated | tokenlb parse and count p50 / p99 ms, at most |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		added50, added99, server, est := "", "", "–", "–"
+		added50, added99, server, est, count := "", "", "–", "–", "–"
+		if c := r.CountMs; c != nil {
+			count = fmt.Sprintf("%.3g / %.3g", c.P50, c.P99)
+		}
 		if r.Arm != "envoy" {
 			added50, added99 = fmt.Sprintf("%+.2f", r.Added.P50), fmt.Sprintf("%+.2f", r.Added.P99)
 			server = fmt.Sprintf("%.3f", r.ServerCPU)
@@ -398,8 +421,8 @@ func largePromptTable(rows []LargePromptRow) string {
 				est += " (" + strings.Join(reasons, ", ") + ")"
 			}
 		}
-		fmt.Fprintf(&b, "| %s | %s | %d | %d | %.2f | %.2f | %s | %s | %.3f | %s | %s |\n",
-			r.Arm, r.Mode, r.PromptTokens, r.Errors, r.E2E.P50, r.E2E.P99, added50, added99, r.EnvoyCPU, server, est)
+		fmt.Fprintf(&b, "| %s | %s | %d | %d | %.2f | %.2f | %s | %s | %.3f | %s | %s | %s |\n",
+			r.Arm, r.Mode, r.PromptTokens, r.Errors, r.E2E.P50, r.E2E.P99, added50, added99, r.EnvoyCPU, server, est, count)
 	}
 	return b.String()
 }
@@ -420,5 +443,80 @@ func (row *LargePromptRow) setEstimated(admin string, before map[string]int64) e
 		}
 	}
 	row.Estimated = &total
+	return nil
+}
+
+// bucket is one cumulative bucket of a Prometheus histogram.
+type bucket struct {
+	le    float64 // upper bound, seconds
+	count float64 // observations at most le
+}
+
+// countBuckets reads tokenlb's tokenlb_tokenize_duration_seconds buckets
+// from its admin /metrics at url.
+func countBuckets(url string) ([]bucket, error) {
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Get(url)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return parseBuckets(resp.Body, "tokenlb_tokenize_duration_seconds")
+}
+
+// parseBuckets reads, from Prometheus text, histogram name's cumulative
+// buckets in order (+Inf last).
+func parseBuckets(r io.Reader, name string) ([]bucket, error) {
+	var out []bucket
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), name+`_bucket{le="`)
+		if !ok {
+			continue
+		}
+		le, value, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			return nil, fmt.Errorf("metric line %q: no value", sc.Text())
+		}
+		b, err := strconv.ParseFloat(le, 64) // "+Inf" parses
+		if err != nil {
+			return nil, fmt.Errorf("metric line %q: %w", sc.Text(), err)
+		}
+		n, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err != nil {
+			return nil, fmt.Errorf("metric line %q: %w", sc.Text(), err)
+		}
+		out = append(out, bucket{b, n})
+	}
+	return out, sc.Err()
+}
+
+// atMost returns the upper bound, in ms, of the first bucket holding
+// quantile q of the observations between before and after (the same
+// histogram read twice).
+func atMost(before, after []bucket, q float64) float64 {
+	if len(after) == 0 || len(before) != len(after) {
+		return math.NaN()
+	}
+	total := after[len(after)-1].count - before[len(before)-1].count
+	for i := range after {
+		if after[i].count-before[i].count >= q*total {
+			return after[i].le * 1000
+		}
+	}
+	return math.Inf(1)
+}
+
+// setCountMs records the bounds of tokenlb's parse-and-count time since
+// before, from its metrics at admin.
+func (row *LargePromptRow) setCountMs(admin string, before []bucket) error {
+	after, err := countBuckets(admin)
+	if err != nil {
+		return err
+	}
+	row.CountMs = &struct {
+		P50 float64 `json:"p50_at_most"`
+		P99 float64 `json:"p99_at_most"`
+	}{atMost(before, after, 0.5), atMost(before, after, 0.99)}
 	return nil
 }

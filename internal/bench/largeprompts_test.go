@@ -2,6 +2,8 @@ package bench
 
 import (
 	"encoding/json"
+	"fmt"
+	"math"
 	"strings"
 	"testing"
 
@@ -111,5 +113,38 @@ func TestLargePromptModesOf(t *testing.T) {
 		if got := strings.Join(largePromptModesOf(arm), ","); got != want {
 			t.Errorf("%s: modes %s, want %s", arm, got, want)
 		}
+	}
+}
+
+// TestCountBounds: the parse-and-count bounds come from the histogram's
+// buckets between two reads: the first bucket whose count since the first
+// read reaches the quantile.
+func TestCountBounds(t *testing.T) {
+	read := func(counts ...int) []bucket {
+		t.Helper()
+		text := "# HELP tokenlb_tokenize_duration_seconds x\n# TYPE tokenlb_tokenize_duration_seconds histogram\n"
+		for i, le := range []string{"0.001", "0.01", "0.1", "+Inf"} {
+			text += fmt.Sprintf("tokenlb_tokenize_duration_seconds_bucket{le=%q} %d\n", le, counts[i])
+		}
+		text += "tokenlb_tokenize_duration_seconds_sum 1\ntokenlb_tokenize_duration_seconds_count 1\nother_bucket{le=\"1\"} 5\n"
+		b, err := parseBuckets(strings.NewReader(text), "tokenlb_tokenize_duration_seconds")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	before := read(10, 10, 10, 10) // 10 earlier, all under 1 ms
+	// Since then: 50 under 1 ms, 49 between 1 and 10 ms, 1 between 10 and 100 ms.
+	after := read(60, 109, 110, 110)
+	for _, tc := range []struct {
+		q    float64
+		want float64
+	}{{0.5, 1}, {0.99, 10}, {1, 100}} {
+		if got := atMost(before, after, tc.q); got != tc.want {
+			t.Errorf("quantile %v: at most %v ms, want %v", tc.q, got, tc.want)
+		}
+	}
+	if got := atMost(before, read(10, 10, 10, 11), 0.99); !math.IsInf(got, 1) {
+		t.Errorf("an observation past the last finite bucket: at most %v ms, want +Inf", got)
 	}
 }
