@@ -54,6 +54,8 @@ var Variants = map[string]Variant{
 		About: "as shipped, but the routing filter sees the response body (STREAMED): a round trip per chunk"},
 	"tokenlb-estimate": {Response: "estimate", Flags: []string{"--observer=false", "--estimate-first-token"},
 		About: "as shipped, but no response body: prefill released at the estimated first token, the rest at the end of the stream"},
+	"tokenlb-follow-all": {Flags: []string{"--follow-interval=0"},
+		About: "as shipped, but every streamed response followed to its end for its usage (a message a chunk), not one a second per host"},
 	"tokenlb-no-affinity": {Flags: []string{"--prefix-max-extra-load=0"},
 		About: "as shipped, without prefix affinity"},
 	"tokenlb-feedback": {Flags: []string{"--backend-metrics-interval=1s"},
