@@ -240,15 +240,9 @@ func largePromptArm(ctx context.Context, o Options, arm, mode string, bodies map
 		if server != "" {
 			serverPID = g.PID(server)
 		}
-		var (
-			est0   map[string]int64
-			count0 []bucket
-		)
+		var before tokenlbCounts
 		if admin != "" {
-			if est0, err = estimatedRequests(admin); err != nil {
-				return nil, err
-			}
-			if count0, err = countBuckets(admin); err != nil {
+			if before, err = readTokenlbCounts(admin); err != nil {
 				return nil, err
 			}
 		}
@@ -262,10 +256,7 @@ func largePromptArm(ctx context.Context, o Options, arm, mode string, bodies map
 		row := LargePromptRow{Arm: arm, Mode: mode, PromptTokens: size.Tokens, Errors: errs,
 			EnvoyCPU: 1000 * (e1 - e0) / largePromptN, ServerCPU: 1000 * (s1 - s0) / largePromptN}
 		if admin != "" {
-			if err := row.setEstimated(admin, est0); err != nil {
-				return nil, err
-			}
-			if err := row.setCountMs(admin, count0); err != nil {
+			if err := row.setTokenlbCounts(admin, before); err != nil {
 				return nil, err
 			}
 		}
@@ -507,9 +498,28 @@ func atMost(before, after []bucket, q float64) float64 {
 	return math.Inf(1)
 }
 
-// setCountMs records the bounds of tokenlb's parse-and-count time since
-// before, from its metrics at admin.
-func (row *LargePromptRow) setCountMs(admin string, before []bucket) error {
+// tokenlbCounts is what a large-prompt row reads from tokenlb's metrics
+// before and after its requests.
+type tokenlbCounts struct {
+	estimated map[string]int64
+	count     []bucket
+}
+
+func readTokenlbCounts(admin string) (c tokenlbCounts, err error) {
+	if c.estimated, err = estimatedRequests(admin); err != nil {
+		return c, err
+	}
+	c.count, err = countBuckets(admin)
+	return c, err
+}
+
+// setTokenlbCounts records how many requests tokenlb estimated and the
+// bounds of its parse-and-count time since before, from its metrics at
+// admin.
+func (row *LargePromptRow) setTokenlbCounts(admin string, before tokenlbCounts) error {
+	if err := row.setEstimated(admin, before.estimated); err != nil {
+		return err
+	}
 	after, err := countBuckets(admin)
 	if err != nil {
 		return err
@@ -517,6 +527,6 @@ func (row *LargePromptRow) setCountMs(admin string, before []bucket) error {
 	row.CountMs = &struct {
 		P50 float64 `json:"p50_at_most"`
 		P99 float64 `json:"p99_at_most"`
-	}{atMost(before, after, 0.5), atMost(before, after, 0.99)}
+	}{atMost(before.count, after, 0.5), atMost(before.count, after, 0.99)}
 	return nil
 }
