@@ -181,4 +181,26 @@ func TestModelRouting(t *testing.T) {
 		t.Errorf("the qwen backend served %d requests, want the 20 for qwen", n)
 	}
 	s.tokenlb.waitIdle()
+
+	// The list of models through Envoy is every host's, each once, whoever
+	// is asked (routed to one host, it would be that host's alone).
+	for i := range 5 {
+		resp, err := http.Get(s.envoy.url("/v1/models"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var list struct {
+			Object string
+			Data   []struct{ ID string }
+		}
+		err = json.NewDecoder(resp.Body).Decode(&list)
+		resp.Body.Close()
+		var ids []string
+		for _, m := range list.Data {
+			ids = append(ids, m.ID)
+		}
+		if err != nil || resp.StatusCode != 200 || list.Object != "list" || !slices.Equal(ids, []string{"llama", "m", "qwen"}) {
+			t.Fatalf("GET /v1/models %d: status %d, models %v (%v), want [llama m qwen]", i, resp.StatusCode, ids, err)
+		}
+	}
 }

@@ -272,12 +272,22 @@ func TestTokenlbKilled(t *testing.T) {
 					t.Fatalf("request %d with tokenlb down: status %d, want %d: %s", i, resp.StatusCode, tc.wantStatus, b)
 				}
 				if tc.wantStatus == 503 {
-					// Refused because ext_proc failed, not for some other reason.
-					if _, msg := openAIError(t, resp); !strings.Contains(msg, "ext_proc") {
-						t.Fatalf("503 not caused by ext_proc: %s", msg)
+					// A plain answer a client can act on; Envoy's detail
+					// (the ext_proc failure) is in its access log.
+					if code, msg := openAIError(t, resp); code != "router_unavailable" || strings.Contains(msg, "ext_proc") {
+						t.Fatalf("503 with tokenlb down: code %q, message %q", code, msg)
+					}
+					if ra := resp.Header.Get("retry-after"); ra != "1" {
+						t.Fatalf("503 with tokenlb down: retry-after %q, want 1", ra)
 					}
 				}
 				resp.Body.Close()
+			}
+			if tc.wantStatus == 503 {
+				// Envoy writes its access log in batches (every 10 s at most).
+				waitFor(t, 15*time.Second, "the access log's line for a refused request", func() bool {
+					return strings.Contains(s.envoy.proc.log.String(), `"details":"ext_proc_error_gRPC_error_14`)
+				})
 			}
 			// tokenlb comes back: routing is token-aware again.
 			s.tokenlb.start()

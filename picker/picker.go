@@ -995,6 +995,31 @@ func (p *Picker) Hosts() []HostLoad {
 	return out
 }
 
+// Models returns the models the routable hosts serve, sorted, each once:
+// those of the healthy hosts, or of every host when none is healthy (as
+// picks fall back to them). ok is false when no such host's list is known
+// (model discovery is off, or has not answered yet); a host whose list is
+// not known adds nothing.
+func (p *Picker) Models() (models []string, ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	anyHealthy := false
+	for _, h := range p.hosts {
+		anyHealthy = anyHealthy || h.health.Healthy()
+	}
+	set := map[string]bool{}
+	for _, h := range p.hosts {
+		if h.models == nil || (anyHealthy && !h.health.Healthy()) {
+			continue
+		}
+		ok = true
+		for m := range h.models {
+			set[m] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(set)), ok
+}
+
 // Stats are the ledger's lifetime counters.
 type Stats struct {
 	Releases      map[Cause]uint64

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -710,5 +711,127 @@ func TestSubsetHint(t *testing.T) {
 		if out.immediate == nil || out.immediate.GetStatus().GetCode() != 503 || errorBody(t, out.immediate) != "not_in_subset" {
 			t.Fatalf("hint %v: %+v", hint, out)
 		}
+	}
+}
+
+// TestAnthropicErrors: tokenlb's own answers on Anthropic's Messages API
+// are in Anthropic's error shape, with its type for the status; the same
+// rejection on an OpenAI path is in OpenAI's.
+func TestAnthropicErrors(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{ModelRouting: true})
+	for _, h := range threeHosts {
+		env.picker.SetModels(h, []string{"claude-small"})
+	}
+	for _, tc := range []struct {
+		name, path, body string
+		status           int32
+		anthropicType    string
+	}{
+		{"invalid JSON", "/v1/messages", `{"messages": [`, 400, "invalid_request_error"},
+		{"not an object", "/v1/messages", `[]`, 400, "invalid_request_error"},
+		{"unknown model", "/v1/messages", `{"model":"claude-x","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}`, 404, "not_found_error"},
+		{"OpenAI path", "/v1/chat/completions", `{"messages": [`, 400, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := env.open(t, buffered)
+			defer f.close()
+			out, err := f.do(httpRequest{method: "POST", path: tc.path, body: []byte(tc.body)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out.immediate == nil || int32(out.immediate.GetStatus().GetCode()) != tc.status {
+				t.Fatalf("want %d, got %+v", tc.status, out)
+			}
+			if tc.anthropicType == "" {
+				errorBody(t, out.immediate)
+				return
+			}
+			var v struct {
+				Type  string `json:"type"`
+				Error struct {
+					Type, Message string
+				} `json:"error"`
+			}
+			if err := json.Unmarshal(out.immediate.GetBody(), &v); err != nil || v.Type != "error" ||
+				v.Error.Type != tc.anthropicType || v.Error.Message == "" {
+				t.Fatalf("body %s: want Anthropic's shape with type %s", out.immediate.GetBody(), tc.anthropicType)
+			}
+		})
+	}
+}
+
+// TestModelsList: GET /v1/models is answered by tokenlb with every model
+// the routable hosts serve, each once, in OpenAI's list shape (Anthropic's
+// when the client sends anthropic-version); a down host's models are left
+// out; GET /v1/models/{id} answers one model or 404; with no host's models
+// known, the request is routed as before.
+func TestModelsList(t *testing.T) {
+	env := startEnv(t, threeHosts, picker.Options{}, Config{})
+	get := func(path string, headers map[string]string) *outcome {
+		t.Helper()
+		f := env.open(t, buffered)
+		defer f.close()
+		out, err := f.do(httpRequest{method: "GET", path: path, headers: headers})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	if out := get("/v1/models", nil); out.immediate != nil {
+		t.Fatalf("no models known: answered %s, want routed", out.immediate.GetBody())
+	}
+	env.picker.SetModels(threeHosts[0], []string{"llama", "qwen"})
+	env.picker.SetModels(threeHosts[1], []string{"qwen", "mistral"})
+	env.picker.SetModels(threeHosts[2], []string{"gone-with-the-host"})
+	env.picker.SetHealth(threeHosts[2], picker.Health{Down: true})
+
+	out := get("/v1/models?limit=5", nil)
+	if out.immediate == nil || out.immediate.GetStatus().GetCode() != 200 {
+		t.Fatalf("want tokenlb's 200, got %+v", out)
+	}
+	var list struct {
+		Object string
+		Data   []struct{ ID, Object string }
+	}
+	if err := json.Unmarshal(out.immediate.GetBody(), &list); err != nil || list.Object != "list" {
+		t.Fatalf("list %s (%v)", out.immediate.GetBody(), err)
+	}
+	var ids []string
+	for _, m := range list.Data {
+		if m.Object != "model" {
+			t.Fatalf("entry %+v", m)
+		}
+		ids = append(ids, m.ID)
+	}
+	if want := []string{"llama", "mistral", "qwen"}; !slices.Equal(ids, want) {
+		t.Fatalf("models %v, want %v (the healthy hosts' union, each once)", ids, want)
+	}
+
+	out = get("/v1/models", map[string]string{"anthropic-version": "2023-06-01"})
+	var alist struct {
+		Data []struct {
+			Type string `json:"type"`
+			ID   string `json:"id"`
+		}
+		HasMore bool   `json:"has_more"`
+		FirstID string `json:"first_id"`
+		LastID  string `json:"last_id"`
+	}
+	if err := json.Unmarshal(out.immediate.GetBody(), &alist); err != nil || len(alist.Data) != 3 || alist.Data[0].Type != "model" ||
+		alist.Data[0].ID != "llama" || alist.FirstID != "llama" || alist.LastID != "qwen" || alist.HasMore {
+		t.Fatalf("Anthropic list %s (%v)", out.immediate.GetBody(), err)
+	}
+
+	if out := get("/v1/models/qwen", nil); out.immediate.GetStatus().GetCode() != 200 || !strings.Contains(string(out.immediate.GetBody()), `"id":"qwen"`) {
+		t.Fatalf("one model: %d %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
+	}
+	if out := get("/v1/models/gone-with-the-host", nil); out.immediate.GetStatus().GetCode() != 404 || errorBody(t, out.immediate) != "model_not_found" {
+		t.Fatalf("a down host's model: %d %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
+	}
+	if n := env.counter(t, "tokenlb_rejections_total", "models"); n != 0 {
+		t.Fatalf("the list counted as %v rejections", n)
+	}
+	if out := get("/v1/models-other", nil); out.immediate != nil {
+		t.Fatalf("another path answered: %s", out.immediate.GetBody())
 	}
 }

@@ -99,7 +99,7 @@ func destinationMetadata(namespace, key, hosts string) *structpb.Struct {
 }
 
 // immediateResponse answers the client with r instead of the backend.
-func immediateResponse(r *Rejection) *extprocv3.ProcessingResponse {
+func immediateResponse(r *Rejection, path string) *extprocv3.ProcessingResponse {
 	hs := []headerPair{{"content-type", "application/json"}}
 	if r.RetryAfter > 0 {
 		secs := max(1, int(r.RetryAfter.Round(time.Second)/time.Second))
@@ -109,9 +109,17 @@ func immediateResponse(r *Rejection) *extprocv3.ProcessingResponse {
 		ImmediateResponse: &extprocv3.ImmediateResponse{
 			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(r.Status)},
 			Headers: &extprocv3.HeaderMutation{SetHeaders: setHeaders(hs)},
-			Body:    r.Body,
+			Body:    r.body(path),
 			Details: "tokenlb_" + r.Reason,
 		}}}
+}
+
+// body is the answer's body for a request to path.
+func (r *Rejection) body(path string) []byte {
+	if r.Body != nil {
+		return r.Body
+	}
+	return r.Error.Body(llmapi.APIFor(path), r.Status)
 }
 
 // headerValue returns a header's value; Envoy sends raw_value, older
@@ -126,7 +134,7 @@ func headerValue(h *corev3.HeaderValue) string {
 // The Server's own rejections: what the protocol or its limits refuse.
 
 func reject(status int, reason string, e llmapi.Error) *Rejection {
-	return &Rejection{Status: status, Reason: reason, Message: e.Message, Body: e.JSON()}
+	return &Rejection{Status: status, Reason: reason, Error: e}
 }
 
 func errTooLarge(limit int64) *Rejection {

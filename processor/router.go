@@ -7,6 +7,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/tokenlb/tokenlb/llmapi"
 )
 
 // Router decides where requests go and follows them to their end. The
@@ -29,6 +31,9 @@ type Request struct {
 	Method, Path, ContentType string
 	// RequestID is Envoy's x-request-id, for logs.
 	RequestID string
+	// Anthropic says the client sent anthropic-version: it speaks
+	// Anthropic's API (a list of models in Anthropic's shape).
+	Anthropic bool
 	// HasBody says a body follows the headers (or followed them); Body is
 	// the whole of it when Route is called (the Server drops it after).
 	HasBody bool
@@ -181,9 +186,13 @@ type Rejection struct {
 	// Reason names the rejection in tokenlb_rejections_total and in
 	// Envoy's response details ("tokenlb_" + Reason).
 	Reason string
-	// Message says what went wrong, for logs; Body is the JSON answer.
-	Message string
-	Body    []byte
+	// Error is the answer, written in the shape the request's API has its
+	// clients expect (llmapi.Error.Body).
+	Error llmapi.Error
+	// Body, when set, is the answer instead (a status below 400: tokenlb
+	// answered the request itself, as for the list of models, and nothing
+	// counts it as a rejection).
+	Body []byte
 	// RetryAfter, when positive, is sent as retry-after (whole seconds,
 	// at least 1).
 	RetryAfter time.Duration

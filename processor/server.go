@@ -352,6 +352,8 @@ func (rs *routingStream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) 
 			}
 		case "x-request-id":
 			rs.req.RequestID = headerValue(hv)
+		case "anthropic-version":
+			rs.req.Anthropic = true
 		}
 	}
 	rs.req.HasBody = !h.GetEndOfStream()
@@ -529,9 +531,11 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders, headers Heade
 // reject answers the client directly and ends the stream.
 func (rs *routingStream) reject(r *Rejection) (bool, error) {
 	rs.decided = true
-	rs.s.m.rejections.WithLabelValues(r.Reason).Inc()
-	rs.s.log.Debug("rejected", "path", rs.req.Path, "request_id", rs.req.RequestID, "status", r.Status, "reason", r.Reason, "message", r.Message)
-	err := rs.grpc.Send(immediateResponse(r))
+	if r.Status >= 400 {
+		rs.s.m.rejections.WithLabelValues(r.Reason).Inc()
+	}
+	rs.s.log.Debug("rejected", "path", rs.req.Path, "request_id", rs.req.RequestID, "status", r.Status, "reason", r.Reason, "message", r.Error.Message)
+	err := rs.grpc.Send(immediateResponse(r, rs.req.Path))
 	if rs.flight != nil {
 		rs.flight.End(Rejected)
 	}

@@ -9,11 +9,12 @@ import (
 	"github.com/tokenlb/tokenlb/processor"
 )
 
-// The Router's rejections, each an OpenAI-shaped error with its status and
-// the reason tokenlb_rejections_total counts it under.
+// The Router's rejections, each an error with its status and the reason
+// tokenlb_rejections_total counts it under; the processor writes it in the
+// shape of the request's API (OpenAI's, or Anthropic's on /v1/messages).
 
 func reject(status int, reason string, e llmapi.Error) *processor.Rejection {
-	return &processor.Rejection{Status: status, Reason: reason, Message: e.Message, Body: e.JSON()}
+	return &processor.Rejection{Status: status, Reason: reason, Error: e}
 }
 
 func errPrompt(err error) *processor.Rejection {

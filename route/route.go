@@ -162,6 +162,9 @@ func (rt *Router) Admit(r *processor.Request) *processor.Rejection {
 // Route parses and counts the request, prices it on each host, picks and
 // charges one, and returns the flight that follows its response.
 func (rt *Router) Route(r *processor.Request) (processor.Flight, *processor.Rejection) {
+	if answer, ok := rt.models(r); ok {
+		return nil, answer
+	}
 	p, rej := rt.count(r)
 	if rej != nil {
 		return nil, rej
