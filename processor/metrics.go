@@ -11,8 +11,34 @@ type Metrics struct {
 	handovers      prometheus.Counter
 }
 
-// NewMetrics returns unregistered metrics.
+// Reasons are the rejection reasons of the Server's own answers (the
+// protocol's and its limits'); a Router adds its own (ExpectRejections).
+var Reasons = []string{"body_too_large", "unsupported_body_mode", "trailers_without_body"}
+
+// NewMetrics returns unregistered metrics, with a series for each of the
+// Server's own rejection reasons and each observer claim result from the
+// start, so that a rate over them is 0 rather than absent.
 func NewMetrics() *Metrics {
+	m := newMetrics()
+	m.ExpectRejections(Reasons...)
+	for _, role := range []string{"observer", "end"} {
+		for _, result := range []string{"claimed", "late", "unknown"} {
+			m.observerClaims.WithLabelValues(role, result)
+		}
+	}
+	m.observerClaims.WithLabelValues("observer", "none")
+	return m
+}
+
+// ExpectRejections gives tokenlb_rejections_total a series for each of
+// reasons from the start: the Router's, which only it knows.
+func (m *Metrics) ExpectRejections(reasons ...string) {
+	for _, r := range reasons {
+		m.rejections.WithLabelValues(r)
+	}
+}
+
+func newMetrics() *Metrics {
 	return &Metrics{
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tokenlb_streams_active", Help: "ext_proc streams (HTTP requests) being served."}),

@@ -6,11 +6,14 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/tokenlb/tokenlb/llmapi"
 	"github.com/tokenlb/tokenlb/prefix"
+	"github.com/tokenlb/tokenlb/processor"
 	"github.com/tokenlb/tokenlb/tokenizer"
 )
 
@@ -150,5 +153,19 @@ func BenchmarkCountLargePrompt(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestReasons: every rejection the Router makes has its reason in Reasons,
+// so that its series exists from the start.
+func TestReasons(t *testing.T) {
+	for _, r := range []*processor.Rejection{
+		errPrompt(llmapi.ErrNoPrompt), errPrompt(llmapi.ErrTooDeep), errPrompt(llmapi.ErrInvalidJSON),
+		errPrompt(llmapi.ErrNotObject), errMediaType("text/plain"), errNoCapacity(time.Second),
+		errNotInSubset(nil), errUnknownModel("m"),
+	} {
+		if !slices.Contains(Reasons, r.Reason) {
+			t.Errorf("reason %q (status %d) is not in Reasons", r.Reason, r.Status)
+		}
 	}
 }

@@ -13,6 +13,11 @@ import (
 // tokenlb_rejections_total counts it under; the processor writes it in the
 // shape of the request's API (OpenAI's, or Anthropic's on /v1/messages).
 
+// Reasons are the reasons of the Router's rejections, for metrics that
+// show each from the start (processor.Metrics.ExpectRejections).
+var Reasons = []string{"missing_prompt", "json_too_deep", "invalid_json", "invalid_type", "unsupported_media_type",
+	"no_capacity", "not_in_subset", "unknown_model"}
+
 func reject(status int, reason string, e llmapi.Error) *processor.Rejection {
 	return &processor.Rejection{Status: status, Reason: reason, Error: e}
 }

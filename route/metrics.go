@@ -15,8 +15,20 @@ type Metrics struct {
 	followed        *prometheus.CounterVec
 }
 
-// NewMetrics returns unregistered metrics.
+// NewMetrics returns unregistered metrics, the labelled counters with a
+// series for each of their values from the start.
 func NewMetrics() *Metrics {
+	m := newMetrics()
+	for _, v := range []string{"yes", "no"} {
+		m.usageSeen.WithLabelValues(v)
+	}
+	for _, v := range []string{"end", "first_token"} {
+		m.followed.WithLabelValues(v)
+	}
+	return m
+}
+
+func newMetrics() *Metrics {
 	return &Metrics{
 		requestTokens: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "tokenlb_request_prompt_tokens", Help: "Prompt tokens per routed request, by API.",

@@ -159,6 +159,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	rc.Metrics = route.NewMetrics()
 	pc := cfg.Processor()
 	pc.Logger, pc.Metrics = log, processor.NewMetrics()
+	pc.Metrics.ExpectRejections(route.Reasons...)
 	a.processor = processor.New(route.New(rc), pc)
 
 	reg := prometheus.NewRegistry()
@@ -167,7 +168,7 @@ func build(cfg config.Config, log *slog.Logger) (*app, error) {
 	reg.MustRegister(pc.Metrics.Collectors()...)
 	reg.MustRegister(rc.Metrics.Collectors()...)
 	reg.MustRegister(watchMetrics.Collectors()...)
-	reg.MustRegister(a.discoveryErrors)
+	reg.MustRegister(a.discoveryErrors, admin.BuildInfo())
 
 	grpcOpts, err := listenerSecurity(cfg, log)
 	if err != nil {

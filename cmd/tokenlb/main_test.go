@@ -16,6 +16,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -24,6 +25,7 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 
 	"github.com/tokenlb/tokenlb/internal/testdns"
+	"github.com/tokenlb/tokenlb/route"
 )
 
 func freeAddr(t *testing.T) string {
@@ -422,6 +424,38 @@ func TestSelfSignedTLS(t *testing.T) {
 		}
 		if !tc.ok && err == nil {
 			t.Fatalf("%s: answered (%v); want the connection refused", tc.name, resp)
+		}
+	}
+}
+
+// TestMetricsLint: the metrics tokenlb serves pass Prometheus' own lint
+// (units in seconds and bytes, counters ending in _total, help on every
+// metric), say which build runs, and have a series for every rejection
+// reason from the start, so that an alert on a rate of them has data.
+func TestMetricsLint(t *testing.T) {
+	_, _, adminAddr, _ := startTokenlb(t, "")
+	text := get(t, adminAddr, "/metrics")
+	problems, err := promlint.New(strings.NewReader(text)).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("%s: %s", p.Metric, p.Text)
+	}
+	for _, want := range []string{"tokenlb_build_info{", "tokenlb_host_load_seconds{", `tokenlb_rejections_total{reason="no_capacity"} 0`,
+		`tokenlb_rejections_total{reason="body_too_large"} 0`, `tokenlb_observer_claims_total{result="none",role="observer"} 0`} {
+		if !strings.Contains(text, want) {
+			t.Errorf("no %s in /metrics", want)
+		}
+	}
+	for _, r := range route.Reasons {
+		if !strings.Contains(text, `tokenlb_rejections_total{reason="`+r+`"}`) {
+			t.Errorf("no series for rejection reason %s", r)
+		}
+	}
+	for _, gone := range []string{"tokenlb_picks_unknown_model_total", "tokenlb_picks_rejected_total", "_microseconds"} {
+		if strings.Contains(text, gone) {
+			t.Errorf("%s is still served", gone)
 		}
 	}
 }
