@@ -95,6 +95,11 @@ type Config struct {
 	LogLevel string `yaml:"log_level"`
 	// LogFormat is text or json.
 	LogFormat string `yaml:"log_format"`
+	// LogRequests logs a line at info for each routed request as it ends
+	// (route.Config.LogRequests): 0 none, 1 every one, N one successful
+	// request in N and every failed one; with it on, rejections are logged
+	// at info too.
+	LogRequests int `yaml:"log_requests"`
 }
 
 // Discovery says where the hosts come from.
@@ -308,7 +313,7 @@ func Default() Config {
 		BackendMetrics: BackendMetrics{Path: backend.DefaultMetrics.Path},
 		PrefixAffinity: PrefixAffinity{MaxExtraLoad: DefaultPrefixMaxExtraLoad, BlockBytes: prefix.DefaultBlockBytes,
 			Blocks: DefaultPrefixBlocks, TTL: 5 * time.Minute, Entries: 1 << 16},
-		LogLevel:  "info",
+		LogLevel: "info", LogRequests: 1,
 		LogFormat: "text",
 	}
 }

@@ -128,6 +128,7 @@ var flagFields = map[string]string{
 	"decode-tokens-per-second": "cost.decode_tokens_per_second", "observer": "response.observer",
 	"lease-header": "response.lease_header", "observer-grace": "response.observer_grace",
 	"follow-interval":      "response.follow_interval",
+	"log-requests":         "log_requests",
 	"estimate-first-token": "response.estimate_first_token", "health-check-path": "health_check.path",
 	"health-check-interval": "health_check.interval", "health-check-timeout": "health_check.timeout",
 	"unhealthy-threshold": "health_check.unhealthy_threshold", "healthy-threshold": "health_check.healthy_threshold",

@@ -104,6 +104,7 @@ func bind(fs *flag.FlagSet, c *Config) {
 	fs.BoolVar(&c.Response.Observer, "observer", c.Response.Observer, "an observability-mode ext_proc filter reports responses")
 	fs.StringVar(&c.Response.LeaseHeader, "lease-header", c.Response.LeaseHeader, "header that lets the observer find the request")
 	fs.DurationVar(&c.Response.ObserverGrace, "observer-grace", c.Response.ObserverGrace, "wait for the observer to claim a request after its response headers")
+	fs.IntVar(&c.LogRequests, "log-requests", c.LogRequests, "log each routed request at info as it ends: 0 none, 1 all, N one success in N and every failure")
 	fs.DurationVar(&c.Response.FollowInterval, "follow-interval", c.Response.FollowInterval, "follow a streamed response to its end, for its usage, once per host per interval (0: every one, negative: none)")
 	fs.BoolVar(&c.Response.EstimateFirstToken, "estimate-first-token", c.Response.EstimateFirstToken, "release prefill load at the estimated first token")
 	bindBackends(fs, c)

@@ -70,7 +70,8 @@ func (c *Config) PickerOptions() picker.Options {
 // logger and metrics.
 func (c *Config) Processor() processor.Config {
 	return processor.Config{DestinationHeader: c.DestinationHeader, DestinationList: c.DestinationList, MaxBodyBytes: c.MaxBodyBytes,
-		Observer: c.Response.Observer, LeaseHeader: c.Response.LeaseHeader, ObserverGrace: c.Response.ObserverGrace}
+		Observer: c.Response.Observer, LeaseHeader: c.Response.LeaseHeader, ObserverGrace: c.Response.ObserverGrace,
+		LogRejections: c.LogRequests > 0}
 }
 
 // Route returns the router's settings; the caller adds the picker,
@@ -78,7 +79,7 @@ func (c *Config) Processor() processor.Config {
 // Prompts are hashed for prefix affinity only when it is on.
 func (c *Config) Route() route.Config {
 	rc := route.Config{RetryAfter: c.RetryAfter, Fallbacks: c.FallbackHosts,
-		EstimateFirstToken: c.Response.EstimateFirstToken, FollowInterval: c.Response.FollowInterval, ModelRouting: c.Models.Routing}
+		EstimateFirstToken: c.Response.EstimateFirstToken, FollowInterval: c.Response.FollowInterval, LogRequests: c.LogRequests, ModelRouting: c.Models.Routing}
 	if c.PrefixAffinity.MaxExtraLoad > 0 {
 		rc.Prefix = prefix.Hashing{Blocks: c.PrefixAffinity.Blocks, BlockBytes: c.PrefixAffinity.BlockBytes}
 	}

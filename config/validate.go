@@ -197,6 +197,7 @@ func (c *Config) validateRouting(p *problems) {
 	if h := c.Response.LeaseHeader; !settableHeader(h) || strings.EqualFold(h, c.DestinationHeader) {
 		p.add("response.lease_header", "%q cannot be set by an ext_proc server or clashes with destination_header", h)
 	}
+	p.atLeast("log_requests", c.LogRequests, 0)
 	if c.FallbackHosts < 0 {
 		p.add("fallback_hosts", "must not be negative")
 	}

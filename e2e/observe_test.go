@@ -78,3 +78,29 @@ func TestStreamedResponseObservedCheaply(t *testing.T) {
 		})
 	}
 }
+
+// TestRequestIDReturned: the client gets Envoy's x-request-id back, and
+// tokenlb's line for the request, written when it ends, carries the same
+// id, so that a client's report can be found in the logs.
+func TestRequestIDReturned(t *testing.T) {
+	s := startStack(t, envoyOpts{config: "envoy.yaml"})
+	resp, err := s.send(context.Background(), chatBody(20, true), "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	id := resp.Header.Get("x-request-id")
+	if resp.StatusCode != 200 || id == "" {
+		t.Fatalf("status %d, x-request-id %q", resp.StatusCode, id)
+	}
+	s.tokenlb.waitIdle()
+	waitFor(t, 5*time.Second, "tokenlb's line for the request", func() bool {
+		for _, line := range strings.Split(s.tokenlb.proc.log.String(), "\n") {
+			if strings.Contains(line, "msg=request ") && strings.Contains(line, "request_id="+id) {
+				return true
+			}
+		}
+		return false
+	})
+}

@@ -257,6 +257,7 @@ type Lease struct {
 	ahead  int64 // the host's prefilling tokens when the lease was taken
 	model  string
 	state  HostState // the host when the lease was taken
+	why    Why
 	// Guarded by p.mu.
 	first bool // the first-token part is released
 	done  bool
@@ -454,12 +455,27 @@ func (p *Picker) Pick(r Request) (*Lease, error) {
 		p.rejectedPicks++
 		return nil, ErrNoCapacity
 	}
+	why := PrefixHit
 	best, ok := p.byAffinity(r, opts, lowest, now)
 	if !ok {
-		best = p.leastLoaded(opts, lowest, own, r.Spread)
+		best, why = p.leastLoaded(opts, lowest, own, r.Spread), LeastLoad
 	}
-	return p.charge(best, r, now), nil
+	if !anyHealthy {
+		why = NoHealthyHost
+	}
+	l := p.charge(best, r, now)
+	l.why = why
+	return l, nil
 }
+
+// Why says why a pick chose its host, for logs.
+type Why string
+
+const (
+	LeastLoad     Why = "least_load"      // the lowest load after adding the request
+	PrefixHit     Why = "prefix_hit"      // a host that served the prompt's prefix recently (prefix affinity)
+	NoHealthyHost Why = "no_healthy_host" // the least loaded of the unhealthy hosts: none serving the model was healthy
+)
 
 // option is a host a request may go to, with what it would cost there, the
 // host's state it was priced on and the host's score.
@@ -786,6 +802,9 @@ func (p *Picker) update(addr string, f func(*host)) error {
 
 // Host returns the leased host's address.
 func (l *Lease) Host() string { return l.h.Load().addr }
+
+// Why says why the pick chose the host.
+func (l *Lease) Why() Why { return l.why }
 
 // Fallbacks returns up to n other healthy hosts that serve the request's
 // model, least loaded first, for a proxy to try if the leased host cannot

@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"slices"
 	"strings"
@@ -42,6 +43,8 @@ type Config struct {
 	Fallbacks          int
 	EstimateFirstToken bool
 	FollowInterval     time.Duration
+	LogRequests        int
+	Logger             *slog.Logger
 	ModelRouting       bool
 	ResponseStatus     func(host string, status int)
 	DestinationList    bool
@@ -91,11 +94,11 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 	}
 	routeMetrics := route.NewMetrics()
 	router := route.New(route.Config{Picker: p, Tokenizer: testTokenizer(t), Cost: cfg.Cost, Fallbacks: cfg.Fallbacks,
-		EstimateFirstToken: cfg.EstimateFirstToken, FollowInterval: cfg.FollowInterval, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
+		EstimateFirstToken: cfg.EstimateFirstToken, FollowInterval: cfg.FollowInterval, LogRequests: cfg.LogRequests, Logger: cfg.Logger, ModelRouting: cfg.ModelRouting, ResponseStatus: cfg.ResponseStatus,
 		Metrics: routeMetrics})
 	metrics := processor.NewMetrics()
 	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, DestinationList: cfg.DestinationList, MaxBodyBytes: cfg.MaxBodyBytes,
-		Observer: cfg.Observer, ObserverGrace: cfg.ObserverGrace, Metrics: metrics})
+		Observer: cfg.Observer, ObserverGrace: cfg.ObserverGrace, Metrics: metrics, Logger: cfg.Logger, LogRejections: cfg.LogRequests > 0})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -74,6 +74,9 @@ type Config struct {
 	// one watches responses: routed requests get a LeaseHeader that lets
 	// its stream take over following the response.
 	Observer bool
+	// LogRejections logs each answer tokenlb gives itself (a rejection)
+	// at info, with its reason; false logs them at debug.
+	LogRejections bool
 	// LeaseHeader is the correlation header for the observer.
 	LeaseHeader string
 	// ObserverGrace is how long a routed request waits, after its
@@ -534,7 +537,12 @@ func (rs *routingStream) reject(r *Rejection) (bool, error) {
 	if r.Status >= 400 {
 		rs.s.m.rejections.WithLabelValues(r.Reason).Inc()
 	}
-	rs.s.log.Debug("rejected", "path", rs.req.Path, "request_id", rs.req.RequestID, "status", r.Status, "reason", r.Reason, "message", r.Error.Message)
+	level := slog.LevelDebug
+	if rs.s.cfg.LogRejections && r.Status >= 400 {
+		level = slog.LevelInfo
+	}
+	rs.s.log.Log(context.Background(), level, "rejected", "request_id", rs.req.RequestID, "path", rs.req.Path,
+		"status", r.Status, "reason", r.Reason, "message", r.Error.Message)
 	err := rs.grpc.Send(immediateResponse(r, rs.req.Path))
 	if rs.flight != nil {
 		rs.flight.End(Rejected)

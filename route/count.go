@@ -19,6 +19,10 @@ type prompt struct {
 	Prefix     []uint64
 	BlockBytes int
 	TextBytes  int
+	// Estimated says why part of the prompt was estimated rather than
+	// counted (tokenizer.EstimatedSize, EstimatedTime); "" when it was all
+	// counted.
+	Estimated string
 }
 
 // count parses the body and counts its prompt. A request without a body
@@ -48,7 +52,7 @@ func (rt *Router) countBody(path string, body []byte) (prompt, error) {
 	pass := &onePass{budget: rt.cfg.Tokenizer.Budget(), hasher: prefix.NewHasher(rt.cfg.Prefix)}
 	p, err := llmapi.Parse(path, body, pass)
 	pass.budget.Done()
-	out := prompt{Prompt: p, Prefix: pass.hasher.Sum(), TextBytes: pass.bytes}
+	out := prompt{Prompt: p, Prefix: pass.hasher.Sum(), TextBytes: pass.bytes, Estimated: pass.budget.Estimated()}
 	if out.Prefix != nil {
 		out.BlockBytes = pass.hasher.BlockBytes()
 	}

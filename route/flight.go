@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math"
+	"math/rand/v2"
 	"strconv"
 	"sync"
 	"time"
@@ -84,6 +85,14 @@ type flight struct {
 	// movedFrom is the chosen host when the data plane served the request
 	// on another (Headers.Served): the lease moved there.
 	movedFrom string
+	about     about
+}
+
+// about is what the request's log line says of the request itself.
+type about struct {
+	requestID, path string
+	api             llmapi.API
+	estimated       string
 }
 
 func newFlight(rt *Router, lease *picker.Lease, req cost.Request) *flight {
@@ -243,10 +252,51 @@ func (f *flight) finishLocked(cause picker.Cause, seen bool) {
 	if !f.lease.Release(cause) {
 		return
 	}
-	if !seen || !f.ok() || f.unfollowed {
+	var o *cost.Outcome
+	if seen && f.ok() && !f.unfollowed {
+		o = f.learn()
+	}
+	f.logEnd(cause, o)
+}
+
+// logEnd writes the request's line (Config.LogRequests): what was asked,
+// where it went and why, and how it ended. o is what a successful response
+// taught, nil for any other.
+func (f *flight) logEnd(cause picker.Cause, o *cost.Outcome) {
+	n := f.rt.cfg.LogRequests
+	cut := cause == ReleasedStreamEnd
+	failed := cut || !f.ok()
+	if n <= 0 || (!failed && n > 1 && rand.IntN(n) != 0) {
 		return
 	}
-	f.learn(cause)
+	attrs := make([]slog.Attr, 0, 16)
+	attrs = append(attrs, slog.String("request_id", f.about.requestID), slog.String("path", f.about.path),
+		slog.String("api", string(f.about.api)), slog.String("model", f.req.Model),
+		slog.Int("prompt_tokens", f.req.PromptTokens))
+	if f.about.estimated != "" {
+		attrs = append(attrs, slog.String("estimated", f.about.estimated))
+	}
+	attrs = append(attrs, slog.String("host", f.lease.Host()), slog.String("why", string(f.lease.Why())))
+	if f.movedFrom != "" {
+		attrs = append(attrs, slog.String("chosen_host", f.movedFrom))
+	}
+	attrs = append(attrs, slog.Int("status", f.status), slog.String("end", string(cause)))
+	if f.ttft > 0 {
+		attrs = append(attrs, slog.Float64("ttft_seconds", f.ttft.Seconds()))
+	}
+	attrs = append(attrs, slog.Float64("duration_seconds", time.Since(f.lease.Start()).Seconds()))
+	if o != nil && o.OutputTokens > 0 {
+		attrs = append(attrs, slog.Int("output_tokens", o.OutputTokens))
+	}
+	level, msg := slog.LevelInfo, "request"
+	if f.status >= 500 {
+		level = slog.LevelWarn
+	}
+	if cut {
+		// The client went away, or the stream broke, before the end.
+		msg = "request cut"
+	}
+	f.rt.log.LogAttrs(context.Background(), level, msg, attrs...)
 }
 
 // learnFirstToken teaches the cost estimator the time to first token of a
@@ -261,8 +311,9 @@ func (f *flight) learnFirstToken() {
 	f.rt.cfg.Cost.Learn(o)
 }
 
-// learn teaches the cost estimator what a successful response showed.
-func (f *flight) learn(cause picker.Cause) {
+// learn teaches the cost estimator what a successful response showed, and
+// returns it.
+func (f *flight) learn() *cost.Outcome {
 	rt := f.rt
 	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, State: f.lease.State(),
 		Predicted: time.Duration(f.lease.Charge().Wait) * time.Microsecond, Duration: time.Since(f.lease.Start()),
@@ -285,8 +336,10 @@ func (f *flight) learn(cause picker.Cause) {
 	}
 	rt.cfg.Cost.Learn(o)
 	if rt.log.Enabled(context.Background(), slog.LevelDebug) { // the attributes cost allocations even when dropped
-		rt.log.Debug("response ended", "host", o.Host, "cause", cause, "ttft", o.TTFT, "duration", o.Duration,
+		rt.log.Debug("learned", "request_id", f.about.requestID, "host", o.Host,
+			"ttft_seconds", o.TTFT.Seconds(), "duration_seconds", o.Duration.Seconds(),
 			"prompt_tokens", o.PromptTokens, "output_tokens", o.OutputTokens, "cached_tokens", o.CachedTokens,
-			"predicted_ttft", o.Predicted, "ahead", o.State.PrefillingTokens, "tokens", f.req.PromptTokens)
+			"predicted_ttft_seconds", o.Predicted.Seconds(), "ahead_tokens", o.State.PrefillingTokens, "counted_tokens", f.req.PromptTokens)
 	}
+	return &o
 }

@@ -74,6 +74,11 @@ type Config struct {
 	// an end stream reports the end (processor.Flight.ResponseBody). 0
 	// follows every response, a negative interval none.
 	FollowInterval time.Duration
+	// LogRequests logs a line at info for each request tokenlb routed, when
+	// its response ends (Router's doc lists its fields): 0 logs none, 1
+	// every one, N one successful request in N at random and every one
+	// that failed or was cut.
+	LogRequests int
 	// ModelRouting sends each request only to hosts that serve its model
 	// (picker.Request.Model), and answers 404 when none does.
 	ModelRouting bool
@@ -196,10 +201,11 @@ func (rt *Router) pick(r *processor.Request, p prompt) (processor.Flight, *proce
 		return nil, errNoCapacity(rt.cfg.RetryAfter)
 	}
 	f := newFlight(rt, lease, req)
+	f.about = about{requestID: r.RequestID, path: r.Path, api: p.API, estimated: p.Estimated}
 	rt.m.outputTokens.Observe(float64(output))
 	if rt.log.Enabled(context.Background(), slog.LevelDebug) { // the attributes cost allocations even when dropped
 		rt.log.Debug("routed", "path", r.Path, "request_id", r.RequestID, "api", p.API, "model", p.Model,
-			"tokens", p.Tokens, "expected_output", output, "host", lease.Host())
+			"tokens", p.Tokens, "expected_output", output, "host", lease.Host(), "why", lease.Why())
 	}
 	return f, nil
 }
