@@ -167,7 +167,9 @@ func startLLMDSims(ctx context.Context, g *proc.Group, o Options) (*backends, er
 // backendConfig configures llmsim backend i+1: llmsim's default costs,
 // doubled for the slow ones, and a seed of its own.
 func backendConfig(o Options, i int) sim.Config {
-	cfg := sim.Config{Name: fmt.Sprintf("backend-%d", i+1), TimeScale: o.TimeScale, Seed: o.Seed + uint64(i)}
+	// IgnoreEOS: a request's max_tokens is its output length, which the
+	// workloads draw (as benchmarks against vLLM set ignore_eos).
+	cfg := sim.Config{Name: fmt.Sprintf("backend-%d", i+1), TimeScale: o.TimeScale, Seed: o.Seed + uint64(i), IgnoreEOS: true}
 	if i < o.SlowHosts {
 		d := sim.Defaults
 		cfg.StepOverhead, cfg.PrefillTokenCost, cfg.DecodeSeqCost = 2*d.StepOverhead, 2*d.PrefillTokenCost, 2*d.DecodeSeqCost

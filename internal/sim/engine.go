@@ -52,6 +52,7 @@ type seq struct {
 	prompt    []uint64 // prefix hashes of the prompt's full blocks
 	nPrompt   int
 	maxOut    int
+	finish    string // the finish_reason at maxOut: stop (its own end) or length (max_tokens)
 	cached    int // prompt tokens served by the prefix cache
 	prefilled int
 	generated int
@@ -86,15 +87,21 @@ func (e *engine) submit(ctx context.Context, tokens []uint32, maxOut int) (*seq,
 	if e.stopped {
 		return nil, errStopped
 	}
-	if maxOut <= 0 {
-		// Open-ended: a log-normal length with the configured median.
-		maxOut = max(1, int(math.Round(float64(e.cfg.OutputMedian)*math.Exp(0.6*e.rng.NormFloat64()))))
-		maxOut = min(maxOut, 8*e.cfg.OutputMedian)
+	// The answer's own length, where it would stop (a log-normal draw with
+	// the configured median and spread), unless max_tokens cuts it first;
+	// with IgnoreEOS, max_tokens is the length (as vLLM's ignore_eos).
+	finish := "length"
+	if maxOut <= 0 || !e.cfg.IgnoreEOS {
+		natural := max(1, int(math.Round(float64(e.cfg.OutputMedian)*math.Exp(e.cfg.OutputSigma*e.rng.NormFloat64()))))
+		natural = min(natural, 8*e.cfg.OutputMedian)
+		if maxOut <= 0 || natural < maxOut {
+			maxOut, finish = natural, "stop"
+		}
 	}
 	if blocksFor(len(tokens)+maxOut, e.cfg.BlockSize) > e.cfg.KVBlocks {
 		return nil, errTooLong
 	}
-	s := &seq{prompt: prefixHashes(tokens, e.cfg.BlockSize), nPrompt: len(tokens), maxOut: maxOut,
+	s := &seq{prompt: prefixHashes(tokens, e.cfg.BlockSize), nPrompt: len(tokens), maxOut: maxOut, finish: finish,
 		events: make(chan int, maxOut+1), ctx: ctx, arrived: time.Now()}
 	e.waiting = append(e.waiting, s)
 	e.m.waiting.Set(float64(len(e.waiting)))

@@ -14,9 +14,11 @@
 // behind it and slows the decoding of every request batched with it, which
 // is what a load balancer has to avoid. KV memory is KVBlocks blocks of
 // BlockSize tokens with prefix caching: a prompt that starts with blocks seen
-// before skips their prefill. Output length is max_tokens, or when the
-// request leaves it open a log-normal draw (median OutputMedian, σ 0.6) from a
-// seeded generator.
+// before skips their prefill. Each answer's own length is a log-normal draw
+// (median OutputMedian, σ OutputSigma) from a seeded generator; it ends
+// there with finish_reason "stop", or at max_tokens with "length" when that
+// comes first. With IgnoreEOS (vLLM's ignore_eos, as benchmarks set it) an
+// answer is max_tokens long whenever the request sets it.
 //
 // The defaults resemble an 8B model in bf16 on one H100-class GPU: about
 // 20,000 prefill tokens/s (50 µs a token), 4 ms step overhead and 0.1 ms per
@@ -32,6 +34,17 @@
 // differs from tiktoken: every whitespace-separated word is one token per 4
 // bytes (rounded up), and a chat message adds 4 template tokens. usage
 // reports these counts.
+//
+// # APIs
+//
+// POST /v1/chat/completions and /v1/completions (whole or streamed, with
+// stream_options.include_usage), /v1/embeddings, /v1/responses (OpenAI's
+// Responses API, whole or as its typed events) and /v1/messages
+// (Anthropic's, whole or streamed, its errors in Anthropic's shape); GET
+// /v1/models, /health and /metrics (vLLM's metric names). Every other path
+// or method gets a JSON 404 or 405, as vLLM answers. Tools and sampling
+// parameters are accepted and ignored; n and lists of prompts are not
+// modelled (one choice).
 package sim
 
 import (
@@ -60,6 +73,8 @@ type Config struct {
 	PrefillTokenCost    time.Duration
 	DecodeSeqCost       time.Duration
 	OutputMedian        int
+	OutputSigma         float64
+	IgnoreEOS           bool
 	TimeScale           float64
 	Seed                uint64
 }
@@ -75,6 +90,7 @@ var Defaults = Config{
 	PrefillTokenCost:    50 * time.Microsecond,
 	DecodeSeqCost:       100 * time.Microsecond,
 	OutputMedian:        200,
+	OutputSigma:         0.6,
 	TimeScale:           1,
 	Seed:                1,
 }
@@ -106,6 +122,9 @@ func (c Config) withDefaults() Config {
 	if c.TimeScale <= 0 {
 		c.TimeScale = d.TimeScale
 	}
+	if c.OutputSigma <= 0 {
+		c.OutputSigma = d.OutputSigma
+	}
 	if c.Seed == 0 {
 		c.Seed = d.Seed
 	}
@@ -128,6 +147,9 @@ func New(cfg Config) *Server {
 	s := &Server{cfg: cfg, m: m, eng: newEngine(cfg, m), mux: http.NewServeMux()}
 	s.mux.HandleFunc("POST /v1/chat/completions", s.complete)
 	s.mux.HandleFunc("POST /v1/completions", s.complete)
+	s.mux.HandleFunc("POST /v1/embeddings", s.embeddings)
+	s.mux.HandleFunc("POST /v1/responses", s.responses)
+	s.mux.HandleFunc("POST /v1/messages", s.messages)
 	s.mux.HandleFunc("GET /v1/models", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, 200, map[string]any{"object": "list", "data": []any{map[string]any{"id": cfg.Model, "object": "model", "owned_by": "llmsim"}}})
 	})
@@ -143,7 +165,31 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.cfg.Name != "" {
 		w.Header().Set("x-llmsim-instance", s.cfg.Name)
 	}
+	if _, pattern := s.mux.Handler(r); pattern == "" {
+		s.noRoute(w, r)
+		return
+	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// noRoute answers a request no handler serves as vLLM's OpenAI server
+// does, in OpenAI's JSON error shape: 405 with Allow when the path is
+// served for another method, else 404.
+func (s *Server) noRoute(w http.ResponseWriter, r *http.Request) {
+	var allowed []string
+	for _, m := range []string{"GET", "POST"} {
+		probe := r.Clone(r.Context())
+		probe.Method = m
+		if _, pattern := s.mux.Handler(probe); pattern != "" {
+			allowed = append(allowed, m)
+		}
+	}
+	if len(allowed) > 0 {
+		w.Header().Set("allow", strings.Join(allowed, ", "))
+		apiError(w, 405, "method_not_allowed", fmt.Sprintf("%s is not allowed on %s", r.Method, r.URL.Path))
+		return
+	}
+	apiError(w, 404, "not_found", fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path))
 }
 
 // Tokenize is llmsim's tokenizer: each whitespace-separated word is one
@@ -305,7 +351,7 @@ func (c completion) respond(w http.ResponseWriter, r *http.Request, sq *seq) {
 	}
 	object, _ := c.objects()
 	writeJSON(w, 200, map[string]any{"id": c.id, "object": object, "created": time.Now().Unix(), "model": c.model,
-		"choices": []any{c.choice(strings.Repeat("tok ", n), "length", false)}, "usage": c.usage(n)})
+		"choices": []any{c.choice(strings.Repeat("tok ", n), sq.finish, false)}, "usage": c.usage(n)})
 }
 
 // stream answers with a server-sent event for each token sq generates,
@@ -333,7 +379,7 @@ func (c completion) stream(w http.ResponseWriter, r *http.Request, sq *seq, incl
 	for n = range sq.events {
 		finish := any(nil)
 		if n == sq.maxOut {
-			finish = "length"
+			finish = sq.finish
 		}
 		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{c.choice("tok ", finish, true)}})
 	}

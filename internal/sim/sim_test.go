@@ -218,3 +218,144 @@ func TestBadRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestFinishReason: an answer ends at its own length with finish_reason
+// "stop", or at max_tokens with "length" when that comes first, streamed or
+// not; with IgnoreEOS it is max_tokens long.
+func TestFinishReason(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		ignoreEOS bool
+		maxTokens int
+		finish    string
+		tokens    func(n int) bool
+	}{
+		{"open-ended", false, 0, "stop", func(n int) bool { return n >= 1 && n <= 8*Defaults.OutputMedian }},
+		{"cut by max_tokens", false, 3, "length", func(n int) bool { return n == 3 }},
+		{"shorter than max_tokens", false, 50000, "stop", func(n int) bool { return n < 50000 }},
+		{"ignore_eos", true, 40, "length", func(n int) bool { return n == 40 }},
+		{"ignore_eos, open-ended", true, 0, "stop", func(n int) bool { return n >= 1 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := start(t, Config{TimeScale: 0.001, IgnoreEOS: tc.ignoreEOS})
+			for _, streamed := range []bool{false, true} {
+				req := map[string]any{"model": "m", "stream": streamed, "stream_options": map[string]bool{"include_usage": true},
+					"messages": []map[string]string{{"role": "user", "content": words(20, 1)}}}
+				if tc.maxTokens > 0 {
+					req["max_tokens"] = tc.maxTokens
+				}
+				b, _ := json.Marshal(req)
+				resp, err := http.Post(srv.URL+"/v1/chat/completions", "application/json", bytes.NewReader(b))
+				if err != nil {
+					t.Fatal(err)
+				}
+				raw, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				finish, n := finishOf(t, raw, streamed)
+				if finish != tc.finish || !tc.tokens(n) {
+					t.Fatalf("streamed %v: finish_reason %q after %d tokens, want %q", streamed, finish, n, tc.finish)
+				}
+			}
+		})
+	}
+}
+
+// finishOf reads a chat answer's finish_reason and completion tokens, from
+// a whole response or from an event stream's chunks.
+func finishOf(t *testing.T, raw []byte, streamed bool) (finish string, tokens int) {
+	t.Helper()
+	type answer struct {
+		Choices []struct {
+			FinishReason *string `json:"finish_reason"`
+		}
+		Usage map[string]int
+	}
+	if !streamed {
+		var a answer
+		if err := json.Unmarshal(raw, &a); err != nil || len(a.Choices) != 1 || a.Choices[0].FinishReason == nil {
+			t.Fatalf("answer %s: %v", raw, err)
+		}
+		return *a.Choices[0].FinishReason, a.Usage["completion_tokens"]
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		data, ok := strings.CutPrefix(line, "data: ")
+		if !ok || data == "[DONE]" {
+			continue
+		}
+		var a answer
+		if err := json.Unmarshal([]byte(data), &a); err != nil {
+			t.Fatalf("chunk %s: %v", data, err)
+		}
+		for _, c := range a.Choices {
+			if c.FinishReason != nil {
+				if finish != "" {
+					t.Fatalf("two finish reasons in %s", raw)
+				}
+				finish = *c.FinishReason
+			}
+		}
+		if a.Usage != nil {
+			tokens = a.Usage["completion_tokens"]
+		}
+	}
+	return finish, tokens
+}
+
+// TestNoRouteErrors: an unknown path is a 404 and a known path with the
+// wrong method a 405 (with Allow), both as OpenAI-shaped JSON errors.
+func TestNoRouteErrors(t *testing.T) {
+	srv := start(t, Config{TimeScale: 0.01})
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		allow        string
+	}{
+		{"GET", "/v1/nothing", 404, ""},
+		{"GET", "/v1/chat/completions", 405, "POST"},
+		{"POST", "/v1/models", 405, "GET"},
+	} {
+		req, _ := http.NewRequest(tc.method, srv.URL+tc.path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v struct {
+			Error struct{ Message, Type, Code string }
+		}
+		err = json.NewDecoder(resp.Body).Decode(&v)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status || err != nil || v.Error.Message == "" || v.Error.Type == "" ||
+			resp.Header.Get("content-type") != "application/json" || resp.Header.Get("allow") != tc.allow {
+			t.Errorf("%s %s: status %d, allow %q, error %+v (%v)", tc.method, tc.path, resp.StatusCode, resp.Header.Get("allow"), v, err)
+		}
+	}
+}
+
+// TestAPIErrors: the Messages API answers a bad request in Anthropic's
+// error shape, the others in OpenAI's.
+func TestAPIErrors(t *testing.T) {
+	srv := start(t, Config{TimeScale: 0.01})
+	for _, tc := range []struct {
+		path, body string
+		anthropic  bool
+	}{
+		{"/v1/messages", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`, true}, // no max_tokens
+		{"/v1/messages", `{`, true},
+		{"/v1/responses", `{"model":"m"}`, false},
+		{"/v1/embeddings", `{"input":""}`, false},
+	} {
+		resp, err := http.Post(srv.URL+tc.path, "application/json", strings.NewReader(tc.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v struct {
+			Type  string
+			Error struct{ Type, Message string }
+		}
+		err = json.NewDecoder(resp.Body).Decode(&v)
+		resp.Body.Close()
+		if resp.StatusCode != 400 || err != nil || v.Error.Message == "" || (v.Type == "error") != tc.anthropic {
+			t.Errorf("%s %s: status %d, %+v (%v)", tc.path, tc.body, resp.StatusCode, v, err)
+		}
+	}
+}
