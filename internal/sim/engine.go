@@ -53,7 +53,7 @@ type seq struct {
 	nPrompt   int
 	maxOut    int
 	finish    string // the finish_reason at maxOut: stop (its own end) or length (max_tokens)
-	cached    int // prompt tokens served by the prefix cache
+	cached    int    // prompt tokens served by the prefix cache
 	prefilled int
 	generated int
 	blocks    []int
