@@ -66,7 +66,8 @@ bench-quick: build tools
 # (backend-1 at half speed) against every tokenlb variant (the cost model's
 # pieces switched on in turn, the stall term, and the three ways of seeing
 # responses); chat against the shipped tokenlb, prefix with and without
-# prefix affinity; two Envoy + tokenlb replicas sharing the backends, with and
+# prefix affinity; open (no max_tokens) with and without output estimation;
+# two Envoy + tokenlb replicas sharing the backends, with and
 # without the backends' metrics, against single-replica tokenlb; backend-1
 # killed halfway, with and without health checks; a quarter of the requests
 # sent straight to backend-1, with and without the backends' metrics; the original experiment's
@@ -79,6 +80,8 @@ bench: build tools
 	./bin/tokenlb-bench --envoy "$$envoy" --profiles chat --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
 	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-round-robin,envoy-least-request,tokenlb,tokenlb-no-affinity \
 		--profiles prefix --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
+	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-no-output-estimate \
+		--profiles open --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out && \
 	./bin/tokenlb-bench --envoy "$$envoy" --arms envoy-least-request,tokenlb,tokenlb-feedback --replicas 2 \
 		--profiles seed --seeds 1,2,3 --requests 400 --time-scale 0.5 --out bench/out/replicas && \
 	./bin/tokenlb-bench --envoy "$$envoy" --arms tokenlb \

@@ -166,7 +166,7 @@ func (tl *tokenlb) start() {
 		"--admin", fmt.Sprintf("127.0.0.1:%d", tl.adminPort),
 		"--hosts", strings.Join(tl.hosts, ","),
 		"--log-level", "debug"}, tl.args...)...)
-	waitFor(t, 10*time.Second, "tokenlb ready", func() bool {
+	waitFor(t, 30*time.Second, "tokenlb ready", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", tl.adminPort))
 		if err != nil {
 			return false

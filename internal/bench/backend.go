@@ -169,7 +169,8 @@ func startLLMDSims(ctx context.Context, g *proc.Group, o Options) (*backends, er
 func backendConfig(o Options, i int) sim.Config {
 	// IgnoreEOS: a request's max_tokens is its output length, which the
 	// workloads draw (as benchmarks against vLLM set ignore_eos).
-	cfg := sim.Config{Name: fmt.Sprintf("backend-%d", i+1), TimeScale: o.TimeScale, Seed: o.Seed + uint64(i), IgnoreEOS: true}
+	cfg := sim.Config{Name: fmt.Sprintf("backend-%d", i+1), TimeScale: o.TimeScale, Seed: o.Seed + uint64(i), IgnoreEOS: true,
+		Aliases: []string{ShortModel}}
 	if i < o.SlowHosts {
 		d := sim.Defaults
 		cfg.StepOverhead, cfg.PrefillTokenCost, cfg.DecodeSeqCost = 2*d.StepOverhead, 2*d.PrefillTokenCost, 2*d.DecodeSeqCost

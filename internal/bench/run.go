@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -54,6 +55,8 @@ var Variants = map[string]Variant{
 		About: "as shipped, but the routing filter sees the response body (STREAMED): a round trip per chunk"},
 	"tokenlb-estimate": {Response: "estimate", Flags: []string{"--observer=false", "--estimate-first-token"},
 		About: "as shipped, but no response body: prefill released at the estimated first token, the rest at the end of the stream"},
+	"tokenlb-no-output-estimate": {Flags: []string{"--estimate-output=false"},
+		About: "as shipped, but without output estimation: a request without max_tokens is charged the prior output length"},
 	"tokenlb-follow-all": {Flags: []string{"--follow-interval=0"},
 		About: "as shipped, but every streamed response followed to its end for its usage (a message a chunk), not one a second per host"},
 	"tokenlb-no-affinity": {Flags: []string{"--prefix-max-extra-load=0"},
@@ -175,7 +178,7 @@ func work(r Request) time.Duration {
 	for _, m := range r.Messages {
 		tokens += len(sim.Tokenize(m.Content)) + 9
 	}
-	return time.Duration(tokens)*d.PrefillTokenCost + time.Duration(r.MaxTokens)*(d.DecodeSeqCost+d.StepOverhead/8)
+	return time.Duration(tokens)*d.PrefillTokenCost + time.Duration(r.outputs())*(d.DecodeSeqCost+d.StepOverhead/8)
 }
 
 // Rate is the open-loop arrival rate (requests per second) that loads the
@@ -509,7 +512,11 @@ func send(ctx context.Context, client *http.Client, url string, r Request) sampl
 
 // sendHeaders is send with headers added to the request.
 func sendHeaders(ctx context.Context, client *http.Client, url string, r Request, headers map[string]string) sample {
-	body, _ := json.Marshal(map[string]any{"model": "llmsim", "stream": true, "max_tokens": r.MaxTokens, "messages": r.Messages,
+	model := r.Model
+	if model == "" {
+		model = "llmsim"
+	}
+	body, _ := json.Marshal(map[string]any{"model": model, "stream": true, "max_tokens": r.MaxTokens, "messages": r.Messages,
 		"stream_options": map[string]any{"include_usage": true}})
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
@@ -517,6 +524,9 @@ func sendHeaders(ctx context.Context, client *http.Client, url string, r Request
 	req.Header.Set("content-type", "application/json")
 	for k, v := range headers {
 		req.Header.Set(k, v)
+	}
+	if r.OutputTokens > 0 {
+		req.Header.Set(sim.OutputHeader, strconv.Itoa(r.OutputTokens))
 	}
 	return sendRequest(client, req)
 }

@@ -14,6 +14,21 @@ import (
 type Request struct {
 	Messages  []Message
 	MaxTokens int
+	// Model is the request's model, "" for llmsim's own; OutputTokens,
+	// when set, is the answer's own length, which llmsim is told in a
+	// header tokenlb does not read (llmsim.OutputHeader): what an
+	// open-ended request (no MaxTokens) turns out to need.
+	Model        string
+	OutputTokens int
+}
+
+// outputs is the request's output length: its own when set, else
+// MaxTokens.
+func (r Request) outputs() int {
+	if r.OutputTokens > 0 {
+		return r.OutputTokens
+	}
+	return r.MaxTokens
 }
 
 // Message is one chat message.
@@ -23,7 +38,12 @@ type Message struct {
 }
 
 // Profiles lists the workload profiles.
-var Profiles = []string{"seed", "heavy", "chat", "prefix"}
+var Profiles = []string{"seed", "heavy", "chat", "prefix", "open"}
+
+// ShortModel is the model name of the open profile's short answers: llmsim
+// serves it besides its own (backendConfig), so that a cost model that
+// learns output lengths per model can tell the two kinds of request apart.
+const ShortModel = "llmsim-short"
 
 // vocabulary: common English words that are one token in both tiktoken
 // (with a leading space) and llmsim (≤ 4 bytes), so a prompt of n words is
@@ -64,6 +84,11 @@ func lognormal(rng *rand.Rand, median, sigma float64, lo, hi int) int {
 //	chat    log-normal prompts and outputs, one of 4 shared system prompts, 0-3 earlier turns
 //	prefix  one of 24 long documents (~3,000 tokens) then a short question:
 //	        40% ask about the first document, the rest about any of them
+//
+//	open    no max_tokens: 60% chat answers of a heavy-tailed length
+//	        (log-normal, median 250, σ 1, up to 4,000), 40% short
+//	        classifications (model llmsim-short: median 8, σ 0.5, up to
+//	        64), prompts log-normal (median 400 and 800 tokens)
 //
 // seed and heavy ask for 32-96 output tokens, prefix for 64.
 func Generate(profile string, seed uint64, n int) ([]Request, error) {
@@ -114,6 +139,16 @@ func Generate(profile string, seed uint64, n int) ([]Request, error) {
 				d = rng.IntN(len(docs))
 			}
 			r = Request{Messages: []Message{{"user", docs[d] + "\n\nquestion: " + Text(rng, 30)}}, MaxTokens: 64}
+		case "open":
+			// Open-ended: the client sets no limit and the answer's
+			// length is the model's own, unknown until it ends.
+			if rng.Float64() < 0.6 {
+				r = Request{Messages: []Message{{"user", Text(rng, lognormal(rng, 400, 1, 10, 6000))}},
+					OutputTokens: lognormal(rng, 250, 1, 1, 4000)}
+			} else {
+				r = Request{Model: ShortModel, Messages: []Message{{"user", Text(rng, lognormal(rng, 800, 0.8, 10, 6000))}},
+					OutputTokens: lognormal(rng, 8, 0.5, 1, 64)}
+			}
 		default:
 			return nil, fmt.Errorf("bench: unknown profile %q (want one of %v)", profile, Profiles)
 		}

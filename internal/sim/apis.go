@@ -71,7 +71,7 @@ func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 // submit queues toks on the engine with an output limit, answering the
 // request itself (and returning ok false) when the engine refuses.
 func (s *Server) submit(w http.ResponseWriter, r *http.Request, toks []uint32, maxOut int) (*seq, bool) {
-	sq, err := s.eng.submit(r.Context(), toks, maxOut)
+	sq, err := s.eng.submit(r.Context(), toks, maxOut, ownLength(r))
 	switch {
 	case errors.Is(err, errStopped):
 		apiError(w, 503, "shutting_down", err.Error())
@@ -214,7 +214,7 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 	for _, m := range req.Messages {
 		toks = append(toks, Tokenize("<|start|> "+m.Role+" <|content|> "+textOf(m.Content)+" <|end|>")...)
 	}
-	sq, err := s.eng.submit(r.Context(), toks, req.MaxTokens)
+	sq, err := s.eng.submit(r.Context(), toks, req.MaxTokens, ownLength(r))
 	switch {
 	case errors.Is(err, errStopped):
 		anthropicError(w, 529, "overloaded_error", err.Error())

@@ -81,7 +81,7 @@ var errStopped = errors.New("engine stopped")
 
 // submit queues a request with prompt token ids and returns a channel that
 // yields once per output token and closes when the request ends.
-func (e *engine) submit(ctx context.Context, tokens []uint32, maxOut int) (*seq, error) {
+func (e *engine) submit(ctx context.Context, tokens []uint32, maxOut, own int) (*seq, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.stopped {
@@ -92,8 +92,11 @@ func (e *engine) submit(ctx context.Context, tokens []uint32, maxOut int) (*seq,
 	// with IgnoreEOS, max_tokens is the length (as vLLM's ignore_eos).
 	finish := "length"
 	if maxOut <= 0 || !e.cfg.IgnoreEOS {
-		natural := max(1, int(math.Round(float64(e.cfg.OutputMedian)*math.Exp(e.cfg.OutputSigma*e.rng.NormFloat64()))))
-		natural = min(natural, 8*e.cfg.OutputMedian)
+		natural := own
+		if natural <= 0 {
+			natural = max(1, int(math.Round(float64(e.cfg.OutputMedian)*math.Exp(e.cfg.OutputSigma*e.rng.NormFloat64()))))
+			natural = min(natural, 8*e.cfg.OutputMedian)
+		}
 		if maxOut <= 0 || natural < maxOut {
 			maxOut, finish = natural, "stop"
 		}

@@ -54,6 +54,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -74,9 +75,11 @@ type Config struct {
 	DecodeSeqCost       time.Duration
 	OutputMedian        int
 	OutputSigma         float64
-	IgnoreEOS           bool
-	TimeScale           float64
-	Seed                uint64
+	// Aliases are more model names the server answers to and lists.
+	Aliases   []string
+	IgnoreEOS bool
+	TimeScale float64
+	Seed      uint64
 }
 
 // Defaults is the configuration zero fields take.
@@ -151,7 +154,11 @@ func New(cfg Config) *Server {
 	s.mux.HandleFunc("POST /v1/responses", s.responses)
 	s.mux.HandleFunc("POST /v1/messages", s.messages)
 	s.mux.HandleFunc("GET /v1/models", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, 200, map[string]any{"object": "list", "data": []any{map[string]any{"id": cfg.Model, "object": "model", "owned_by": "llmsim"}}})
+		data := []any{}
+		for _, m := range append([]string{cfg.Model}, cfg.Aliases...) {
+			data = append(data, map[string]any{"id": m, "object": "model", "owned_by": "llmsim"})
+		}
+		writeJSON(w, 200, map[string]any{"object": "list", "data": data})
 	})
 	s.mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {})
 	s.mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
@@ -190,6 +197,17 @@ func (s *Server) noRoute(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	apiError(w, 404, "not_found", fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path))
+}
+
+// OutputHeader, on a request, sets the length its answer would have of its
+// own (instead of a draw): a benchmark's knob for open-ended requests, which
+// a load balancer does not read. max_tokens still cuts it.
+const OutputHeader = "x-llmsim-output-tokens"
+
+// ownLength is the request's OutputHeader, or 0.
+func ownLength(r *http.Request) int {
+	n, _ := strconv.Atoi(r.Header.Get(OutputHeader))
+	return max(n, 0)
 }
 
 // Tokenize is llmsim's tokenizer: each whitespace-separated word is one
@@ -257,7 +275,7 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	sq, err := s.eng.submit(r.Context(), toks, req.maxOutput())
+	sq, err := s.eng.submit(r.Context(), toks, req.maxOutput(), ownLength(r))
 	if errors.Is(err, errStopped) {
 		apiError(w, 503, "shutting_down", err.Error())
 		return

@@ -359,3 +359,34 @@ func TestAPIErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestOwnLength: OutputHeader sets an answer's own length, which max_tokens
+// still cuts, and which IgnoreEOS ignores when max_tokens is set.
+func TestOwnLength(t *testing.T) {
+	eos, ignoreEOS := start(t, Config{TimeScale: 0.001}), start(t, Config{TimeScale: 0.001, IgnoreEOS: true})
+	for _, tc := range []struct {
+		srv                  *httptest.Server
+		maxTokens, own, want int
+		finish               string
+	}{{eos, 0, 17, 17, "stop"}, {eos, 5, 17, 5, "length"}, {eos, 40, 17, 17, "stop"},
+		{ignoreEOS, 0, 17, 17, "stop"}, {ignoreEOS, 40, 17, 40, "length"}} {
+		srv := tc.srv
+		req := map[string]any{"model": "m", "messages": []map[string]string{{"role": "user", "content": words(10, 2)}}}
+		if tc.maxTokens > 0 {
+			req["max_tokens"] = tc.maxTokens
+		}
+		b, _ := json.Marshal(req)
+		hr, _ := http.NewRequest("POST", srv.URL+"/v1/chat/completions", bytes.NewReader(b))
+		hr.Header.Set(OutputHeader, strconv.Itoa(tc.own))
+		resp, err := http.DefaultClient.Do(hr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		finish, n := finishOf(t, raw, false)
+		if finish != tc.finish || n != tc.want {
+			t.Errorf("max_tokens %d, own %d: %d tokens, %s; want %d, %s", tc.maxTokens, tc.own, n, finish, tc.want, tc.finish)
+		}
+	}
+}
