@@ -42,9 +42,10 @@
 // Responses API, whole or as its typed events) and /v1/messages
 // (Anthropic's, whole or streamed, its errors in Anthropic's shape); GET
 // /v1/models, /health and /metrics (vLLM's metric names). Every other path
-// or method gets a JSON 404 or 405, as vLLM answers. Tools and sampling
-// parameters are accepted and ignored; n and lists of prompts are not
-// modelled (one choice).
+// or method gets a JSON 404 or 405, as vLLM answers. Completions take n
+// (up to 16) and lists of prompts (strings or token ids): a choice for each,
+// each a sequence of its own on the engine. Tools and sampling parameters
+// are accepted and ignored.
 package sim
 
 import (
@@ -56,6 +57,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -233,6 +235,7 @@ type request struct {
 	MaxCompletion int             `json:"max_completion_tokens"`
 	Messages      json.RawMessage `json:"messages"`
 	Prompt        json.RawMessage `json:"prompt"`
+	N             int             `json:"n"`
 	StreamOptions struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
@@ -268,48 +271,87 @@ func promptTokens(r *request) ([]uint32, error) {
 	return Tokenize(text), nil
 }
 
+// prompts returns the request's prompts, tokenized: a chat request's one,
+// or a completion request's list (of strings, or of token id lists, whose
+// ids are its tokens); a single string or token list is one prompt.
+func prompts(r *request) ([][]uint32, error) {
+	if len(r.Messages) == 0 {
+		var texts []string
+		if json.Unmarshal(r.Prompt, &texts) == nil && len(texts) > 0 {
+			out := make([][]uint32, len(texts))
+			for i, t := range texts {
+				out[i] = Tokenize(t)
+			}
+			return out, nil
+		}
+		var lists [][]uint32
+		if json.Unmarshal(r.Prompt, &lists) == nil && len(lists) > 0 {
+			return lists, nil
+		}
+		var ids []uint32
+		if json.Unmarshal(r.Prompt, &ids) == nil && len(ids) > 0 {
+			return [][]uint32{ids}, nil
+		}
+	}
+	toks, err := promptTokens(r)
+	return [][]uint32{toks}, err
+}
+
 // complete answers a chat or text completion request, as one response
-// or, when the request asks for it, as a server-sent event stream.
+// or, when the request asks for it, as a server-sent event stream: n
+// choices for each of its prompts, each a sequence of its own on the
+// engine (the copies of a prompt share its cached prefix).
 func (s *Server) complete(w http.ResponseWriter, r *http.Request) {
-	req, toks, ok := readRequest(w, r)
+	req, ps, ok := readRequest(w, r)
 	if !ok {
 		return
 	}
-	sq, err := s.eng.submit(r.Context(), toks, req.maxOutput(), ownLength(r))
-	if errors.Is(err, errStopped) {
-		apiError(w, 503, "shutting_down", err.Error())
-		return
+	c := completion{model: s.cfg.Model, chat: r.URL.Path == "/v1/chat/completions"}
+	for _, p := range ps {
+		c.promptTokens += len(p)
+		for range max(1, req.N) {
+			sq, err := s.eng.submit(r.Context(), p, req.maxOutput(), ownLength(r))
+			if errors.Is(err, errStopped) {
+				apiError(w, 503, "shutting_down", err.Error())
+				return
+			}
+			if err != nil {
+				apiError(w, 400, "context_length_exceeded", err.Error())
+				return
+			}
+			c.seqs = append(c.seqs, sq)
+		}
 	}
-	if err != nil {
-		apiError(w, 400, "context_length_exceeded", err.Error())
-		return
-	}
-	c := completion{id: fmt.Sprintf("cmpl-%p", sq), model: s.cfg.Model,
-		chat: r.URL.Path == "/v1/chat/completions", promptTokens: len(toks)}
+	c.id = fmt.Sprintf("cmpl-%p", c.seqs[0])
 	if !req.Stream {
-		c.respond(w, r, sq)
+		c.respond(w, r)
 		return
 	}
-	c.stream(w, r, sq, req.StreamOptions.IncludeUsage)
+	c.stream(w, r, req.StreamOptions.IncludeUsage)
 }
 
-// readRequest decodes a completion request and tokenizes its prompt. It
+// readRequest decodes a completion request and tokenizes its prompts. It
 // answers a request it cannot use with a 400 itself, and then returns
 // ok false.
-func readRequest(w http.ResponseWriter, r *http.Request) (req request, toks []uint32, ok bool) {
+func readRequest(w http.ResponseWriter, r *http.Request) (req request, ps [][]uint32, ok bool) {
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		apiError(w, 400, "invalid_json", err.Error())
 		return req, nil, false
 	}
-	toks, err := promptTokens(&req)
-	if err == nil && len(toks) == 0 {
-		err = errors.New("empty prompt")
+	ps, err := prompts(&req)
+	for _, p := range ps {
+		if err == nil && len(p) == 0 {
+			err = errors.New("empty prompt")
+		}
+	}
+	if err == nil && req.N > 16 {
+		err = fmt.Errorf("n is %d, at most 16", req.N)
 	}
 	if err != nil {
 		apiError(w, 400, "invalid_prompt", err.Error())
 		return req, nil, false
 	}
-	return req, toks, true
+	return req, ps, true
 }
 
 // maxOutput is the request's output limit: max_completion_tokens, else
@@ -322,11 +364,13 @@ func (r *request) maxOutput() int {
 }
 
 // completion builds the response objects of one request, in the shape of
-// OpenAI's chat completions or (legacy) completions API.
+// OpenAI's chat completions or (legacy) completions API; its choices are
+// its sequences, in order.
 type completion struct {
 	id, model    string
 	chat         bool
-	promptTokens int
+	promptTokens int // every prompt's, once
+	seqs         []*seq
 }
 
 // objects returns the object type of a whole response and of a stream's
@@ -338,15 +382,15 @@ func (c completion) objects() (object, chunk string) {
 	return "text_completion", "text_completion"
 }
 
-// usage is the token usage once n tokens have been generated.
+// usage is the token usage once n tokens have been generated in all.
 func (c completion) usage(n int) map[string]int {
 	return map[string]int{"prompt_tokens": c.promptTokens, "completion_tokens": n, "total_tokens": c.promptTokens + n}
 }
 
-// choice is the one choice of a response (delta false) or of a stream's
-// chunk (delta true) with text; finish is its finish_reason, or nil.
-func (c completion) choice(text string, finish any, delta bool) map[string]any {
-	ch := map[string]any{"index": 0, "finish_reason": finish}
+// choice is choice i of a response (delta false) or of a stream's chunk
+// (delta true) with text; finish is its finish_reason, or nil.
+func (c completion) choice(i int, text string, finish any, delta bool) map[string]any {
+	ch := map[string]any{"index": i, "finish_reason": finish}
 	switch {
 	case !c.chat:
 		ch["text"] = text
@@ -358,24 +402,33 @@ func (c completion) choice(text string, finish any, delta bool) map[string]any {
 	return ch
 }
 
-// respond waits until sq has generated its last token and answers with the
-// whole completion, unless the client has gone.
-func (c completion) respond(w http.ResponseWriter, r *http.Request, sq *seq) {
-	n := 0
-	for n = range sq.events {
+// respond waits until every sequence has generated its last token and
+// answers with the whole completion, unless the client has gone.
+func (c completion) respond(w http.ResponseWriter, r *http.Request) {
+	choices := make([]any, len(c.seqs))
+	total := 0
+	for i, sq := range c.seqs {
+		n := 0
+		for n = range sq.events {
+		}
+		total += n
+		choices[i] = c.choice(i, strings.Repeat("tok ", n), sq.finish, false)
 	}
 	if r.Context().Err() != nil {
 		return
 	}
 	object, _ := c.objects()
 	writeJSON(w, 200, map[string]any{"id": c.id, "object": object, "created": time.Now().Unix(), "model": c.model,
-		"choices": []any{c.choice(strings.Repeat("tok ", n), sq.finish, false)}, "usage": c.usage(n)})
+		"choices": choices, "usage": c.usage(total)})
 }
 
-// stream answers with a server-sent event for each token sq generates,
-// then, with includeUsage, one with the usage, and [DONE], unless the
-// client has gone by then.
-func (c completion) stream(w http.ResponseWriter, r *http.Request, sq *seq, includeUsage bool) {
+// token is one generated token of choice i, the n-th of its sequence.
+type token struct{ i, n int }
+
+// stream answers with a server-sent event for each token a sequence
+// generates (its choice's index on it), then, with includeUsage, one with
+// the usage, and [DONE], unless the client has gone by then.
+func (c completion) stream(w http.ResponseWriter, r *http.Request, includeUsage bool) {
 	w.Header().Set("content-type", "text/event-stream")
 	w.Header().Set("cache-control", "no-cache")
 	fl, _ := w.(http.Flusher)
@@ -392,20 +445,35 @@ func (c completion) stream(w http.ResponseWriter, r *http.Request, sq *seq, incl
 			fl.Flush()
 		}
 	}
+	// Every sequence's tokens into one stream, in the order they come. The
+	// engine closes each sequence's events when it ends or is cancelled (the
+	// client gone), so these goroutines always end.
+	tokens := make(chan token)
+	var wg sync.WaitGroup
+	for i, sq := range c.seqs {
+		wg.Go(func() {
+			for n := range sq.events {
+				tokens <- token{i, n}
+			}
+		})
+	}
+	go func() { wg.Wait(); close(tokens) }()
 	_, chunk := c.objects()
-	n := 0
-	for n = range sq.events {
+	total := 0
+	for t := range tokens {
+		total++
+		sq := c.seqs[t.i]
 		finish := any(nil)
-		if n == sq.maxOut {
+		if t.n == sq.maxOut {
 			finish = sq.finish
 		}
-		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{c.choice("tok ", finish, true)}})
+		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{c.choice(t.i, "tok ", finish, true)}})
 	}
 	if r.Context().Err() != nil {
 		return
 	}
 	if includeUsage {
-		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{}, "usage": c.usage(n)})
+		send(map[string]any{"id": c.id, "object": chunk, "model": c.model, "choices": []any{}, "usage": c.usage(total)})
 	}
 	fmt.Fprint(w, "data: [DONE]\n\n")
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -388,5 +389,77 @@ func TestOwnLength(t *testing.T) {
 		if finish != tc.finish || n != tc.want {
 			t.Errorf("max_tokens %d, own %d: %d tokens, %s; want %d, %s", tc.maxTokens, tc.own, n, finish, tc.want, tc.finish)
 		}
+	}
+}
+
+// TestChoices: n choices for each prompt of a list, each with its index,
+// whole and streamed; usage counts every prompt once and every choice's
+// tokens.
+func TestChoices(t *testing.T) {
+	srv := start(t, Config{TimeScale: 0.001})
+	for _, tc := range []struct {
+		name, path, body string
+		choices          int
+		promptTokens     int
+	}{
+		{"n on chat", "/v1/chat/completions", `{"messages":[{"role":"user","content":"` + words(10, 1) + `"}],"n":3,"max_tokens":4}`, 3, 19},
+		{"list of prompts", "/v1/completions", `{"prompt":["` + words(5, 1) + `","` + words(7, 2) + `"],"max_tokens":4}`, 2, 12},
+		{"list of prompts, n 2", "/v1/completions", `{"prompt":["` + words(5, 1) + `","` + words(7, 2) + `"],"n":2,"max_tokens":4}`, 4, 12},
+		{"token ids", "/v1/completions", `{"prompt":[[1,2,3],[4,5]],"max_tokens":4}`, 2, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, streamed := range []bool{false, true} {
+				body := strings.TrimSuffix(tc.body, "}") + fmt.Sprintf(`,"stream":%v,"stream_options":{"include_usage":true}}`, streamed)
+				resp, err := http.Post(srv.URL+tc.path, "application/json", strings.NewReader(body))
+				if err != nil {
+					t.Fatal(err)
+				}
+				raw, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				type answer struct {
+					Choices []struct {
+						Index        int     `json:"index"`
+						FinishReason *string `json:"finish_reason"`
+					}
+					Usage map[string]int
+				}
+				finished := map[int]int{}
+				var usage map[string]int
+				chunks := []string{string(raw)}
+				if streamed {
+					chunks = nil
+					for _, line := range strings.Split(string(raw), "\n") {
+						if d, ok := strings.CutPrefix(line, "data: "); ok && d != "[DONE]" {
+							chunks = append(chunks, d)
+						}
+					}
+				}
+				for _, c := range chunks {
+					var a answer
+					if err := json.Unmarshal([]byte(c), &a); err != nil {
+						t.Fatalf("%s: %v", c, err)
+					}
+					for _, ch := range a.Choices {
+						if ch.FinishReason != nil {
+							finished[ch.Index]++
+						}
+					}
+					if a.Usage != nil {
+						usage = a.Usage
+					}
+				}
+				if len(finished) != tc.choices {
+					t.Fatalf("streamed %v: choices finished %v, want indices 0..%d once each", streamed, finished, tc.choices-1)
+				}
+				for i := range tc.choices {
+					if finished[i] != 1 {
+						t.Fatalf("streamed %v: choice %d finished %d times", streamed, i, finished[i])
+					}
+				}
+				if usage["prompt_tokens"] != tc.promptTokens || usage["completion_tokens"] != 4*tc.choices {
+					t.Fatalf("streamed %v: usage %v, want %d prompt and %d completion tokens", streamed, usage, tc.promptTokens, 4*tc.choices)
+				}
+			}
+		})
 	}
 }
