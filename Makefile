@@ -25,6 +25,7 @@ demo: build tools
 tools:
 	@envoy="$$(scripts/envoy.sh)" && echo "envoy: $$envoy"
 	@helm="$$(scripts/helm.sh)" && echo "helm: $$helm"
+	@prom="$$(scripts/prometheus.sh)" && echo "prometheus: $$prom"
 
 # gofmt, go vet, and go.mod and go.sum as go mod tidy leaves them.
 vet:
@@ -32,10 +33,10 @@ vet:
 	$(GO) vet ./...
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod or go.sum is not tidy: run go mod tidy"; $(GO) mod tidy -diff; exit 1; }
 
-# CI=true: the e2e suite fails, never skips, without Envoy.
+# CI=true: the e2e suite fails, never skips, without Envoy (or Prometheus).
 test: tools vet
-	envoy="$$(scripts/envoy.sh)" && helm="$$(scripts/helm.sh)" && \
-		ENVOY_BIN="$$envoy" HELM_BIN="$$helm" CI=true $(GO) test -race -count=1 ./...
+	envoy="$$(scripts/envoy.sh)" && helm="$$(scripts/helm.sh)" && prom="$$(scripts/prometheus.sh)" && \
+		ENVOY_BIN="$$envoy" HELM_BIN="$$helm" PROMETHEUS_DIR="$$prom" CI=true $(GO) test -race -count=1 ./...
 
 # The tests against a real Kubernetes API server (tag kube): kube-apiserver
 # and etcd built from their Go modules into .tools/ (scripts/kube.sh; the

@@ -204,6 +204,9 @@ func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 		if f.ttft == 0 && f.ok() {
 			f.ttft = time.Since(f.lease.Start())
 			f.lease.FirstToken()
+			if f.streamed {
+				f.rt.m.ttft.Observe(f.ttft.Seconds())
+			}
 			if f.streamed && !end && !f.finished {
 				f.unfollowed = !f.rt.follow(f.lease.Host(), time.Now())
 				if f.unfollowed {
@@ -255,6 +258,9 @@ func (f *flight) finishLocked(cause picker.Cause, seen bool) {
 	var o *cost.Outcome
 	if seen && f.ok() && !f.unfollowed {
 		o = f.learn()
+	}
+	if f.ok() && f.status != 0 && cause != ReleasedStreamEnd {
+		f.rt.m.duration.Observe(time.Since(f.lease.Start()).Seconds())
 	}
 	f.logEnd(cause, o)
 }

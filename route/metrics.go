@@ -13,6 +13,8 @@ type Metrics struct {
 	predictionError *prometheus.HistogramVec
 	moved           prometheus.Counter
 	followed        *prometheus.CounterVec
+	ttft            prometheus.Histogram
+	duration        prometheus.Histogram
 }
 
 // NewMetrics returns unregistered metrics, the labelled counters with a
@@ -52,6 +54,12 @@ func newMetrics() *Metrics {
 		moved: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tokenlb_requests_served_elsewhere_total",
 			Help: "Requests the data plane reports it served on another host than the chosen one (a retry on a fallback); their charge moved there."}),
+		ttft: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tokenlb_response_ttft_seconds", Help: "Time from routing to the first token of successful streamed responses, as tokenlb sees it.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14)}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tokenlb_response_duration_seconds", Help: "Time from routing to the end of successful responses, as tokenlb sees it (to the end stream's close for those not followed).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 16)}),
 		followed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenlb_streamed_responses_followed_total",
 			Help: "Successful streamed responses at their first token, by how far tokenlb follows them: to the end (for usage), or no further (follow_interval)."},
@@ -62,5 +70,5 @@ func newMetrics() *Metrics {
 // Collectors returns the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requestTokens, m.tokenizeSeconds, m.pickSeconds, m.outputTokens, m.usageSeen,
-		m.predictionError, m.moved, m.followed}
+		m.predictionError, m.moved, m.followed, m.ttft, m.duration}
 }
