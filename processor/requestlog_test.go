@@ -108,7 +108,7 @@ func TestRequestLog(t *testing.T) {
 	}
 	ok := ends["req-ok"]
 	for k, want := range map[string]any{"level": "INFO", "msg": "request", "path": "/v1/chat/completions", "api": "chat_completions",
-		"model": "m", "host": out.headers[processor.DefaultDestinationHeader], "why": "least_load", "status": 200.0,
+		"model": "m", "host": out.headers[processor.DefaultDestinationHeader], "why": "least_load", "status": 200.0, "status_class": "2xx",
 		"end": "response_end", "output_tokens": 3.0} {
 		if ok[k] != want {
 			t.Errorf("success line: %s = %v, want %v (%v)", k, ok[k], want, ok)
@@ -120,10 +120,10 @@ func TestRequestLog(t *testing.T) {
 	if n, _ := ok["prompt_tokens"].(float64); n < 100 {
 		t.Errorf("prompt_tokens %v", ok["prompt_tokens"])
 	}
-	if m := ends["req-503"]; m["level"] != "WARN" || m["status"] != 503.0 {
+	if m := ends["req-503"]; m["level"] != "WARN" || m["status"] != 503.0 || m["status_class"] != "5xx" {
 		t.Errorf("503 line: %v", m)
 	}
-	if m := ends["req-cut"]; m["msg"] != "request cut" || m["end"] != "stream_end" {
+	if m := ends["req-cut"]; m["msg"] != "request cut" || m["end"] != "stream_end" || m["status_class"] != "none" {
 		t.Errorf("cut line: %v", m)
 	}
 	rej := lines.with(t, "rejected")

@@ -286,7 +286,11 @@ func (f *flight) logEnd(cause picker.Cause, o *cost.Outcome) {
 	if f.movedFrom != "" {
 		attrs = append(attrs, slog.String("chosen_host", f.movedFrom))
 	}
-	attrs = append(attrs, slog.Int("status", f.status), slog.String("end", string(cause)))
+	class := "none" // no response headers came back
+	if f.status > 0 {
+		class = strconv.Itoa(f.status/100) + "xx"
+	}
+	attrs = append(attrs, slog.Int("status", f.status), slog.String("status_class", class), slog.String("end", string(cause)))
 	if f.ttft > 0 {
 		attrs = append(attrs, slog.Float64("ttft_seconds", f.ttft.Seconds()))
 	}
