@@ -30,6 +30,18 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.checks, m.ejections, m.healthy, m.reads}
 }
 
+// expect gives a new host a series for each ejection reason and check
+// result from the start, so that an increase over them is 0 rather than
+// absent.
+func (m *Metrics) expect(host string) {
+	for _, reason := range []string{"health_check", ejectedResponses, ejectedConnectFailure, "skipped_max_percent"} {
+		m.ejections.WithLabelValues(host, reason)
+	}
+	for _, result := range []string{"ok", "failed"} {
+		m.checks.WithLabelValues(host, result)
+	}
+}
+
 // forget drops a removed host's series.
 func (m *Metrics) forget(host string) {
 	match := prometheus.Labels{"host": host}

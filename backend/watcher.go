@@ -157,6 +157,7 @@ func parseHosts(hosts []string) ([]string, error) {
 func (w *Watcher) addLocked(addr string) {
 	w.hosts[addr] = &hostState{addr: addr, recovered: make(chan struct{}, 1)}
 	w.m.healthy.WithLabelValues(addr).Set(1)
+	w.m.expect(addr)
 	w.addrs = append(w.addrs, addr)
 }
 

@@ -443,7 +443,8 @@ func TestMetricsLint(t *testing.T) {
 		t.Errorf("%s: %s", p.Metric, p.Text)
 	}
 	for _, want := range []string{"tokenlb_build_info{", "tokenlb_host_load_seconds{", `tokenlb_rejections_total{reason="no_capacity"} 0`,
-		`tokenlb_rejections_total{reason="body_too_large"} 0`, `tokenlb_observer_claims_total{result="none",role="observer"} 0`} {
+		`tokenlb_rejections_total{reason="body_too_large"} 0`, `tokenlb_observer_claims_total{result="none",role="observer"} 0`,
+		`tokenlb_host_ejections_total{host="127.0.0.1:8001",reason="connect_failure"} 0`} {
 		if !strings.Contains(text, want) {
 			t.Errorf("no %s in /metrics", want)
 		}
