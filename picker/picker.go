@@ -1014,21 +1014,18 @@ func (p *Picker) Hosts() []HostLoad {
 	return out
 }
 
-// Models returns the models the routable hosts serve, sorted, each once:
-// those of the healthy hosts, or of every host when none is healthy (as
-// picks fall back to them). ok is false when no such host's list is known
-// (model discovery is off, or has not answered yet); a host whose list is
-// not known adds nothing.
+// Models returns the models the hosts serve, sorted, each once: every
+// model a request can be routed for, which is every host's, healthy or not
+// (a model whose hosts are all unhealthy still goes to one of them, as
+// picks fall back to unhealthy hosts). ok is false when no host's list is
+// known (model discovery is off, or has not answered yet); a host whose
+// list is not known adds nothing.
 func (p *Picker) Models() (models []string, ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	anyHealthy := false
-	for _, h := range p.hosts {
-		anyHealthy = anyHealthy || h.health.Healthy()
-	}
 	set := map[string]bool{}
 	for _, h := range p.hosts {
-		if h.models == nil || (anyHealthy && !h.health.Healthy()) {
+		if h.models == nil {
 			continue
 		}
 		ok = true

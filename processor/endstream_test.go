@@ -158,9 +158,11 @@ func TestFollowedResponseEndsWithItsBody(t *testing.T) {
 
 // TestObserverFollowsWithoutEndStream: with no end filter (an Envoy config
 // from before it), nothing else would report the end, so the observer
-// follows every response to its end even when the Router asks for no more.
+// follows every response to its end even when the Router asks for no more,
+// and the response, seen whole, teaches its usage as any other.
 func TestObserverFollowsWithoutEndStream(t *testing.T) {
-	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true, FollowInterval: neverFollow})
+	model := cost.New(twoPhase)
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: model, Observer: true, FollowInterval: neverFollow})
 	f := env.open(t, buffered)
 	out := routed(t, f, post(chat(100)))
 	o := env.openObserver(t)
@@ -183,6 +185,9 @@ func TestObserverFollowsWithoutEndStream(t *testing.T) {
 	if n := env.counter(t, "tokenlb_observer_handovers_total", ""); n != 0 {
 		t.Fatalf("handed over %v responses with no end stream", n)
 	}
+	eventually(t, "the usage of a response seen whole to teach an output length", func() bool {
+		return model.Output(cost.Request{Model: "m", Route: "chat_completions"}) != cost.DefaultOutputTokens
+	})
 }
 
 // TestEndStreamBeforeFirstToken: a request abandoned before its first token

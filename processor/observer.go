@@ -73,7 +73,9 @@ func (f *claimable) endStreamEnded() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.enderEnd = true
-	return f.handed || f.claim.Load() == claimOpen
+	// While nobody follows it, close the claim too: the routing stream's
+	// grace timer then finds it closed, and no observer takes it over.
+	return f.handed || f.claim.CompareAndSwap(claimOpen, claimClosed)
 }
 
 // offer makes f claimable by the observer and end streams, under a fresh
@@ -138,6 +140,7 @@ func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error
 				end := r.ResponseBody.GetEndOfStream()
 				if more := f.ResponseBody(r.ResponseBody.GetBody(), end); !more && !end && f.handOver() {
 					s.m.handovers.Inc()
+					f.Unfollow()
 					f = nil
 					return nil // the end stream ends it; Envoy sends no more
 				}

@@ -761,9 +761,10 @@ func TestAnthropicErrors(t *testing.T) {
 }
 
 // TestModelsList: GET /v1/models is answered by tokenlb with every model
-// the routable hosts serve, each once, in OpenAI's list shape (Anthropic's
-// when the client sends anthropic-version); a down host's models are left
-// out; GET /v1/models/{id} answers one model or 404; with no host's models
+// the hosts serve, each once, in OpenAI's list shape (Anthropic's when the
+// client sends anthropic-version); a down host's models are listed too, as
+// requests for them are still routed there; GET /v1/models/{id} answers one
+// model (its id percent-encoded or not) or 404; with no host's models
 // known, the request is routed as before.
 func TestModelsList(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{})
@@ -782,7 +783,7 @@ func TestModelsList(t *testing.T) {
 	}
 	env.picker.SetModels(threeHosts[0], []string{"llama", "qwen"})
 	env.picker.SetModels(threeHosts[1], []string{"qwen", "mistral"})
-	env.picker.SetModels(threeHosts[2], []string{"gone-with-the-host"})
+	env.picker.SetModels(threeHosts[2], []string{"org/down-host-model"})
 	env.picker.SetHealth(threeHosts[2], picker.Health{Down: true})
 
 	out := get("/v1/models?limit=5", nil)
@@ -803,8 +804,8 @@ func TestModelsList(t *testing.T) {
 		}
 		ids = append(ids, m.ID)
 	}
-	if want := []string{"llama", "mistral", "qwen"}; !slices.Equal(ids, want) {
-		t.Fatalf("models %v, want %v (the healthy hosts' union, each once)", ids, want)
+	if want := []string{"llama", "mistral", "org/down-host-model", "qwen"}; !slices.Equal(ids, want) {
+		t.Fatalf("models %v, want %v (every host's, each once)", ids, want)
 	}
 
 	out = get("/v1/models", map[string]string{"anthropic-version": "2023-06-01"})
@@ -817,7 +818,7 @@ func TestModelsList(t *testing.T) {
 		FirstID string `json:"first_id"`
 		LastID  string `json:"last_id"`
 	}
-	if err := json.Unmarshal(out.immediate.GetBody(), &alist); err != nil || len(alist.Data) != 3 || alist.Data[0].Type != "model" ||
+	if err := json.Unmarshal(out.immediate.GetBody(), &alist); err != nil || len(alist.Data) != 4 || alist.Data[0].Type != "model" ||
 		alist.Data[0].ID != "llama" || alist.FirstID != "llama" || alist.LastID != "qwen" || alist.HasMore {
 		t.Fatalf("Anthropic list %s (%v)", out.immediate.GetBody(), err)
 	}
@@ -825,8 +826,13 @@ func TestModelsList(t *testing.T) {
 	if out := get("/v1/models/qwen", nil); out.immediate.GetStatus().GetCode() != 200 || !strings.Contains(string(out.immediate.GetBody()), `"id":"qwen"`) {
 		t.Fatalf("one model: %d %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
 	}
-	if out := get("/v1/models/gone-with-the-host", nil); out.immediate.GetStatus().GetCode() != 404 || errorBody(t, out.immediate) != "model_not_found" {
-		t.Fatalf("a down host's model: %d %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
+	for _, path := range []string{"/v1/models/org/down-host-model", "/v1/models/org%2Fdown-host-model"} {
+		if out := get(path, nil); out.immediate.GetStatus().GetCode() != 200 || !strings.Contains(string(out.immediate.GetBody()), `"id":"org/down-host-model"`) {
+			t.Fatalf("%s: %d %s", path, out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
+		}
+	}
+	if out := get("/v1/models/nobody-serves-it", nil); out.immediate.GetStatus().GetCode() != 404 || errorBody(t, out.immediate) != "model_not_found" {
+		t.Fatalf("an unknown model: %d %s", out.immediate.GetStatus().GetCode(), out.immediate.GetBody())
 	}
 	if n := env.counter(t, "tokenlb_rejections_total", "models"); n != 0 {
 		t.Fatalf("the list counted as %v rejections", n)

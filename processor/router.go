@@ -63,10 +63,13 @@ type Flight interface {
 	ResponseHeaders(h Headers, next Next)
 	// ResponseBody delivers a chunk of the response body; end says it is
 	// the last. more says whether the Flight needs the rest of the body
-	// (false: only its end); the Server then stops showing it when an end
-	// stream will report the end (see Server's doc). A Flight shown more
-	// than it asked for ignores it, and ends at the body's end as before.
+	// (false: only its end); the Server may then stop showing it, when an
+	// end stream will report the end, and says so with Unfollow. A Flight
+	// that is shown the rest anyway uses it as before.
 	ResponseBody(chunk []byte, end bool) (more bool)
+	// Unfollow says the Server stopped showing the body after a
+	// ResponseBody that asked for no more: only End follows.
+	Unfollow()
 	// End says the response is over, or that nothing more of it will be
 	// seen, and how.
 	End(how Ending)

@@ -73,12 +73,14 @@ type flight struct {
 	ttft     time.Duration
 	events   int    // data events seen
 	tail     []byte // the response body's last tailBytes
-	// unfollowed: past its first token, the response is not followed; it
-	// taught its time to first token then, and its end teaches nothing.
-	unfollowed bool
-	timer      *time.Timer
-	finished   bool
-	reported   bool // the status went to Config.ResponseStatus
+	// mayStop: at its first token the flight chose not to follow this
+	// response to its end (Config.FollowInterval); unfollowed: the Server
+	// then stopped showing it (Unfollow), so it taught its time to first
+	// token then, and its end teaches nothing.
+	mayStop, unfollowed bool
+	timer               *time.Timer
+	finished            bool
+	reported            bool // the status went to Config.ResponseStatus
 	// connectReported: Config.ResponseStatus was told that Envoy could not
 	// connect (backend.ConnectFailure).
 	connectReported bool
@@ -194,9 +196,8 @@ func (f *flight) report(h processor.Headers) {
 // ResponseBody notes a chunk of the response body: the first bytes are the
 // first token (a streamed response's first event; a whole response
 // otherwise). At a successful streamed response's first token it decides
-// whether to follow the response to its end (Config.FollowInterval); one it
-// does not follow teaches its time to first token at once, and more says
-// that nothing but its end is needed.
+// whether to follow the response to its end (Config.FollowInterval); for
+// one it does not, more says that nothing but its end is needed (Unfollow).
 func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -208,13 +209,7 @@ func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 				f.rt.m.ttft.Observe(f.ttft.Seconds())
 			}
 			if f.streamed && !end && !f.finished {
-				f.unfollowed = !f.rt.follow(f.lease.Host(), time.Now())
-				if f.unfollowed {
-					f.rt.m.followed.WithLabelValues("first_token").Inc()
-					f.learnFirstToken()
-				} else {
-					f.rt.m.followed.WithLabelValues("end").Inc()
-				}
+				f.mayStop = !f.rt.follow(f.lease.Host(), time.Now())
 			}
 		}
 		if !f.unfollowed {
@@ -228,7 +223,25 @@ func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 	if end {
 		f.finishLocked(ReleasedAtEnd, true)
 	}
-	return !f.unfollowed && !f.finished
+	return !f.mayStop && !f.finished
+}
+
+// Unfollow says the Server stopped showing the body (it asked for no more,
+// ResponseBody's more): the response teaches its time to first token now,
+// and its end nothing more. Until then a response the Flight chose not to
+// follow is still followed whole, and teaches as any other: a routing
+// stream shown the body, or an observer with no end stream to hand the end
+// to, sees every chunk anyway.
+func (f *flight) Unfollow() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.finished || f.unfollowed || !f.mayStop {
+		return
+	}
+	f.unfollowed = true
+	f.tail = nil
+	f.rt.m.followed.WithLabelValues("first_token").Inc()
+	f.learnFirstToken()
 }
 
 func (f *flight) ok() bool { return f.status == 0 || f.status/100 == 2 }
@@ -258,6 +271,9 @@ func (f *flight) finishLocked(cause picker.Cause, seen bool) {
 	var o *cost.Outcome
 	if seen && f.ok() && !f.unfollowed {
 		o = f.learn()
+		if f.streamed {
+			f.rt.m.followed.WithLabelValues("end").Inc()
+		}
 	}
 	if f.ok() && f.status != 0 && cause != ReleasedStreamEnd {
 		f.rt.m.duration.Observe(time.Since(f.lease.Start()).Seconds())

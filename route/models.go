@@ -2,6 +2,7 @@ package route
 
 import (
 	"encoding/json"
+	"net/url"
 	"strings"
 
 	"github.com/tokenlb/tokenlb/llmapi"
@@ -25,6 +26,14 @@ func (rt *Router) models(r *processor.Request) (answer *processor.Rejection, ok 
 	id, one := strings.CutPrefix(path, modelsPath+"/")
 	if path != modelsPath && (!one || id == "") {
 		return nil, false
+	}
+	if one {
+		// SDKs percent-encode the id (a model named org/name).
+		unescaped, err := url.PathUnescape(id)
+		if err != nil {
+			return nil, false
+		}
+		id = unescaped
 	}
 	served, known := rt.cfg.Picker.Models()
 	if !known {

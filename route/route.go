@@ -128,8 +128,8 @@ func New(cfg Config) *Router {
 }
 
 // maxFollowed bounds Router.followed: past it, hosts whose last followed
-// response is older than a minute are dropped (removed hosts, as the fleet
-// changes).
+// response is older than a minute (or the interval, when longer) are
+// dropped (removed hosts, as the fleet changes).
 const maxFollowed = 4096
 
 // follow says whether to follow a streamed response on host to its end,
@@ -146,7 +146,7 @@ func (rt *Router) follow(host string, now time.Time) bool {
 	}
 	if len(rt.followed) >= maxFollowed {
 		for h, last := range rt.followed {
-			if now.Sub(last) > time.Minute {
+			if now.Sub(last) > max(time.Minute, rt.cfg.FollowInterval) {
 				delete(rt.followed, h)
 			}
 		}

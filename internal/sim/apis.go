@@ -1,9 +1,12 @@
 package sim
 
 import (
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strings"
 	"time"
@@ -28,7 +31,8 @@ func textOf(v json.RawMessage) string {
 // or a list of strings), after prefilling all of them.
 func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Input json.RawMessage `json:"input"`
+		Input          json.RawMessage `json:"input"`
+		EncodingFormat string          `json:"encoding_format"`
 	}
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		apiError(w, 400, "invalid_json", err.Error())
@@ -58,11 +62,21 @@ func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 	}
 	data := make([]any, len(inputs))
 	for i, in := range inputs {
-		vec := make([]float64, 8)
+		vec := make([]float32, 8)
 		for j, id := range Tokenize(in) {
-			vec[j%8] += float64(id%1000) / 1000
+			vec[j%8] += float32(id%1000) / 1000
 		}
-		data[i] = map[string]any{"object": "embedding", "index": i, "embedding": vec}
+		var embedding any = vec
+		if req.EncodingFormat == "base64" {
+			// Little-endian float32s, base64-encoded, as OpenAI's API sends
+			// them when asked (the JavaScript and Python SDKs ask by default).
+			b := make([]byte, 0, 4*len(vec))
+			for _, v := range vec {
+				b = binary.LittleEndian.AppendUint32(b, math.Float32bits(v))
+			}
+			embedding = base64.StdEncoding.EncodeToString(b)
+		}
+		data[i] = map[string]any{"object": "embedding", "index": i, "embedding": embedding}
 	}
 	writeJSON(w, 200, map[string]any{"object": "list", "model": s.cfg.Model, "data": data,
 		"usage": map[string]int{"prompt_tokens": len(toks), "total_tokens": len(toks)}})
@@ -171,20 +185,43 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 		seqNo++
 		ev.send(typ, v)
 	}
+	// The Responses API's event sequence, as the SDKs' stream helpers
+	// expect it: the response, its message item and text part opened, the
+	// text deltas, each closed, then the response's end.
+	item := "msg_" + id[5:]
+	message := func(status, text string) map[string]any {
+		content := []any{}
+		if status != "in_progress" {
+			content = append(content, part(text))
+		}
+		return map[string]any{"type": "message", "id": item, "status": status, "role": "assistant", "content": content}
+	}
 	send("response.created", map[string]any{"response": object("in_progress", 0)})
+	send("response.in_progress", map[string]any{"response": object("in_progress", 0)})
+	send("response.output_item.added", map[string]any{"output_index": 0, "item": message("in_progress", "")})
+	send("response.content_part.added", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "part": part("")})
 	n := 0
 	for n = range sq.events {
-		send("response.output_text.delta", map[string]any{"item_id": "msg_" + id[5:], "output_index": 0, "content_index": 0, "delta": "tok "})
+		send("response.output_text.delta", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "delta": "tok ", "logprobs": []any{}})
 	}
 	if r.Context().Err() != nil {
 		return
 	}
+	text := strings.Repeat("tok ", n)
+	send("response.output_text.done", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "text": text, "logprobs": []any{}})
+	send("response.content_part.done", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "part": part(text)})
 	status := end()
+	send("response.output_item.done", map[string]any{"output_index": 0, "item": message(status, text)})
 	name := "response.completed"
 	if status == "incomplete" {
 		name = "response.incomplete"
 	}
 	send(name, map[string]any{"response": object(status, n)})
+}
+
+// part is an output_text content part of a Responses API message.
+func part(text string) map[string]any {
+	return map[string]any{"type": "output_text", "text": text, "annotations": []any{}, "logprobs": []any{}}
 }
 
 // messages answers Anthropic's Messages API (POST /v1/messages), whole or

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -461,5 +462,48 @@ func TestChoices(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestResponsesStreamAndBase64: the Responses API's stream sends its event
+// types in the order the SDKs' stream helpers need; embeddings come as
+// base64 float32s when asked, as OpenAI's API sends them.
+func TestResponsesStreamAndBase64(t *testing.T) {
+	srv := start(t, Config{TimeScale: 0.001})
+	resp, err := http.Post(srv.URL+"/v1/responses", "application/json", strings.NewReader(`{"input":"hi there","stream":true,"max_output_tokens":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var types []string
+	for _, line := range strings.Split(string(raw), "\n") {
+		if d, ok := strings.CutPrefix(line, "data: "); ok {
+			var ev struct{ Type string }
+			json.Unmarshal([]byte(d), &ev)
+			types = append(types, ev.Type)
+		}
+	}
+	want := []string{"response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+		"response.output_text.delta", "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+		"response.output_item.done", "response.incomplete"}
+	if strings.Join(types, " ") != strings.Join(want, " ") {
+		t.Fatalf("events %v, want %v", types, want)
+	}
+
+	resp, err = http.Post(srv.URL+"/v1/embeddings", "application/json", strings.NewReader(`{"input":"one two","encoding_format":"base64"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e struct {
+		Data []struct{ Embedding string }
+	}
+	err = json.NewDecoder(resp.Body).Decode(&e)
+	resp.Body.Close()
+	if err != nil || len(e.Data) != 1 {
+		t.Fatalf("embeddings: %+v, %v", e, err)
+	}
+	if b, err := base64.StdEncoding.DecodeString(e.Data[0].Embedding); err != nil || len(b) != 8*4 {
+		t.Fatalf("base64 embedding %q: %d bytes, %v; want 8 float32s", e.Data[0].Embedding, len(b), err)
 	}
 }
