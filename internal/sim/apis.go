@@ -148,36 +148,64 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	id := fmt.Sprintf("resp_%p", sq)
-	created := time.Now().Unix()
-	object := func(status string, n int) map[string]any {
-		o := map[string]any{"id": id, "object": "response", "created_at": created, "model": s.cfg.Model, "status": status,
-			"output": []any{}, "incomplete_details": nil, "error": nil,
-			"usage": map[string]any{"input_tokens": len(toks), "output_tokens": n, "total_tokens": len(toks) + n}}
-		if status != "in_progress" {
-			o["output"] = []any{map[string]any{"type": "message", "id": "msg_" + id[5:], "status": status, "role": "assistant",
-				"content": []any{map[string]any{"type": "output_text", "text": strings.Repeat("tok ", n), "annotations": []any{}}}}}
-		}
-		if status == "incomplete" {
-			o["incomplete_details"] = map[string]string{"reason": "max_output_tokens"}
-		}
-		return o
-	}
-	end := func() string {
-		if sq.finish == "length" {
-			return "incomplete"
-		}
-		return "completed"
-	}
+	rs := response{id: fmt.Sprintf("resp_%p", sq), model: s.cfg.Model, created: time.Now().Unix(), input: len(toks), sq: sq}
 	if !req.Stream {
 		n := 0
 		for n = range sq.events {
 		}
 		if r.Context().Err() == nil {
-			writeJSON(w, 200, object(end(), n))
+			writeJSON(w, 200, rs.object(rs.end(), n))
 		}
 		return
 	}
+	rs.stream(w, r)
+}
+
+// response is one Responses API answer.
+type response struct {
+	id, model string
+	created   int64
+	input     int // prompt tokens
+	sq        *seq
+}
+
+func (rs response) item() string { return "msg_" + rs.id[5:] }
+
+// end is the response's final status.
+func (rs response) end() string {
+	if rs.sq.finish == "length" {
+		return "incomplete"
+	}
+	return "completed"
+}
+
+// object is the response object with status, after n output tokens.
+func (rs response) object(status string, n int) map[string]any {
+	o := map[string]any{"id": rs.id, "object": "response", "created_at": rs.created, "model": rs.model, "status": status,
+		"output": []any{}, "incomplete_details": nil, "error": nil,
+		"usage": map[string]any{"input_tokens": rs.input, "output_tokens": n, "total_tokens": rs.input + n}}
+	if status != "in_progress" {
+		o["output"] = []any{rs.message(status, strings.Repeat("tok ", n))}
+	}
+	if status == "incomplete" {
+		o["incomplete_details"] = map[string]string{"reason": "max_output_tokens"}
+	}
+	return o
+}
+
+// message is the response's one output item.
+func (rs response) message(status, text string) map[string]any {
+	content := []any{}
+	if status != "in_progress" {
+		content = append(content, part(text))
+	}
+	return map[string]any{"type": "message", "id": rs.item(), "status": status, "role": "assistant", "content": content}
+}
+
+// stream sends the Responses API's event sequence, as the SDKs' stream
+// helpers expect it: the response, its message item and text part opened,
+// the text deltas, each closed, then the response's end.
+func (rs response) stream(w http.ResponseWriter, r *http.Request) {
 	ev := startSSE(w)
 	seqNo := 0
 	send := func(typ string, v map[string]any) {
@@ -185,38 +213,31 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 		seqNo++
 		ev.send(typ, v)
 	}
-	// The Responses API's event sequence, as the SDKs' stream helpers
-	// expect it: the response, its message item and text part opened, the
-	// text deltas, each closed, then the response's end.
-	item := "msg_" + id[5:]
-	message := func(status, text string) map[string]any {
-		content := []any{}
-		if status != "in_progress" {
-			content = append(content, part(text))
-		}
-		return map[string]any{"type": "message", "id": item, "status": status, "role": "assistant", "content": content}
+	at := func(v map[string]any) map[string]any {
+		v["item_id"], v["output_index"], v["content_index"] = rs.item(), 0, 0
+		return v
 	}
-	send("response.created", map[string]any{"response": object("in_progress", 0)})
-	send("response.in_progress", map[string]any{"response": object("in_progress", 0)})
-	send("response.output_item.added", map[string]any{"output_index": 0, "item": message("in_progress", "")})
-	send("response.content_part.added", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "part": part("")})
+	send("response.created", map[string]any{"response": rs.object("in_progress", 0)})
+	send("response.in_progress", map[string]any{"response": rs.object("in_progress", 0)})
+	send("response.output_item.added", map[string]any{"output_index": 0, "item": rs.message("in_progress", "")})
+	send("response.content_part.added", at(map[string]any{"part": part("")}))
 	n := 0
-	for n = range sq.events {
-		send("response.output_text.delta", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "delta": "tok ", "logprobs": []any{}})
+	for n = range rs.sq.events {
+		send("response.output_text.delta", at(map[string]any{"delta": "tok ", "logprobs": []any{}}))
 	}
 	if r.Context().Err() != nil {
 		return
 	}
 	text := strings.Repeat("tok ", n)
-	send("response.output_text.done", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "text": text, "logprobs": []any{}})
-	send("response.content_part.done", map[string]any{"item_id": item, "output_index": 0, "content_index": 0, "part": part(text)})
-	status := end()
-	send("response.output_item.done", map[string]any{"output_index": 0, "item": message(status, text)})
+	send("response.output_text.done", at(map[string]any{"text": text, "logprobs": []any{}}))
+	send("response.content_part.done", at(map[string]any{"part": part(text)}))
+	status := rs.end()
+	send("response.output_item.done", map[string]any{"output_index": 0, "item": rs.message(status, text)})
 	name := "response.completed"
 	if status == "incomplete" {
 		name = "response.incomplete"
 	}
-	send(name, map[string]any{"response": object(status, n)})
+	send(name, map[string]any{"response": rs.object(status, n)})
 }
 
 // part is an output_text content part of a Responses API message.
