@@ -43,14 +43,22 @@ const (
 // CI=true, as the e2e suite does without Envoy.
 func helmBin(t *testing.T) string {
 	t.Helper()
-	bin := os.Getenv("HELM_BIN")
-	if bin == "" {
+	return tool(t, "HELM_BIN", "helm.sh", "the Helm chart")
+}
+
+// tool returns the path the environment variable env names (make test sets
+// it from scripts/script). Without it the test skips, or fails under
+// CI=true, as the e2e suite does without Envoy; what names what it checks.
+func tool(t *testing.T, env, script, what string) string {
+	t.Helper()
+	p := os.Getenv(env)
+	if p == "" {
 		if os.Getenv("CI") == "true" {
-			t.Fatal("HELM_BIN is not set: CI must check the Helm chart (HELM_BIN=\"$(scripts/helm.sh)\")")
+			t.Fatalf("%s is not set: CI must check %s (%s=\"$(scripts/%s)\")", env, what, env, script)
 		}
-		t.Skip("HELM_BIN is not set; HELM_BIN=\"$(scripts/helm.sh)\" go test ./deploy checks the Helm chart")
+		t.Skipf("%s is not set; %s=\"$(scripts/%s)\" go test ./deploy checks %s", env, env, script, what)
 	}
-	return bin
+	return p
 }
 
 // runHelm runs helm with its caches and config in a temporary folder, so

@@ -1,7 +1,6 @@
 package deploy
 
 import (
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -13,14 +12,7 @@ import (
 // should and not before. PROMETHEUS_DIR is scripts/prometheus.sh's folder;
 // make test sets it.
 func TestAlertRules(t *testing.T) {
-	dir := os.Getenv("PROMETHEUS_DIR")
-	if dir == "" {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("PROMETHEUS_DIR is not set: CI must check the alert rules (make test sets it)")
-		}
-		t.Skip("PROMETHEUS_DIR is not set; run scripts/prometheus.sh")
-	}
-	promtool := filepath.Join(dir, "promtool")
+	promtool := filepath.Join(tool(t, "PROMETHEUS_DIR", "prometheus.sh", "the alert rules"), "promtool")
 	for _, args := range [][]string{{"check", "rules", "alerts.yaml"}, {"test", "rules", "alerts_test.yaml"}} {
 		cmd := exec.Command(promtool, args...)
 		cmd.Dir = "prometheus"

@@ -143,39 +143,46 @@ func TestSSEStreamsThrough(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startStack(t, envoyOpts{config: tc.config, tokenlb: tc.tokenlb,
 				Options: envoycfg.Options{Response: tc.response}})
-			resp, err := s.send(context.Background(), chatBody(50, true), "sse", nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer resp.Body.Close()
-			b := s.arrival(t, "sse")
-			r := bufio.NewReader(resp.Body)
-			// The backend holds the rest of the stream: the first event must
-			// come through before it finishes.
-			first, err := r.ReadString('\n')
-			if err != nil || !strings.HasPrefix(first, "data: {") || !strings.Contains(first, b.addr) {
-				t.Fatalf("first event %q, %v", first, err)
-			}
-			// Past the first token the prompt is prefilled: only the decode
-			// part stays charged until the end.
-			waitFor(t, 5*time.Second, "the prefill part released", func() bool {
-				var prefilling int64
-				for _, h := range s.tokenlb.hostLoads() {
-					prefilling += h.PrefillingTokens
-				}
-				return prefilling == 0
-			})
-			if s.tokenlb.idle() {
-				t.Fatal("charge released while the stream is still running")
-			}
-			b.release("sse")
-			rest, _ := io.ReadAll(r)
-			if !strings.Contains(string(rest), "data: [DONE]") {
+			rest := s.heldStream(t, nil)
+			if !strings.Contains(rest, "data: [DONE]") {
 				t.Fatalf("stream ended without [DONE]: %q", rest)
 			}
 			s.tokenlb.waitIdle()
 		})
 	}
+}
+
+// heldStream sends a streamed chat request that the backend holds after
+// its first event, and checks that the first event comes through before the
+// backend goes on, and that past it only the decode part stays charged (the
+// prompt is prefilled) until the end; then it lets the backend finish and
+// returns the rest of the stream.
+func (s *stack) heldStream(t *testing.T, header map[string]string) string {
+	t.Helper()
+	resp, err := s.send(context.Background(), chatBody(50, true), "sse", header)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b := s.arrival(t, "sse")
+	r := bufio.NewReader(resp.Body)
+	first, err := r.ReadString('\n')
+	if err != nil || !strings.HasPrefix(first, "data: {") || !strings.Contains(first, b.addr) {
+		t.Fatalf("first event %q, %v", first, err)
+	}
+	waitFor(t, 5*time.Second, "the prefill part released", func() bool {
+		var prefilling int64
+		for _, h := range s.tokenlb.hostLoads() {
+			prefilling += h.PrefillingTokens
+		}
+		return prefilling == 0
+	})
+	if s.tokenlb.idle() {
+		t.Fatal("charge released while the stream is still running")
+	}
+	b.release("sse")
+	rest, _ := io.ReadAll(r)
+	return string(rest)
 }
 
 func TestClientDisconnects(t *testing.T) {

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"io"
 	"strings"
@@ -36,29 +35,8 @@ func TestStreamedResponseObservedCheaply(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: []string{"--follow-interval=" + tc.followOne},
 				Options: envoycfg.Options{WithoutEnd: tc.withoutEnd}})
-			resp, err := s.send(context.Background(), chatBody(50, true), "sse", map[string]string{"x-e2e-events": "40"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer resp.Body.Close()
-			b := s.arrival(t, "sse")
-			r := bufio.NewReader(resp.Body)
-			if first, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(first, "data: {") {
-				t.Fatalf("first event %q, %v", first, err)
-			}
-			waitFor(t, 5*time.Second, "the prefill part released", func() bool {
-				var prefilling int64
-				for _, h := range s.tokenlb.hostLoads() {
-					prefilling += h.PrefillingTokens
-				}
-				return prefilling == 0
-			})
-			if s.tokenlb.idle() {
-				t.Fatal("charge released while the stream is still running")
-			}
-			b.release("sse")
-			rest, _ := io.ReadAll(r)
-			if got := strings.Count(string(rest), "data: "); got != events+2 {
+			rest := s.heldStream(t, map[string]string{"x-e2e-events": "40"})
+			if got := strings.Count(rest, "data: "); got != events+2 {
 				t.Fatalf("%d more events reached the client, want %d", got, events+2)
 			}
 			s.tokenlb.waitIdle()

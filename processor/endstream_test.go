@@ -1,12 +1,9 @@
 package processor_test
 
 import (
-	"context"
 	"io"
 	"testing"
 	"time"
-
-	"google.golang.org/grpc/metadata"
 
 	"github.com/tokenlb/tokenlb/cost"
 	"github.com/tokenlb/tokenlb/picker"
@@ -22,17 +19,7 @@ const (
 )
 
 // openEnd opens a stream as the end filter does.
-func (e *testEnv) openEnd(t *testing.T) *fakeEnvoy {
-	t.Helper()
-	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), processor.ObserverMetadata, "end"))
-	stream, err := e.client.Process(ctx)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(cancel)
-	return &fakeEnvoy{t: t, stream: stream, cancel: cancel}
-}
+func (e *testEnv) openEnd(t *testing.T) *fakeEnvoy { t.Helper(); return e.openRole(t, "end") }
 
 const (
 	sseHeaders = "text/event-stream"

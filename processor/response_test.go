@@ -133,10 +133,13 @@ func TestErrorResponseTeachesNothing(t *testing.T) {
 	}
 }
 
-// openObserver opens a stream as the observability-mode filter does.
-func (e *testEnv) openObserver(t *testing.T) *fakeEnvoy {
+// openObserver opens a stream as the observer filter does.
+func (e *testEnv) openObserver(t *testing.T) *fakeEnvoy { t.Helper(); return e.openRole(t, "observer") }
+
+// openRole opens a stream as the observability-mode filter of role does.
+func (e *testEnv) openRole(t *testing.T, role string) *fakeEnvoy {
 	t.Helper()
-	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), processor.ObserverMetadata, "observer"))
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), processor.ObserverMetadata, role))
 	stream, err := e.client.Process(ctx)
 	if err != nil {
 		cancel()

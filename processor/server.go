@@ -146,13 +146,12 @@ func New(router Router, cfg Config) *Server {
 // flowing never depends on this process staying up. On the way out it ends
 // the request's Flight unless an observer stream follows it.
 func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
-	if md, _ := metadata.FromIncomingContext(stream.Context()); len(md.Get(ObserverMetadata)) > 0 {
-		switch role := md.Get(ObserverMetadata); {
-		case slices.Contains(role, "observer"):
-			return s.observe(stream)
-		case slices.Contains(role, "end"):
-			return s.watchEnd(stream)
-		}
+	md, _ := metadata.FromIncomingContext(stream.Context())
+	switch role := md.Get(ObserverMetadata); {
+	case slices.Contains(role, "observer"):
+		return s.observe(stream)
+	case slices.Contains(role, "end"):
+		return s.watchEnd(stream)
 	}
 	if !s.routingStarted() {
 		return status.Error(codes.Unavailable, "tokenlb is shutting down")

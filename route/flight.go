@@ -291,6 +291,18 @@ func (f *flight) logEnd(cause picker.Cause, o *cost.Outcome) {
 	if n <= 0 || (!failed && n > 1 && rand.IntN(n) != 0) {
 		return
 	}
+	level, msg := slog.LevelInfo, "request"
+	if f.status >= 500 {
+		level = slog.LevelWarn
+	}
+	if cut {
+		// The client went away, or the stream broke, before the end.
+		msg = "request cut"
+	}
+	ctx := context.Background()
+	if !f.rt.log.Enabled(ctx, level) { // the attributes cost allocations even when dropped
+		return
+	}
 	attrs := make([]slog.Attr, 0, 16)
 	attrs = append(attrs, slog.String("request_id", f.about.requestID), slog.String("path", f.about.path),
 		slog.String("api", string(f.about.api)), slog.String("model", f.req.Model),
@@ -314,15 +326,7 @@ func (f *flight) logEnd(cause picker.Cause, o *cost.Outcome) {
 	if o != nil && o.OutputTokens > 0 {
 		attrs = append(attrs, slog.Int("output_tokens", o.OutputTokens))
 	}
-	level, msg := slog.LevelInfo, "request"
-	if f.status >= 500 {
-		level = slog.LevelWarn
-	}
-	if cut {
-		// The client went away, or the stream broke, before the end.
-		msg = "request cut"
-	}
-	f.rt.log.LogAttrs(context.Background(), level, msg, attrs...)
+	f.rt.log.LogAttrs(ctx, level, msg, attrs...)
 }
 
 // learnFirstToken teaches the cost estimator the time to first token of a
