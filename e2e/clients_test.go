@@ -37,7 +37,7 @@ func startSimStack(t *testing.T) *simStack {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := sim.New(sim.Config{TimeScale: 0.02, OutputMedian: 20, Seed: uint64(i + 1)})
+		s := sim.New(sim.Config{TimeScale: 0.02, OutputMedian: 20, IgnoreEOS: true, Seed: uint64(i + 1)})
 		ctx, cancel := context.WithCancel(context.Background())
 		go s.Run(ctx)
 		srv := &http.Server{Handler: s}
