@@ -503,31 +503,52 @@ func isNull(raw json.RawMessage) bool { return kind(raw) == 0 }
 
 // checkDepth rejects bodies nesting deeper than MaxDepth before any decoder
 // sees them, so that a hostile body costs one linear scan and no memory.
+// A body with no more than MaxDepth brackets cannot nest deeper (most
+// bodies: two counts of one byte, which are fast); otherwise the scan
+// skips each string to its closing quote, the one preceded by an even
+// number of backslashes.
 func checkDepth(body []byte) error {
-	depth, inString, escaped := 0, false, false
-	for _, c := range body {
-		switch {
-		case inString:
-			switch {
-			case escaped:
-				escaped = false
-			case c == '\\':
-				escaped = true
-			case c == '"':
-				inString = false
+	if bytes.Count(body, []byte{'{'})+bytes.Count(body, []byte{'['}) <= MaxDepth {
+		return nil
+	}
+	depth := 0
+	for i := 0; i < len(body); i++ {
+		switch body[i] {
+		case '"':
+			end := closingQuote(body, i)
+			if end < 0 {
+				return nil // never closed: not JSON, which the decoder says
 			}
-		case c == '"':
-			inString = true
-		case c == '{' || c == '[':
+			i = end
+		case '{', '[':
 			depth++
 			if depth > MaxDepth {
 				return ErrTooDeep
 			}
-		case c == '}' || c == ']':
+		case '}', ']':
 			depth--
 		}
 	}
 	return nil
+}
+
+// closingQuote returns the index of the quote that closes the string
+// opening at body[open], or -1 when none does.
+func closingQuote(body []byte, open int) int {
+	for j := open + 1; ; j++ {
+		k := bytes.IndexByte(body[j:], '"')
+		if k < 0 {
+			return -1
+		}
+		j += k
+		backslashes := 0
+		for m := j - 1; m > open && body[m] == '\\'; m-- {
+			backslashes++
+		}
+		if backslashes%2 == 0 {
+			return j
+		}
+	}
 }
 
 // flexString, flexBool and flexInt read the request fields tokenlb only

@@ -1,6 +1,7 @@
 package llmapi
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"reflect"
@@ -329,6 +330,54 @@ func FuzzJSONString(f *testing.F) {
 		got, err := jsonString(raw)
 		if err != nil || got != want {
 			t.Fatalf("jsonString(%q) = %q, %v; json.Unmarshal gives %q", raw, got, err, want)
+		}
+	})
+}
+
+// depthByStates is checkDepth as a plain state machine over every byte:
+// the definition checkDepth's fast paths must agree with.
+func depthByStates(body []byte) error {
+	depth, inString, escaped := 0, false, false
+	for _, c := range body {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+			if depth > MaxDepth {
+				return ErrTooDeep
+			}
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return nil
+}
+
+// FuzzCheckDepth: checkDepth says what a byte-by-byte state machine says,
+// on any input, JSON or not: brackets inside strings, escaped quotes and
+// runs of backslashes do not count.
+func FuzzCheckDepth(f *testing.F) {
+	deep := strings.Repeat("[", MaxDepth+1)
+	for _, s := range []string{deep, `["` + deep + `"]`, `["\"` + deep + `"]`, `["\\"` + deep + `]`, `"\\\"` + deep,
+		`{"a":"` + strings.Repeat(`\\`, 7) + `"` + deep, `"` + deep, strings.Repeat("{}", MaxDepth+5), `[]`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		// Runs of brackets the fuzzer can reach with short inputs.
+		for _, b := range [][]byte{body, bytes.Repeat(body, MaxDepth/4+1)} {
+			if got, want := checkDepth(b), depthByStates(b); got != want {
+				t.Fatalf("checkDepth(%q) = %v, want %v", b, got, want)
+			}
 		}
 	})
 }
