@@ -117,10 +117,7 @@ func (s *Server) observe(stream extprocv3.ExternalProcessor_ProcessServer) error
 	for {
 		req, err := stream.Recv()
 		if err != nil {
-			if isStreamEnd(stream.Context(), err) {
-				return nil
-			}
-			return err
+			return recvErr(stream.Context(), err)
 		}
 		switch r := req.Request.(type) {
 		case *extprocv3.ProcessingRequest_RequestHeaders:
@@ -170,10 +167,7 @@ func (s *Server) watchEnd(stream extprocv3.ExternalProcessor_ProcessServer) erro
 	for {
 		req, err := stream.Recv()
 		if err != nil {
-			if isStreamEnd(stream.Context(), err) {
-				return nil
-			}
-			return err
+			return recvErr(stream.Context(), err)
 		}
 		if r, ok := req.Request.(*extprocv3.ProcessingRequest_RequestHeaders); ok && f == nil {
 			f = s.claimEnd(r.RequestHeaders)

@@ -164,10 +164,7 @@ func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 	for {
 		req, err := stream.Recv()
 		if err != nil {
-			if isStreamEnd(stream.Context(), err) {
-				return nil
-			}
-			return err
+			return recvErr(stream.Context(), err)
 		}
 		if pc := req.GetProtocolConfig(); pc != nil {
 			rs.reqMode, rs.respMode = pc.GetRequestBodyMode(), pc.GetResponseBodyMode()
@@ -280,6 +277,15 @@ func isStreamEnd(ctx context.Context, err error) bool {
 	}
 	c := status.Code(err)
 	return c == codes.Canceled || c == codes.DeadlineExceeded
+}
+
+// recvErr is what a stream's handler returns when Recv failed with err:
+// nothing when Envoy ended the stream, else err.
+func recvErr(ctx context.Context, err error) error {
+	if isStreamEnd(ctx, err) {
+		return nil
+	}
+	return err
 }
 
 // routingStream is the state of one routing stream: the stream of the
