@@ -212,12 +212,10 @@ func (f *flight) ResponseBody(b []byte, end bool) (more bool) {
 				f.mayStop = !f.rt.follow(f.lease.Host(), time.Now())
 			}
 		}
-		if !f.unfollowed {
-			f.events += llmapi.CountEvents(b)
-			f.tail = append(f.tail, b...)
-			if n := len(f.tail); n > tailBytes {
-				f.tail = append(f.tail[:0], f.tail[n-tailBytes:]...)
-			}
+		f.events += llmapi.CountEvents(b)
+		f.tail = append(f.tail, b...)
+		if n := len(f.tail); n > tailBytes {
+			f.tail = append(f.tail[:0], f.tail[n-tailBytes:]...)
 		}
 	}
 	if end {
@@ -332,10 +330,22 @@ func (f *flight) logEnd(cause picker.Cause, o *cost.Outcome) {
 // learnFirstToken teaches the cost estimator the time to first token of a
 // response it will not see the end of.
 func (f *flight) learnFirstToken() {
-	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, State: f.lease.State(),
-		Predicted: time.Duration(f.lease.Charge().Wait) * time.Microsecond, TTFT: f.ttft, Duration: f.ttft,
-		CachedTokens: -1}
-	if o.Predicted > 0 {
+	o := f.outcome()
+	o.TTFT, o.Duration = f.ttft, f.ttft
+	f.teach(o)
+}
+
+// outcome is what any response teaches: where it went, what was asked and
+// predicted; the rest is for the caller to fill in.
+func (f *flight) outcome() cost.Outcome {
+	return cost.Outcome{Host: f.lease.Host(), Request: f.req, State: f.lease.State(),
+		Predicted: time.Duration(f.lease.Charge().Wait) * time.Microsecond, CachedTokens: -1}
+}
+
+// teach notes how far off the predicted time to first token was, when
+// there is one to compare, and teaches the cost estimator o.
+func (f *flight) teach(o cost.Outcome) {
+	if o.TTFT > 0 && o.Predicted > 0 {
 		f.rt.m.predictionError.WithLabelValues(o.Host).Observe(math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds())
 	}
 	f.rt.cfg.Cost.Learn(o)
@@ -345,9 +355,8 @@ func (f *flight) learnFirstToken() {
 // returns it.
 func (f *flight) learn() *cost.Outcome {
 	rt := f.rt
-	o := cost.Outcome{Host: f.lease.Host(), Request: f.req, State: f.lease.State(),
-		Predicted: time.Duration(f.lease.Charge().Wait) * time.Microsecond, Duration: time.Since(f.lease.Start()),
-		CachedTokens: -1}
+	o := f.outcome()
+	o.Duration = time.Since(f.lease.Start())
 	if f.streamed {
 		// Only a stream's first event times the prefill and splits the
 		// response into prefill and decode: a whole response would teach
@@ -361,10 +370,7 @@ func (f *flight) learn() *cost.Outcome {
 		o.OutputTokens = f.events // one token per streamed event, as vLLM sends them
 		rt.m.usageSeen.WithLabelValues("no").Inc()
 	}
-	if o.TTFT > 0 && o.Predicted > 0 {
-		rt.m.predictionError.WithLabelValues(o.Host).Observe(math.Abs(o.Predicted.Seconds()-o.TTFT.Seconds()) / o.TTFT.Seconds())
-	}
-	rt.cfg.Cost.Learn(o)
+	f.teach(o)
 	if rt.log.Enabled(context.Background(), slog.LevelDebug) { // the attributes cost allocations even when dropped
 		rt.log.Debug("learned", "request_id", f.about.requestID, "host", o.Host,
 			"ttft_seconds", o.TTFT.Seconds(), "duration_seconds", o.Duration.Seconds(),
