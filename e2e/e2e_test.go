@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -158,13 +159,29 @@ func TestSSEStreamsThrough(t *testing.T) {
 // prompt is prefilled) until the end; then it lets the backend finish and
 // returns the rest of the stream.
 func (s *stack) heldStream(t *testing.T, header map[string]string) string {
+	return s.heldStreamAwaiting(t, header, nil, nil)
+}
+
+// heldStreamAwaiting is heldStream, where the backend also holds its first
+// event until beforeFirst returns true, and the rest until afterFirst
+// does (either may be nil).
+func (s *stack) heldStreamAwaiting(t *testing.T, header map[string]string, beforeFirst, afterFirst func() bool) string {
 	t.Helper()
+	if beforeFirst != nil {
+		h := map[string]string{"x-e2e-hold-first": "1"}
+		maps.Copy(h, header)
+		header = h
+	}
 	resp, err := s.send(context.Background(), chatBody(50, true), "sse", header)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	b := s.arrival(t, "sse")
+	if beforeFirst != nil {
+		waitFor(t, 5*time.Second, "the first event's condition", beforeFirst)
+		b.release("sse/first")
+	}
 	r := bufio.NewReader(resp.Body)
 	first, err := r.ReadString('\n')
 	if err != nil || !strings.HasPrefix(first, "data: {") || !strings.Contains(first, b.addr) {
@@ -179,6 +196,9 @@ func (s *stack) heldStream(t *testing.T, header map[string]string) string {
 	})
 	if s.tokenlb.idle() {
 		t.Fatal("charge released while the stream is still running")
+	}
+	if afterFirst != nil {
+		waitFor(t, 5*time.Second, "the rest's condition", afterFirst)
 	}
 	b.release("sse")
 	rest, _ := io.ReadAll(r)

@@ -467,7 +467,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		gate = b.gate(hold)
 		b.arrived <- hold
 	}
-	wait := func() bool {
+	waitOn := func(gate chan struct{}) bool {
 		if gate == nil {
 			return true
 		}
@@ -479,6 +479,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 			return false
 		}
 	}
+	wait := func() bool { return waitOn(gate) }
 	if !req.Stream {
 		if !wait() {
 			return
@@ -490,6 +491,14 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	// SSE: the first event at once, the rest after the gate opens.
 	w.Header().Set("content-type", "text/event-stream")
 	fl := w.(http.Flusher)
+	// x-e2e-hold-first: the response headers at once, the first event
+	// after the gate <hold>/first opens.
+	if hold != "" && r.Header.Get("x-e2e-hold-first") != "" {
+		fl.Flush()
+		if !waitOn(b.gate(hold + "/first")) {
+			return
+		}
+	}
 	first, _ := json.Marshal(rec)
 	fmt.Fprintf(w, "data: %s\n\n", first)
 	fl.Flush()

@@ -13,8 +13,9 @@ import (
 // TestStreamedResponseObservedCheaply: with deploy/envoy.yaml's three
 // filters, a streamed response tokenlb does not follow to its end costs the
 // observer stream three messages however long the response (request
-// headers, response headers, first chunk: tokenlb then ends the stream and
-// Envoy sends no more), and the end filter's stream one; the first token
+// headers, response headers, first chunk: tokenlb then ends the stream and,
+// once that reaches Envoy, Envoy sends no more), and the end filter's stream
+// one; the first token
 // releases the prefill part and the end filter's close the rest. A response
 // tokenlb follows (follow_interval 0), or any response without the end filter
 // (a configuration from before it), costs a message a chunk and ends with
@@ -35,7 +36,26 @@ func TestStreamedResponseObservedCheaply(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: []string{"--follow-interval=" + tc.followOne},
 				Options: envoycfg.Options{WithoutEnd: tc.withoutEnd}})
-			rest := s.heldStream(t, map[string]string{"x-e2e-events": "40"})
+			// The observer hands a response over at its first token
+			// only once the end stream has claimed it (else it follows
+			// on, and tries again at the next chunk), and Envoy sends the
+			// observer every chunk that comes before tokenlb's end of that
+			// stream reaches it. The backend therefore holds its first
+			// event until tokenlb has the end stream's claim, and the rest
+			// until Envoy has counted the observer stream closed, or,
+			// where tokenlb follows the response, checks that it is open.
+			endClaimed := func() bool {
+				return s.tokenlb.metric(`tokenlb_observer_claims_total{result="claimed",role="end"}`) == 1 || tc.withoutEnd
+			}
+			closed := "http.llm.ext_proc.tokenlb_observer.streams_closed"
+			settled := func() bool {
+				n := s.envoy.stat(t, closed)
+				if !tc.cheap && n != 0 {
+					t.Fatalf("%s: %d before the response ended, want 0", closed, n)
+				}
+				return n == 1 || !tc.cheap
+			}
+			rest := s.heldStreamAwaiting(t, map[string]string{"x-e2e-events": "40"}, endClaimed, settled)
 			if got := strings.Count(rest, "data: "); got != events+2 {
 				t.Fatalf("%d more events reached the client, want %d", got, events+2)
 			}
