@@ -219,41 +219,46 @@ func TestBudget(t *testing.T) {
 	}
 }
 
-// TestBudgetBoundsTime: with the time limit, counting a body that would take
-// far longer stops early, on both counting engines, also inside one huge
-// pre-tokenizer piece. Whether the deadline has passed before the large
-// text comes (decoding it takes milliseconds too) or passes while it is
-// counted, the engine counts much less than the text. The bound on the
-// duration is generous: this checks that counting stops, not how fast the
-// machine is.
+// TestBudgetBoundsTime: with the time limit, counting texts that would take
+// far longer stops early, on both counting engines: inside one long text
+// (at the engine's first look at the clock), inside one huge pre-tokenizer
+// piece, and between many short texts. The limit is a microsecond, so that
+// it has passed at the first look however fast the machine, and the texts
+// go to the Budget directly, so that its clock starts with the first of
+// them. The bound on the duration is generous: this checks that counting
+// stops, not how fast the machine is.
 func TestBudgetBoundsTime(t *testing.T) {
-	bodies := map[string][]byte{
-		"code":        chatBody(t, "sys", strings.Repeat(corpus(t)["code"], 60)), // 2 MB: seconds with tiktoken-go
-		"one piece":   chatBody(t, "sys", strings.Repeat("[", 4<<20)),            // one 4 MB piece
-		"four pieces": chatBody(t, "sys", strings.Repeat(strings.Repeat(" ", 1<<20)+"x", 4)),
-		// Many texts, each too short for a look at the clock inside it.
-		"many texts": manyBody(t, 300, corpus(t)["cjk"]), // 1.1 MB: tens of ms to count, over the 5 ms
+	var many []string // each too short for a look at the clock inside it
+	for i := range 300 {
+		many = append(many, fmt.Sprintf("%d %s", i, corpus(t)["cjk"])) // 1.1 MB in all
+	}
+	texts := map[string][]string{
+		"code":        {strings.Repeat(corpus(t)["code"], 60)}, // 2 MB: seconds with tiktoken-go
+		"one piece":   {strings.Repeat("[", 4<<20)},            // one 4 MB piece
+		"four pieces": {strings.Repeat(strings.Repeat(" ", 1<<20)+"x", 4)},
+		"many texts":  many,
 	}
 	for _, engine := range []string{"fast", "tiktoken"} {
-		for name, body := range bodies {
+		for name, texts := range texts {
 			if engine == "tiktoken" && name != "code" {
 				continue // tiktoken-go cannot be interrupted inside a chunk
 			}
 			t.Run(engine+"/"+name, func(t *testing.T) {
-				tk, err := New(Options{Engine: engine, CacheEntries: -1, ExactBytes: 64 << 20, TimeLimit: 5 * time.Millisecond})
+				tk, err := New(Options{Engine: engine, CacheEntries: -1, ExactBytes: 64 << 20, TimeLimit: time.Microsecond})
 				if err != nil {
 					t.Fatal(err)
 				}
 				m := &meter{engine: tk.engine}
 				tk.engine = m
 				start := time.Now()
-				p, err := countRequest(tk, body)
-				if err != nil {
-					t.Fatal(err)
+				b := tk.Budget()
+				tokens, size := 0, 0
+				for _, s := range texts {
+					tokens, size = tokens+b.Count(s), size+len(s)
 				}
-				if d := time.Since(start); p.Estimated != EstimatedTime || m.bytes > len(body)/2 || d > 10*time.Second || p.Tokens <= 0 {
+				if d := time.Since(start); b.Estimated() != EstimatedTime || m.bytes > size/2 || d > 10*time.Second || tokens <= 0 {
 					t.Fatalf("counted %d tokens in %s from %d bytes of %d, Estimated %q; want an estimate cut at the time limit",
-						p.Tokens, d, m.bytes, len(body), p.Estimated)
+						tokens, d, m.bytes, size, b.Estimated())
 				}
 			})
 		}
