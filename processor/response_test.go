@@ -225,10 +225,12 @@ func TestObserverAbort(t *testing.T) {
 // TestObserverUnknownOrLate: a lease header that names nothing (a client's
 // guess) claims nothing; an observer that claims after the routing stream
 // saw the response headers still takes over; a request nobody claims within
-// the grace period is released then.
+// the grace period is released then. The late claim is made under a grace
+// period no machine outlasts, so that it cannot race the timer; the
+// unclaimed request under a short one, which a slow machine only delays.
 func TestObserverUnknownOrLate(t *testing.T) {
 	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true,
-		ObserverGrace: 200 * time.Millisecond})
+		ObserverGrace: time.Hour})
 	f := env.open(t, buffered)
 	req := post(chat(100))
 	req.headers[processor.DefaultLeaseHeader] = "guessed"
@@ -255,6 +257,8 @@ func TestObserverUnknownOrLate(t *testing.T) {
 	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
 
 	// Nobody claims this one: released when the grace period ends.
+	env = startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true,
+		ObserverGrace: 200 * time.Millisecond})
 	f = env.open(t, buffered)
 	routed(t, f, post(chat(100)))
 	f.respond200Streaming()
