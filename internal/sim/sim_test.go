@@ -130,12 +130,15 @@ func TestLongPromptTTFT(t *testing.T) {
 }
 
 func TestQueueBeyondMaxNumSeqs(t *testing.T) {
-	srv := start(t, Config{MaxNumSeqs: 2, TimeScale: 0.2})
+	// Each answer is max_tokens long (IgnoreEOS) and would run for about 17
+	// s, so the three are still there, two running and one waiting, however
+	// late the third arrives; they end when the test cancels them.
+	srv := start(t, Config{MaxNumSeqs: 2, TimeScale: 0.2, IgnoreEOS: true})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan result, 3)
 	for i := range 3 {
-		go func() { done <- stream(t, ctx, srv.URL, body(words(20, i), true, 400)) }()
+		go func() { done <- stream(t, ctx, srv.URL, body(words(20, i), true, 20000)) }()
 	}
 	// All three arrive: two run, the third waits, and no more ever run.
 	deadline := time.Now().Add(10 * time.Second)
@@ -162,7 +165,9 @@ func TestQueueBeyondMaxNumSeqs(t *testing.T) {
 }
 
 func TestRepeatedPrefixIsFaster(t *testing.T) {
-	srv := start(t, Config{TimeScale: 0.5})
+	// Time scale 1: 200 ms of prefill saved, far above the noise of a
+	// loaded machine.
+	srv := start(t, Config{TimeScale: 1})
 	doc := words(4000, 3)
 	first := stream(t, context.Background(), srv.URL, body(doc+"first question", true, 2))
 	second := stream(t, context.Background(), srv.URL, body(doc+"second question", true, 2))
