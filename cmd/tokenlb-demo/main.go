@@ -21,7 +21,7 @@ func main() {
 	flag.StringVar(&o.Tokenlb, "tokenlb", "bin/tokenlb", "tokenlb binary")
 	flag.StringVar(&o.Llmsim, "llmsim", "bin/llmsim", "llmsim binary")
 	flag.StringVar(&o.Config, "config", "deploy/envoy.yaml", "Envoy configuration to run")
-	flag.DurationVar(&o.Duration, "duration", 0, "stop after this long (0: until Ctrl-C); DEMO_DURATION sets it too")
+	flag.DurationVar(&o.Duration, "duration", 0, "send traffic for this long once everything is up (0: until Ctrl-C); DEMO_DURATION sets it too")
 	flag.IntVar(&o.Concurrency, "concurrency", 12, "concurrent clients")
 	flag.Uint64Var(&o.Seed, "seed", 1, "workload seed")
 	flag.Parse()

@@ -30,7 +30,8 @@ type Options struct {
 	Tokenlb string // tokenlb binary
 	Llmsim  string // llmsim binary
 	Config  string // deploy/envoy.yaml
-	// Duration bounds the run; 0 runs until ctx is cancelled (Ctrl-C).
+	// Duration is how long the clients send traffic, counted once
+	// everything is up; 0 runs until ctx is cancelled (Ctrl-C).
 	Duration    time.Duration
 	Concurrency int
 	Seed        uint64
@@ -40,11 +41,6 @@ type Options struct {
 // Run starts everything, drives the workload and prints the live view until
 // ctx is done or Duration passes, then stops every process it started.
 func Run(ctx context.Context, o Options) error {
-	if o.Duration > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, o.Duration)
-		defer cancel()
-	}
 	dir, err := os.MkdirTemp("", "tokenlb-demo")
 	if err != nil {
 		return err
@@ -86,6 +82,11 @@ func Run(ctx context.Context, o Options) error {
 	fmt.Fprintf(o.Out, "load: the expected work tokenlb balances on (a prompt's prefill until its first token, decode_weight of its decode until its end);\n"+
 		"prefilling / in flight: prompt tokens waiting for their first token / of every request in flight.\n\n")
 
+	if o.Duration > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, o.Duration)
+		defer cancel()
+	}
 	st := &stats{}
 	var wg sync.WaitGroup
 	for i := range o.Concurrency {
