@@ -311,10 +311,17 @@ func TestReloadHosts(t *testing.T) {
 	dir := t.TempDir()
 	grpcAddr, adminAddr := freeAddr(t), freeAddr(t)
 	path := filepath.Join(dir, "tokenlb.yaml")
+	// Each write has a time of its own: the file's clock ticks coarsely,
+	// and two writes of the same size within a tick look like one.
+	stamp := time.Now()
 	write := func(hosts string) {
 		t.Helper()
 		yaml := "listen: " + grpcAddr + "\nadmin: " + adminAddr + "\nhosts: [" + hosts + "]\n"
 		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		stamp = stamp.Add(time.Second)
+		if err := os.Chtimes(path, stamp, stamp); err != nil {
 			t.Fatal(err)
 		}
 	}
