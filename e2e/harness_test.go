@@ -329,6 +329,27 @@ func (e *envoy) stat(t testing.TB, name string) int {
 	return n
 }
 
+// hostStat returns the value of one of a cluster's per-host stats
+// (cx_active, say) from Envoy's /clusters, or -1 when Envoy lists no such
+// host.
+func (e *envoy) hostStat(t testing.TB, cluster, host, name string) int {
+	t.Helper()
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/clusters", e.adminPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	prefix := cluster + "::" + host + "::" + name + "::"
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, prefix); ok {
+			n, _ := strconv.Atoi(v)
+			return n
+		}
+	}
+	return -1
+}
+
 // backend is a test HTTP backend on loopback. It answers with a JSON
 // description of what it received, streams SSE when asked, and holds a
 // request that carries x-e2e-hold until the test releases it.

@@ -67,7 +67,10 @@ func TestStreamedResponseObservedCheaply(t *testing.T) {
 			if tc.cheap && observer != 3 {
 				t.Fatalf("the observer stream was sent %d messages, want 3 (request headers, response headers, first chunk)", observer)
 			}
-			if !tc.cheap && observer < events/2 {
+			// About one an event; Envoy reads events that come while it is
+			// not scheduled as one chunk, so the bound leaves room for a
+			// loaded machine and still stands well clear of the 3 above.
+			if !tc.cheap && observer < 10 {
 				t.Fatalf("the observer stream was sent %d messages for %d paced events, want about one an event", observer, events)
 			}
 			if end := s.envoy.stat(t, "http.llm.ext_proc.tokenlb_end.stream_msgs_sent"); !tc.withoutEnd && end != 1 {
