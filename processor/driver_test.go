@@ -38,6 +38,7 @@ type Config struct {
 	MaxBodyBytes      int64
 	Observer          bool
 	ObserverGrace     time.Duration
+	GraceTimer        func(f func()) // arms the grace timer instead of ObserverGrace's
 	// route.Config
 	Cost               *cost.Estimator
 	Fallbacks          int
@@ -99,6 +100,9 @@ func startEnv(t testing.TB, hosts []string, popts picker.Options, cfg Config) *t
 	metrics := processor.NewMetrics()
 	srv := processor.New(router, processor.Config{DestinationHeader: cfg.DestinationHeader, DestinationList: cfg.DestinationList, MaxBodyBytes: cfg.MaxBodyBytes,
 		Observer: cfg.Observer, ObserverGrace: cfg.ObserverGrace, Metrics: metrics, Logger: cfg.Logger, LogRejections: cfg.LogRequests > 0})
+	if cfg.GraceTimer != nil {
+		srv.SetGraceTimer(cfg.GraceTimer)
+	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

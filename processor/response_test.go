@@ -5,6 +5,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -222,15 +223,42 @@ func TestObserverAbort(t *testing.T) {
 	}
 }
 
+// graceTimers holds the grace timers the routing streams arm, for a test
+// to fire.
+type graceTimers struct {
+	mu    sync.Mutex
+	armed []func()
+}
+
+func (g *graceTimers) arm(f func()) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.armed = append(g.armed, f)
+}
+
+func (g *graceTimers) count() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.armed)
+}
+
+// fire runs timer i, as its grace period ending.
+func (g *graceTimers) fire(i int) {
+	g.mu.Lock()
+	f := g.armed[i]
+	g.mu.Unlock()
+	f()
+}
+
 // TestObserverUnknownOrLate: a lease header that names nothing (a client's
 // guess) claims nothing; an observer that claims after the routing stream
-// saw the response headers still takes over; a request nobody claims within
-// the grace period is released then. The late claim is made under a grace
-// period no machine outlasts, so that it cannot race the timer; the
-// unclaimed request under a short one, which a slow machine only delays.
+// saw the response headers still takes over, and the grace period's end
+// then does nothing; a request nobody claims within the grace period is
+// released then. The test fires the grace timers itself, so that no claim
+// races one.
 func TestObserverUnknownOrLate(t *testing.T) {
-	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true,
-		ObserverGrace: time.Hour})
+	timers := &graceTimers{}
+	env := startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true, GraceTimer: timers.arm})
 	f := env.open(t, buffered)
 	req := post(chat(100))
 	req.headers[processor.DefaultLeaseHeader] = "guessed"
@@ -246,24 +274,34 @@ func TestObserverUnknownOrLate(t *testing.T) {
 		t.Fatalf("routing stream after the response headers: %v, want its end (io.EOF)", err)
 	}
 	f.close()
-	if got := env.ledger(); got.InFlightRequests != 1 {
-		t.Fatalf("released at the response headers while an observer may still claim it: %+v", got)
+	if got := env.ledger(); got.InFlightRequests != 1 || timers.count() != 1 {
+		t.Fatalf("released at the response headers while an observer may still claim it (%+v), or %d grace timers armed, want 1",
+			got, timers.count())
 	}
 	// The real id, after the response headers: the observer takes over.
 	late := env.openObserver(t)
 	late.send(observerHeaders(out.headers[processor.DefaultLeaseHeader]))
 	eventually(t, "the late claim", func() bool { return env.counter(t, "tokenlb_observer_claims_total", "observer/claimed") == 1 })
+	timers.fire(0) // claimed: nothing to do
+	if got := env.ledger(); got.InFlightRequests != 1 || env.counter(t, "tokenlb_observer_claims_total", "observer/none") != 0 {
+		t.Fatalf("the grace period's end took a claimed request from its observer: %+v", got)
+	}
 	late.send(respBody(usageChunk, true))
 	eventually(t, "the release at the end", func() bool { return env.ledger() == ledgerSum{} })
 
 	// Nobody claims this one: released when the grace period ends.
-	env = startEnv(t, threeHosts, picker.Options{}, Config{Cost: cost.New(twoPhase), Observer: true,
-		ObserverGrace: 200 * time.Millisecond})
 	f = env.open(t, buffered)
 	routed(t, f, post(chat(100)))
 	f.respond200Streaming()
 	f.close()
-	eventually(t, "the release after the grace period", func() bool { return env.ledger() == ledgerSum{} })
+	eventually(t, "the second grace timer armed", func() bool { return timers.count() == 2 })
+	if got := env.ledger(); got.InFlightRequests != 1 {
+		t.Fatalf("released before the grace period ended: %+v", got)
+	}
+	timers.fire(1)
+	if got := env.ledger(); got != (ledgerSum{}) {
+		t.Fatalf("not released when the grace period ended: %+v", got)
+	}
 	if got := env.counter(t, "tokenlb_observer_claims_total", "observer/none"); got != 1 {
 		t.Fatalf("unclaimed requests counted: %v", got)
 	}

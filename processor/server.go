@@ -104,6 +104,10 @@ type Server struct {
 	routing  int                   // routing streams open
 	idle     chan struct{}         // closed when routing falls to 0
 	refusing bool                  // new routing streams are refused (see Refuse)
+
+	// afterGrace runs f once ObserverGrace has passed (time.AfterFunc; a
+	// test's own timer in export_test.go).
+	afterGrace func(f func())
 }
 
 // New returns a Server that asks router where each request goes.
@@ -133,7 +137,9 @@ func New(router Router, cfg Config) *Server {
 	if m == nil {
 		m = NewMetrics()
 	}
-	return &Server{cfg: cfg, router: router, log: log, m: m, pending: make(map[string]*claimable)}
+	grace := cfg.ObserverGrace
+	return &Server{cfg: cfg, router: router, log: log, m: m, pending: make(map[string]*claimable),
+		afterGrace: func(f func()) { time.AfterFunc(grace, f) }}
 }
 
 // Process serves one HTTP request's stream. It answers every message Envoy
@@ -508,7 +514,7 @@ func (rs *routingStream) responseHeaders(h *extprocv3.HttpHeaders, headers Heade
 			return // claimed already
 		}
 		requestID := rs.req.RequestID
-		time.AfterFunc(s.cfg.ObserverGrace, func() {
+		s.afterGrace(func() {
 			if !f.claim.CompareAndSwap(claimOpen, claimClosed) {
 				return
 			}
