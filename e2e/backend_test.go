@@ -37,10 +37,14 @@ func (s *stack) try(t *testing.T, model string) (status int, served string) {
 	return resp.StatusCode, ""
 }
 
-// passiveOnly are tokenlb's flags for the tests of passive ejection: no
-// active health checks, and an ejection that outlasts the test, so that a
-// slow machine cannot see the host readmitted before the test looks.
-var passiveOnly = []string{"--health-check-interval=0", "--base-ejection-time=10m", "--max-ejection-time=10m"}
+// longEjection is tokenlb's flags for an ejection that outlasts the test,
+// so that a slow machine cannot see the host readmitted before the test
+// looks.
+func longEjection() []string { return []string{"--base-ejection-time=10m", "--max-ejection-time=10m"} }
+
+// passiveOnly is tokenlb's flags for the tests of passive ejection: no
+// active health checks, and a long ejection.
+func passiveOnly() []string { return append([]string{"--health-check-interval=0"}, longEjection()...) }
 
 // TestEjection: a backend that dies, or answers every request with a 500 at
 // once, is ejected after a bounded number of failed requests, and no request
@@ -57,8 +61,8 @@ func TestEjection(t *testing.T) {
 		most           int
 		reason, health string
 	}{
-		{"dead/passive", passiveOnly, func(b *backend) { b.srv.Close() }, 1, "connect_failure", "could not connect"},
-		{"fast-failing/passive", passiveOnly, func(b *backend) { b.fail.Store(500) }, 3, "responses", "5xx"},
+		{"dead/passive", passiveOnly(), func(b *backend) { b.srv.Close() }, 1, "connect_failure", "could not connect"},
+		{"fast-failing/passive", passiveOnly(), func(b *backend) { b.fail.Store(500) }, 3, "responses", "5xx"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: tc.flags})
@@ -77,7 +81,7 @@ func TestEjection(t *testing.T) {
 				}
 			}
 			// The ejection lasts longer than any machine takes for the 40
-			// requests (passiveOnly).
+			// requests (longEjection).
 			if failed == 0 || failed > tc.most {
 				t.Fatalf("%d requests failed (the last was request %d), want 1 to %d before the ejection", failed, last, tc.most)
 			}

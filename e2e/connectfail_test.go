@@ -21,7 +21,7 @@ import (
 // host when it dies. The host killed is the one that served the last request:
 // prefix affinity sends the next identical request there.
 func TestKilledBackendFailsOneRequest(t *testing.T) {
-	s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: passiveOnly})
+	s := startStack(t, envoyOpts{config: "envoy.yaml", tokenlb: passiveOnly()})
 	var last string
 	for i := range 6 {
 		status, served := s.try(t, "")
@@ -31,13 +31,15 @@ func TestKilledBackendFailsOneRequest(t *testing.T) {
 		last = served
 	}
 	dead := s.byAddr[last]
+	cxActive := func() int { return s.envoy.hostStat(t, "llm_backends", dead.addr, "cx_active") }
+	if n := cxActive(); n < 1 {
+		t.Fatalf("Envoy's /clusters shows %d active connections to %s, want its pooled one", n, dead.addr)
+	}
 	dead.stop()
 	// Wait for Envoy to see its pooled connections to the host close, as it
 	// does at once when a process dies: a request sent on one before that
 	// would be reset (UC), not refused.
-	waitFor(t, 5*time.Second, "Envoy's connections to the dead host closed", func() bool {
-		return s.envoy.hostStat(t, "llm_backends", dead.addr, "cx_active") <= 0 // -1: Envoy dropped the host
-	})
+	waitFor(t, 5*time.Second, "Envoy's connections to the dead host closed", func() bool { return cxActive() == 0 })
 
 	var failed []int
 	for i := range 30 {

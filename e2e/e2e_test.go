@@ -433,7 +433,7 @@ func testErrorReplies(t *testing.T, config string) {
 // (it fails fast and so looks idle); the override-host config retries such a
 // request on another endpoint, so clients see no error.
 func TestDeadBackendOverrideHost(t *testing.T) {
-	s := startStack(t, envoyOpts{config: "envoy-override-host.yaml", tokenlb: passiveOnly[1:]})
+	s := startStack(t, envoyOpts{config: "envoy-override-host.yaml", tokenlb: longEjection()})
 	dead := s.backends[0]
 	dead.srv.Close()
 	for i := range 30 {

@@ -343,7 +343,10 @@ func (e *envoy) hostStat(t testing.TB, cluster, host, name string) int {
 	prefix := cluster + "::" + host + "::" + name + "::"
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, prefix); ok {
-			n, _ := strconv.Atoi(v)
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				t.Fatalf("/clusters: %q: %v", line, err)
+			}
 			return n
 		}
 	}
