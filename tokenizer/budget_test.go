@@ -221,25 +221,28 @@ func TestBudget(t *testing.T) {
 
 // TestBudgetBoundsTime: with the time limit, counting texts that would take
 // far longer stops early, on both counting engines: inside one long text
-// (at the engine's first look at the clock), inside one huge pre-tokenizer
-// piece, and between many short texts. The limit is a microsecond, so that
+// (at the engine's first look at the clock), between many short texts (at
+// the Budget's), and at a pre-tokenizer piece too long to merge under a
+// deadline (refused before any look). The limit is a microsecond, so that
 // it has passed at the first look however fast the machine, and the texts
 // go to the Budget directly, so that its clock starts with the first of
-// them. The bound on the duration is generous: this checks that counting
-// stops, not how fast the machine is.
+// them. What is counted is then about ratioBytes (what an estimate rests
+// on) and a look's stretch of 16 KiB. The bound on the duration is
+// generous: this checks that counting stops, not how fast the machine is.
 func TestBudgetBoundsTime(t *testing.T) {
+	corpus := corpus(t)
 	var many []string // each too short for a look at the clock inside it
 	for i := range 300 {
-		many = append(many, fmt.Sprintf("%d %s", i, corpus(t)["cjk"])) // 1.1 MB in all
+		many = append(many, fmt.Sprintf("%d %s", i, corpus["cjk"])) // 1.1 MB in all
 	}
-	texts := map[string][]string{
-		"code":        {strings.Repeat(corpus(t)["code"], 60)}, // 2 MB: seconds with tiktoken-go
-		"one piece":   {strings.Repeat("[", 4<<20)},            // one 4 MB piece
+	cases := map[string][]string{
+		"code":        {strings.Repeat(corpus["code"], 60)}, // 2 MB: seconds with tiktoken-go
+		"one piece":   {strings.Repeat("[", 4<<20)},         // one 4 MB piece
 		"four pieces": {strings.Repeat(strings.Repeat(" ", 1<<20)+"x", 4)},
 		"many texts":  many,
 	}
 	for _, engine := range []string{"fast", "tiktoken"} {
-		for name, texts := range texts {
+		for name, texts := range cases {
 			if engine == "tiktoken" && name != "code" {
 				continue // tiktoken-go cannot be interrupted inside a chunk
 			}
@@ -256,7 +259,7 @@ func TestBudgetBoundsTime(t *testing.T) {
 				for _, s := range texts {
 					tokens, size = tokens+b.Count(s), size+len(s)
 				}
-				if d := time.Since(start); b.Estimated() != EstimatedTime || m.bytes > size/2 || d > 10*time.Second || tokens <= 0 {
+				if d := time.Since(start); b.Estimated() != EstimatedTime || m.bytes > 4*ratioBytes || d > 10*time.Second || tokens <= 0 {
 					t.Fatalf("counted %d tokens in %s from %d bytes of %d, Estimated %q; want an estimate cut at the time limit",
 						tokens, d, m.bytes, size, b.Estimated())
 				}
