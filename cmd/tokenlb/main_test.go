@@ -311,19 +311,30 @@ func TestReloadHosts(t *testing.T) {
 	dir := t.TempDir()
 	grpcAddr, adminAddr := freeAddr(t), freeAddr(t)
 	path := filepath.Join(dir, "tokenlb.yaml")
+	// writeAt replaces the file at once with one of time at: written
+	// beside it, given its time, then renamed over it, so that tokenlb
+	// never sees the content with another time.
+	writeAt := func(hosts string, at time.Time) {
+		t.Helper()
+		yaml := "listen: " + grpcAddr + "\nadmin: " + adminAddr + "\nhosts: [" + hosts + "]\n"
+		tmp := path + ".new"
+		if err := os.WriteFile(tmp, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(tmp, at, at); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// Each write has a time of its own: the file's clock ticks coarsely,
 	// and two writes of the same size within a tick look like one.
 	stamp := time.Now()
 	write := func(hosts string) {
 		t.Helper()
-		yaml := "listen: " + grpcAddr + "\nadmin: " + adminAddr + "\nhosts: [" + hosts + "]\n"
-		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
-			t.Fatal(err)
-		}
 		stamp = stamp.Add(time.Second)
-		if err := os.Chtimes(path, stamp, stamp); err != nil {
-			t.Fatal(err)
-		}
+		writeAt(hosts, stamp)
 	}
 	write("{address: 127.0.0.1:8001}, {address: 127.0.0.1:8002}")
 	cmd, _ := runTokenlb(t, path, adminAddr)
@@ -354,10 +365,7 @@ func TestReloadHosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	write("{address: 127.0.0.1:8004}, {address: 127.0.0.1:8003}")
-	if err := os.Chtimes(path, fi.ModTime(), fi.ModTime()); err != nil {
-		t.Fatal(err)
-	}
+	writeAt("{address: 127.0.0.1:8004}, {address: 127.0.0.1:8003}", fi.ModTime())
 	cmd.Process.Signal(syscall.SIGHUP)
 	waitFor(t, func() bool {
 		h := hosts()
