@@ -15,7 +15,8 @@ run: build
 	./bin/tokenlb --config deploy/tokenlb.yaml
 
 # Envoy + tokenlb + three simulated backends on loopback under a mixed
-# workload, with a live view. Ctrl-C stops it; DEMO_DURATION=30s bounds it.
+# workload, with a live view. Ctrl-C stops it; DEMO_DURATION=30s stops the
+# traffic after 30 s.
 demo: build tools
 	envoy="$$(scripts/envoy.sh)" && ./bin/tokenlb-demo --envoy "$$envoy"
 

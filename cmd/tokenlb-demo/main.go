@@ -1,6 +1,6 @@
 // Command tokenlb-demo runs Envoy, tokenlb and three llmsim backends on
 // loopback under a mixed workload and shows where requests go. `make demo`
-// builds everything and runs it; DEMO_DURATION=30s bounds the run.
+// builds everything and runs it; DEMO_DURATION=30s stops the traffic after 30 s.
 package main
 
 import (

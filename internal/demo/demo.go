@@ -39,7 +39,8 @@ type Options struct {
 }
 
 // Run starts everything, drives the workload and prints the live view until
-// ctx is done or Duration passes, then stops every process it started.
+// ctx is done or Duration passes (counted from when everything is up), then
+// stops every process it started.
 func Run(ctx context.Context, o Options) error {
 	dir, err := os.MkdirTemp("", "tokenlb-demo")
 	if err != nil {
