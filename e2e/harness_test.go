@@ -329,10 +329,9 @@ func (e *envoy) stat(t testing.TB, name string) int {
 	return n
 }
 
-// hostStat returns the value of one of a cluster's per-host stats
-// (cx_active, say) from Envoy's /clusters, or -1 when Envoy lists no such
-// host.
-func (e *envoy) hostStat(t testing.TB, cluster, host, name string) int {
+// clusters returns Envoy's /clusters page: a line per cluster, host and
+// stat, "cluster::host::name::value".
+func (e *envoy) clusters(t testing.TB) string {
 	t.Helper()
 	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/clusters", e.adminPort))
 	if err != nil {
@@ -340,8 +339,16 @@ func (e *envoy) hostStat(t testing.TB, cluster, host, name string) int {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// hostStat returns the value of one of a cluster's per-host stats
+// (cx_active, say) from Envoy's /clusters, or -1 when Envoy lists no such
+// host.
+func (e *envoy) hostStat(t testing.TB, cluster, host, name string) int {
+	t.Helper()
 	prefix := cluster + "::" + host + "::" + name + "::"
-	for _, line := range strings.Split(string(b), "\n") {
+	for _, line := range strings.Split(e.clusters(t), "\n") {
 		if v, ok := strings.CutPrefix(line, prefix); ok {
 			n, err := strconv.Atoi(v)
 			if err != nil {
@@ -491,7 +498,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		gate = b.gate(hold)
 		b.arrived <- hold
 	}
-	waitOn := func(gate chan struct{}) bool {
+	wait := func(gate chan struct{}) bool {
 		if gate == nil {
 			return true
 		}
@@ -503,9 +510,8 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 			return false
 		}
 	}
-	wait := func() bool { return waitOn(gate) }
 	if !req.Stream {
-		if !wait() {
+		if !wait(gate) {
 			return
 		}
 		w.Header().Set("content-type", "application/json")
@@ -519,14 +525,14 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	// after the gate <hold>/first opens.
 	if hold != "" && r.Header.Get("x-e2e-hold-first") != "" {
 		fl.Flush()
-		if !waitOn(b.gate(hold + "/first")) {
+		if !wait(b.gate(hold + "/first")) {
 			return
 		}
 	}
 	first, _ := json.Marshal(rec)
 	fmt.Fprintf(w, "data: %s\n\n", first)
 	fl.Flush()
-	if !wait() {
+	if !wait(gate) {
 		return
 	}
 	// x-e2e-pace: the time the rest of the stream takes to come.

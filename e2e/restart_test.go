@@ -245,11 +245,5 @@ func paced(perSecond int, send func(i int)) (stop func()) {
 // tokenlb replica on port healthy.
 func (e *envoy) tokenlbHealthy(t testing.TB, port int) bool {
 	t.Helper()
-	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/clusters", e.adminPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return strings.Contains(string(b), fmt.Sprintf("tokenlb::127.0.0.1:%d::health_flags::healthy\n", port))
+	return strings.Contains(e.clusters(t), fmt.Sprintf("tokenlb::127.0.0.1:%d::health_flags::healthy\n", port))
 }
